@@ -1,0 +1,28 @@
+//! Compute kernels of the zoo, exposed to candle as custom ops.
+//!
+//! CPU kernels for the operations whose exact semantics candle does not offer:
+//! - [`sign`]: Larq's `sign`, `+1` for `x >= 0` and `-1` otherwise (never 0);
+//! - [`max_pool2d`] and [`avg_pool2d`]: pooling with explicit (TensorFlow SAME) padding, whose
+//!   backward passes follow TensorFlow: the max-pool gradient goes to the first maximum of each
+//!   window, the average over a SAME window counts only the pixels inside the image.
+//!
+//! Every op works on `f32` and `f64` tensors in NCHW layout.
+
+mod pool;
+mod sign;
+
+pub use pool::{avg_pool2d, max_pool2d, Pool2d};
+pub use sign::sign;
+
+/// The storage of a CPU tensor as a contiguous slice of `T`, or an error naming the op.
+fn contiguous_slice<'a, T: candle_core::WithDType>(
+    op: &str,
+    storage: &'a candle_core::CpuStorage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [T]> {
+    let data = storage.as_slice::<T>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: the input must be contiguous"),
+    }
+}

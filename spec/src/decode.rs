@@ -1,0 +1,983 @@
+//! From a YAML document to the validated [`Spec`]: every key checked, defaults filled in, block
+//! templates expanded and every layer named. The language is documented in `specs/README.md`.
+
+use crate::error::SpecError;
+use crate::ir::*;
+use crate::yaml::{Map, Value};
+
+/// Settings shared by every binarized convolution unless a stage or layer overrides them.
+#[derive(Clone, Copy, Debug)]
+struct Binary {
+    activation: Activation,
+    kernel: KernelQuantizer,
+    weight_clip: Option<f64>,
+    pad_value: f64,
+    init: Init,
+}
+
+impl Default for Binary {
+    fn default() -> Self {
+        Binary {
+            activation: Activation::Sign { clip: 1.0 },
+            kernel: KernelQuantizer::SteSign { clip: 1.0 },
+            weight_clip: None,
+            pad_value: 0.0,
+            init: Init::GlorotUniform,
+        }
+    }
+}
+
+/// Decodes a parsed document.
+pub fn decode(root: &Value<'_>) -> Result<Spec, SpecError> {
+    let mut top = root.map()?;
+    let name_value = top.require("name", "the registry name, like quicknet-lab")?;
+    let name = name_value.str()?.to_string();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        || !name.starts_with(|c: char| c.is_ascii_lowercase())
+    {
+        return Err(name_value.error(format!(
+            "expected a name of lowercase letters, digits and dashes starting with a letter, found `{name}`"
+        )));
+    }
+    let description = match top.get("description") {
+        Some(v) => v.str()?.to_string(),
+        None => String::new(),
+    };
+    let input = input_shape(&top.require("input", "the default input shape, like 224x224x3")?)?;
+    let classes = top
+        .require("classes", "the default number of classes")?
+        .positive()?;
+    let binary = match top.get("binary") {
+        Some(v) => binary_defaults(&v)?,
+        None => Binary::default(),
+    };
+
+    let mut ctx = Expander {
+        binary,
+        channels: Some(input.channels),
+        dynamic_channels: true,
+    };
+    let mut nodes = Vec::new();
+    if let Some(stem) = top.get("stem") {
+        nodes.extend(ctx.layers(&stem, "stem", binary.activation)?);
+    }
+    if let Some(stages) = top.get("stages") {
+        for (i, stage) in stages.seq()?.iter().enumerate() {
+            nodes.extend(ctx.stage(stage, &format!("stage{}", i + 1))?);
+        }
+    }
+    if let Some(head) = top.get("head") {
+        nodes.extend(ctx.layers(&head, "head", binary.activation)?);
+    }
+    top.finish()?;
+    if nodes.is_empty() {
+        return Err(root.error("the spec has no layers: expected `stem`, `stages` or `head`"));
+    }
+    let spec = Spec {
+        name,
+        description,
+        source: root.file().to_string(),
+        input,
+        classes,
+        nodes,
+    };
+    check_unique_names(&spec)?;
+    Ok(spec)
+}
+
+fn input_shape(v: &Value<'_>) -> Result<InputShape, SpecError> {
+    if let Some(s) = v.as_plain_str() {
+        return s.parse().map_err(|e: String| v.error(e));
+    }
+    let mut m = v.map().map_err(|_| {
+        v.error("expected HxWxC (like 224x224x3) or a mapping with height, width and channels")
+    })?;
+    let shape = InputShape {
+        height: m.require("height", "a positive integer")?.positive()?,
+        width: m.require("width", "a positive integer")?.positive()?,
+        channels: m.require("channels", "a positive integer")?.positive()?,
+    };
+    m.finish()?;
+    Ok(shape)
+}
+
+fn binary_defaults(v: &Value<'_>) -> Result<Binary, SpecError> {
+    let mut m = v.map()?;
+    let mut b = Binary::default();
+    if let Some(a) = m.get("activation") {
+        b.activation = activation(&a)?;
+    }
+    if let Some(k) = m.get("kernel") {
+        b.kernel = kernel_quantizer(&k)?;
+    }
+    if let Some(c) = m.get("weight_clip") {
+        b.weight_clip = weight_clip(&c)?;
+    }
+    if let Some(p) = m.get("pad_value") {
+        b.pad_value = pad_value(&p)?;
+    }
+    if let Some(i) = m.get("init") {
+        b.init = init(&i)?;
+    }
+    m.finish()?;
+    Ok(b)
+}
+
+/// A variant written either as a bare name (`sign`) or as a one-key mapping with options
+/// (`{sign: {clip: 1.25}}`). Returns the name and the options (an empty mapping if bare).
+fn variant<'a>(v: &Value<'a>, what: &str) -> Result<(&'a str, Map<'a>), SpecError> {
+    if let Some(name) = v.as_plain_str() {
+        return Ok((name, v.map_of_nothing()));
+    }
+    let m = v.map().map_err(|_| v.error(format!("expected {what}")))?;
+    let mut keys = m.keys();
+    match (keys.next(), keys.next()) {
+        (Some((name, value)), None) => Ok((name, value.map()?)),
+        _ => Err(v.error(format!(
+            "expected {what}, written as a name or as a mapping with exactly one key"
+        ))),
+    }
+}
+
+const ACTIVATIONS: &str = "one of `none`, `sign`, `approx_sign`, `swish_sign`, `lab`";
+
+fn activation(v: &Value<'_>) -> Result<Activation, SpecError> {
+    let (name, mut opts) = variant(v, &format!("an activation binarizer: {ACTIVATIONS}"))?;
+    let a = match name {
+        "none" => Activation::None,
+        "sign" | "ste_sign" => Activation::Sign {
+            clip: opts.get("clip").map(|c| c.positive_f64()).transpose()?.unwrap_or(1.0),
+        },
+        "approx_sign" => Activation::ApproxSign,
+        "swish_sign" => Activation::SwishSign {
+            beta: opts.get("beta").map(|c| c.positive_f64()).transpose()?.unwrap_or(5.0),
+        },
+        "lab" => Activation::Lab(match opts.get("pairing") {
+            None => LabPairing::Channel,
+            Some(p) => match p.str()? {
+                "channel" => LabPairing::Channel,
+                "official" => LabPairing::Official,
+                other => {
+                    return Err(p.error(format!(
+                        "expected `channel` (the paper's pairing) or `official` (the official code's reshape), found `{other}`"
+                    )))
+                }
+            },
+        }),
+        other => {
+            return Err(v.error(format!(
+                "unknown activation binarizer `{other}`; expected {ACTIVATIONS}"
+            )))
+        }
+    };
+    opts.finish()?;
+    Ok(a)
+}
+
+fn kernel_quantizer(v: &Value<'_>) -> Result<KernelQuantizer, SpecError> {
+    const KINDS: &str = "one of `none`, `ste_sign`, `magnitude_aware_sign`, `xnor_weight_scale`";
+    let (name, mut opts) = variant(v, &format!("a kernel quantizer: {KINDS}"))?;
+    let clip = |opts: &mut Map<'_>| -> Result<f64, SpecError> {
+        Ok(opts
+            .get("clip")
+            .map(|c| c.positive_f64())
+            .transpose()?
+            .unwrap_or(1.0))
+    };
+    let k = match name {
+        "none" => KernelQuantizer::None,
+        "ste_sign" | "sign" => KernelQuantizer::SteSign {
+            clip: clip(&mut opts)?,
+        },
+        "magnitude_aware_sign" => KernelQuantizer::MagnitudeAwareSign {
+            clip: clip(&mut opts)?,
+        },
+        "xnor_weight_scale" => KernelQuantizer::XnorWeightScale,
+        other => {
+            return Err(v.error(format!(
+                "unknown kernel quantizer `{other}`; expected {KINDS}"
+            )))
+        }
+    };
+    opts.finish()?;
+    Ok(k)
+}
+
+fn init(v: &Value<'_>) -> Result<Init, SpecError> {
+    if let Ok(x) = v.f64() {
+        return Ok(Init::Constant(x));
+    }
+    match v.str()? {
+        "glorot_uniform" => Ok(Init::GlorotUniform),
+        "glorot_normal" => Ok(Init::GlorotNormal),
+        "he_normal" => Ok(Init::HeNormal),
+        "zeros" => Ok(Init::Constant(0.0)),
+        "ones" => Ok(Init::Constant(1.0)),
+        other => Err(v.error(format!(
+            "unknown initialiser `{other}`; expected one of `glorot_uniform`, `glorot_normal`, `he_normal`, `zeros`, `ones` or a number"
+        ))),
+    }
+}
+
+fn weight_clip(v: &Value<'_>) -> Result<Option<f64>, SpecError> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    v.positive_f64()
+        .map(Some)
+        .map_err(|_| v.error("expected a positive clip value or null for no clipping"))
+}
+
+fn pad_value(v: &Value<'_>) -> Result<f64, SpecError> {
+    match v.f64() {
+        Ok(x) if x == 0.0 || x == 1.0 => Ok(x),
+        _ => {
+            Err(v.error("expected 0 or 1 (the value SAME padding puts around the binarized input)"))
+        }
+    }
+}
+
+fn padding(v: &Value<'_>) -> Result<Padding, SpecError> {
+    match v.str()? {
+        "same" => Ok(Padding::Same),
+        "valid" => Ok(Padding::Valid),
+        other => Err(v.error(format!("expected `same` or `valid`, found `{other}`"))),
+    }
+}
+
+fn bool_or(m: &mut Map<'_>, key: &'static str, default: bool) -> Result<bool, SpecError> {
+    m.get(key)
+        .map(|v| v.bool())
+        .transpose()
+        .map(|b| b.unwrap_or(default))
+}
+
+fn f64_or(m: &mut Map<'_>, key: &'static str, default: f64) -> Result<f64, SpecError> {
+    m.get(key)
+        .map(|v| v.f64())
+        .transpose()
+        .map(|b| b.unwrap_or(default))
+}
+
+/// Batch-norm momentum and epsilon, with the given defaults.
+fn batch_norm_settings(
+    m: &mut Map<'_>,
+    momentum: f64,
+    epsilon: f64,
+) -> Result<BatchNorm, SpecError> {
+    let bn = BatchNorm {
+        momentum: f64_or(m, "momentum", momentum)?,
+        epsilon: m
+            .get("epsilon")
+            .map(|v| v.positive_f64())
+            .transpose()?
+            .unwrap_or(epsilon),
+        center: bool_or(m, "center", true)?,
+        scale: bool_or(m, "scale", true)?,
+    };
+    if !(0.0..1.0).contains(&bn.momentum) {
+        let v = m.value().clone();
+        return Err(v.error(format!(
+            "batch_norm momentum must be in [0, 1) (Keras semantics: moving = moving * momentum + batch * (1 - momentum)), found {}",
+            bn.momentum
+        )));
+    }
+    Ok(bn)
+}
+
+/// Walks the layer lists, tracking the number of channels where it is known statically.
+struct Expander {
+    binary: Binary,
+    /// Channels flowing at this point; `None` when they depend on the input or cannot be known.
+    channels: Option<usize>,
+    /// True while `channels` still equals the input's, which a constructor may change.
+    dynamic_channels: bool,
+}
+
+impl Expander {
+    fn static_channels(&self, v: &Value<'_>, what: &str) -> Result<usize, SpecError> {
+        match (self.channels, self.dynamic_channels) {
+            (Some(c), false) => Ok(c),
+            _ => Err(v.error(format!(
+                "{what} needs a fixed number of input channels here; put a convolution (a stem) before it"
+            ))),
+        }
+    }
+
+    fn set_channels(&mut self, c: usize) {
+        self.channels = Some(c);
+        self.dynamic_channels = false;
+    }
+
+    fn layers(
+        &mut self,
+        v: &Value<'_>,
+        prefix: &str,
+        activation: Activation,
+    ) -> Result<Vec<Node>, SpecError> {
+        let mut counters: Vec<(&'static str, usize)> = Vec::new();
+        let mut nodes = Vec::new();
+        for item in v.seq()? {
+            nodes.push(self.layer(&item, prefix, activation, &mut counters)?);
+        }
+        Ok(nodes)
+    }
+
+    fn layer(
+        &mut self,
+        v: &Value<'_>,
+        prefix: &str,
+        default_activation: Activation,
+        counters: &mut Vec<(&'static str, usize)>,
+    ) -> Result<Node, SpecError> {
+        let (kind, mut m) = variant(
+            v,
+            "a layer: a name like `relu` or a mapping like `{conv: {filters: 64, kernel: 3}}`",
+        )?;
+        let short = match kind {
+            "conv" => "conv",
+            "quant_conv" => "qconv",
+            "depthwise_conv" => "dwconv",
+            "batch_norm" => "bn",
+            "relu" => "relu",
+            "prelu" => "prelu",
+            "bias" => "bias",
+            "binarize" => "binarize",
+            "max_pool" => "maxpool",
+            "avg_pool" => "avgpool",
+            "blur_pool" => "blur",
+            "global_avg_pool" => "gap",
+            "flatten" => "flatten",
+            "dense" => "dense",
+            "duplicate" => "duplicate",
+            "residual" => "res",
+            "concat" => "concat",
+            other => {
+                return Err(v.error(format!(
+                    "unknown layer `{other}`; expected one of conv, quant_conv, depthwise_conv, batch_norm, relu, prelu, bias, binarize, max_pool, avg_pool, blur_pool, global_avg_pool, flatten, dense, duplicate, residual, concat"
+                )))
+            }
+        };
+        let name = match m.get("name") {
+            Some(n) => {
+                let s = n.str()?;
+                if s.is_empty()
+                    || !s.starts_with(|c: char| c.is_ascii_lowercase())
+                    || !s
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    return Err(n.error(format!(
+                        "expected a layer name of lowercase letters, digits and underscores starting with a letter, found `{s}`"
+                    )));
+                }
+                format!("{prefix}.{s}")
+            }
+            None => {
+                let count = match counters.iter_mut().find(|(k, _)| *k == short) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        counters.push((short, 1));
+                        1
+                    }
+                };
+                format!("{prefix}.{short}{count}")
+            }
+        };
+        let location = v.location();
+        let op = match kind {
+            "conv" | "quant_conv" => {
+                let quant = kind == "quant_conv";
+                let b = self.binary;
+                let conv = Conv {
+                    filters: m
+                        .require("filters", "the number of output channels")?
+                        .positive()?,
+                    kernel: m.require("kernel", "the kernel size")?.pair()?,
+                    stride: m
+                        .get("stride")
+                        .map(|s| s.positive())
+                        .transpose()?
+                        .map_or([1, 1], |s| [s, s]),
+                    padding: m
+                        .get("padding")
+                        .map(|p| padding(&p))
+                        .transpose()?
+                        .unwrap_or(Padding::Same),
+                    pad_value: match m.get("pad_value") {
+                        Some(p) => pad_value(&p)?,
+                        None if quant => b.pad_value,
+                        None => 0.0,
+                    },
+                    bias: bool_or(&mut m, "bias", false)?,
+                    init: match m.get("init") {
+                        Some(i) => init(&i)?,
+                        None if quant => b.init,
+                        None => Init::GlorotUniform,
+                    },
+                    input: match m.get("activation") {
+                        Some(a) => activation(&a)?,
+                        None if quant => default_activation,
+                        None => Activation::None,
+                    },
+                    kernel_quantizer: match m.get("kernel_quantizer") {
+                        Some(k) => kernel_quantizer(&k)?,
+                        None if quant => b.kernel,
+                        None => KernelQuantizer::None,
+                    },
+                    weight_clip: match m.get("weight_clip") {
+                        Some(c) => weight_clip(&c)?,
+                        None if quant => b.weight_clip,
+                        None => None,
+                    },
+                };
+                self.set_channels(conv.filters);
+                Op::Conv(conv)
+            }
+            "depthwise_conv" => {
+                let dw = DepthwiseConv {
+                    kernel: m.require("kernel", "the kernel size")?.pair()?,
+                    stride: m
+                        .get("stride")
+                        .map(|s| s.positive())
+                        .transpose()?
+                        .map_or([1, 1], |s| [s, s]),
+                    padding: m
+                        .get("padding")
+                        .map(|p| padding(&p))
+                        .transpose()?
+                        .unwrap_or(Padding::Same),
+                    multiplier: m
+                        .get("multiplier")
+                        .map(|x| x.positive())
+                        .transpose()?
+                        .unwrap_or(1),
+                    bias: bool_or(&mut m, "bias", false)?,
+                    init: m
+                        .get("init")
+                        .map(|i| init(&i))
+                        .transpose()?
+                        .unwrap_or(Init::GlorotUniform),
+                };
+                if dw.multiplier != 1 {
+                    self.channels = self.channels.map(|c| c * dw.multiplier);
+                }
+                Op::DepthwiseConv(dw)
+            }
+            "batch_norm" => Op::BatchNorm(batch_norm_settings(&mut m, 0.99, 1e-3)?),
+            "relu" => Op::Relu,
+            "prelu" => Op::PRelu(PRelu {
+                alpha: f64_or(&mut m, "alpha", 0.0)?,
+            }),
+            "bias" => Op::Bias,
+            "binarize" => Op::Binarize(match m.get("activation") {
+                Some(a) => activation(&a)?,
+                None => default_activation,
+            }),
+            "max_pool" | "avg_pool" => {
+                let size = m.require("size", "the pooling window size")?.pair()?;
+                let pool = Pool {
+                    size,
+                    stride: m
+                        .get("stride")
+                        .map(|s| s.positive())
+                        .transpose()?
+                        .map_or(size, |s| [s, s]),
+                    padding: m
+                        .get("padding")
+                        .map(|p| padding(&p))
+                        .transpose()?
+                        .unwrap_or(Padding::Valid),
+                };
+                if kind == "max_pool" {
+                    Op::MaxPool(pool)
+                } else {
+                    Op::AvgPool(pool)
+                }
+            }
+            "blur_pool" => Op::BlurPool(BlurPool {
+                stride: m
+                    .get("stride")
+                    .map(|s| s.positive())
+                    .transpose()?
+                    .unwrap_or(2),
+            }),
+            "global_avg_pool" => Op::GlobalAvgPool,
+            "flatten" => {
+                self.channels = None;
+                Op::Flatten
+            }
+            "dense" => {
+                let units = match m.get("units") {
+                    None => Units::Classes,
+                    Some(u) if u.as_plain_str() == Some("classes") => Units::Classes,
+                    Some(u) => Units::Fixed(
+                        u.positive()
+                            .map_err(|_| u.error("expected a positive integer or `classes`"))?,
+                    ),
+                };
+                match units {
+                    Units::Fixed(n) => self.set_channels(n),
+                    Units::Classes => self.channels = None,
+                }
+                Op::Dense(Dense {
+                    units,
+                    bias: bool_or(&mut m, "bias", true)?,
+                    init: m
+                        .get("init")
+                        .map(|i| init(&i))
+                        .transpose()?
+                        .unwrap_or(Init::GlorotUniform),
+                })
+            }
+            "duplicate" => {
+                self.channels = self.channels.map(|c| 2 * c);
+                Op::Duplicate
+            }
+            "residual" => {
+                let before = (self.channels, self.dynamic_channels);
+                let shortcut = match m.get("shortcut") {
+                    Some(s) => self.layers(&s, &format!("{name}.shortcut"), default_activation)?,
+                    None => Vec::new(),
+                };
+                (self.channels, self.dynamic_channels) = before;
+                let body = self.layers(
+                    &m.require("body", "the list of layers of the main path")?,
+                    &name,
+                    default_activation,
+                )?;
+                Op::Residual(Residual { body, shortcut })
+            }
+            "concat" => {
+                let before = (self.channels, self.dynamic_channels);
+                let mut total = Some(0);
+                let mut dynamic = false;
+                let mut branches = Vec::new();
+                for (i, branch) in m
+                    .require("branches", "a list of layer lists")?
+                    .seq()?
+                    .iter()
+                    .enumerate()
+                {
+                    (self.channels, self.dynamic_channels) = before;
+                    branches.push(self.layers(
+                        branch,
+                        &format!("{name}.branch{}", i + 1),
+                        default_activation,
+                    )?);
+                    total = total.zip(self.channels).map(|(a, b)| a + b);
+                    dynamic |= self.dynamic_channels;
+                }
+                if branches.is_empty() {
+                    return Err(m.value().error("`concat` needs at least one branch"));
+                }
+                (self.channels, self.dynamic_channels) = (total, dynamic);
+                Op::Concat(branches)
+            }
+            _ => unreachable!("layer kinds are matched above"),
+        };
+        m.finish()?;
+        Ok(Node { name, op, location })
+    }
+
+    fn stage(&mut self, v: &Value<'_>, prefix: &str) -> Result<Vec<Node>, SpecError> {
+        let mut m = v.map()?;
+        let block = m.get("block");
+        let layers = m.get("layers");
+        let activations = m.get("activation");
+        let nodes = match (block, layers) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err(v.error(
+                    "a stage has either `block` (a block template and its settings) or `layers` (a list of layers)",
+                ))
+            }
+            (None, Some(layers)) => {
+                let activation = match &activations {
+                    Some(a) => activation(a)?,
+                    None => self.binary.activation,
+                };
+                self.layers(&layers, prefix, activation)?
+            }
+            (Some(block), None) => {
+                let kind = block.str()?;
+                let filters = m.require("filters", "the stage's number of channels")?.positive()?;
+                let blocks_value = m.require("blocks", "the number of blocks")?;
+                let blocks = blocks_value.positive()?;
+                let acts = match &activations {
+                    None => vec![self.binary.activation; blocks],
+                    Some(a) => {
+                        let items = a.seq_or_one()?;
+                        if items.len() == 1 {
+                            vec![activation(&items[0])?; blocks]
+                        } else if items.len() == blocks {
+                            items.iter().map(activation).collect::<Result<_, _>>()?
+                        } else {
+                            return Err(a.error(format!(
+                                "expected one activation binarizer or a list of {blocks} (one per block), found a list of {}",
+                                items.len()
+                            )));
+                        }
+                    }
+                };
+                let location = v.location();
+                let incoming = self.static_channels(&block, &format!("a `{kind}` stage"))?;
+                let nodes = match kind {
+                    "quicknet" => {
+                        let mut bn_map = bn_override(&mut m)?;
+                        let bn = batch_norm_settings(&mut bn_map, 0.9, 1e-5)?;
+                        bn_map.finish()?;
+                        templates::quicknet(self.binary, prefix, location, incoming, filters, &acts, bn)
+                    }
+                    "bireal" => {
+                        let mut bn_map = bn_override(&mut m)?;
+                        let bn = batch_norm_settings(&mut bn_map, 0.8, 1e-3)?;
+                        bn_map.finish()?;
+                        let prelu = match m.get("post_activation") {
+                            None => None,
+                            Some(p) => match variant(&p, "`none` or `prelu`")? {
+                                ("none", opts) => {
+                                    opts.finish()?;
+                                    None
+                                }
+                                ("prelu", mut opts) => {
+                                    let alpha = f64_or(&mut opts, "alpha", 0.0)?;
+                                    opts.finish()?;
+                                    Some(PRelu { alpha })
+                                }
+                                (other, _) => {
+                                    return Err(p.error(format!(
+                                        "expected `none` or `prelu`, found `{other}`"
+                                    )))
+                                }
+                            },
+                        };
+                        templates::bireal(self.binary, prefix, location, incoming, filters, &acts, bn, prelu)
+                    }
+                    "reactnet" => {
+                        let mut bn_map = bn_override(&mut m)?;
+                        let bn = batch_norm_settings(&mut bn_map, 0.8, 1e-3)?;
+                        bn_map.finish()?;
+                        let stride_value = m.get("stride");
+                        let stride = match &stride_value {
+                            Some(s) => s.positive()?,
+                            None if filters != incoming => 2,
+                            None => 1,
+                        };
+                        if filters != incoming && filters != 2 * incoming {
+                            return Err(m.value().error(format!(
+                                "a `reactnet` stage keeps or doubles its {incoming} input channels, so `filters` must be {incoming} or {}, found {filters}",
+                                2 * incoming
+                            )));
+                        }
+                        if stride > 2 {
+                            let s = stride_value.expect("a stride above 2 was written");
+                            return Err(s.error(format!("expected 1 or 2, found {stride}")));
+                        }
+                        let alpha = f64_or(&mut m, "prelu_alpha", 0.25)?;
+                        templates::reactnet(self.binary, prefix, location, incoming, filters, stride, &acts, bn, PRelu { alpha })
+                    }
+                    other => {
+                        return Err(block.error(format!(
+                            "unknown block template `{other}`; expected `quicknet`, `bireal` or `reactnet` (or write the stage as `layers`)"
+                        )))
+                    }
+                };
+                self.set_channels(filters);
+                nodes
+            }
+        };
+        m.finish()?;
+        Ok(nodes)
+    }
+}
+
+fn bn_override<'a>(m: &mut Map<'a>) -> Result<Map<'a>, SpecError> {
+    match m.get("batch_norm") {
+        Some(v) => v.map(),
+        None => Ok(m.value().map_of_nothing()),
+    }
+}
+
+fn check_unique_names(spec: &Spec) -> Result<(), SpecError> {
+    let mut seen: std::collections::HashMap<String, &Node> = std::collections::HashMap::new();
+    for node in spec.walk() {
+        let ident = node.name.replace('.', "_");
+        if let Some(first) = seen.insert(ident, node) {
+            return Err(SpecError::at(
+                &spec.source,
+                node.location,
+                &node.name,
+                format!(
+                    "layer name `{}` clashes with `{}` at line {} (names must stay distinct with dots read as underscores)",
+                    node.name, first.name, first.location.line
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The block templates: the building blocks of the paper's backbones.
+mod templates {
+    use crate::ir::*;
+
+    use super::Binary;
+
+    fn node(name: String, op: Op, location: Location) -> Node {
+        Node { name, op, location }
+    }
+
+    fn binary_conv(
+        b: Binary,
+        filters: usize,
+        kernel: usize,
+        stride: usize,
+        input: Activation,
+    ) -> Op {
+        Op::Conv(Conv {
+            filters,
+            kernel: [kernel, kernel],
+            stride: [stride, stride],
+            padding: Padding::Same,
+            pad_value: b.pad_value,
+            bias: false,
+            init: b.init,
+            input,
+            kernel_quantizer: b.kernel,
+            weight_clip: b.weight_clip,
+        })
+    }
+
+    fn float_conv_1x1(filters: usize, init: Init) -> Op {
+        Op::Conv(Conv {
+            filters,
+            kernel: [1, 1],
+            stride: [1, 1],
+            padding: Padding::Same,
+            pad_value: 0.0,
+            bias: false,
+            init,
+            input: Activation::None,
+            kernel_quantizer: KernelQuantizer::None,
+            weight_clip: None,
+        })
+    }
+
+    /// QuickNet (Larq Zoo): a transition when the width changes, then residual blocks
+    /// `x + BN(ReLU(QuantConv3x3(x)))`.
+    pub fn quicknet(
+        b: Binary,
+        prefix: &str,
+        at: Location,
+        incoming: usize,
+        filters: usize,
+        acts: &[Activation],
+        bn: BatchNorm,
+    ) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        if incoming != filters {
+            let t = format!("{prefix}.transition");
+            nodes.push(node(format!("{t}.relu"), Op::Relu, at));
+            nodes.push(node(
+                format!("{t}.maxpool"),
+                Op::MaxPool(Pool {
+                    size: [2, 2],
+                    stride: [1, 1],
+                    padding: Padding::Valid,
+                }),
+                at,
+            ));
+            nodes.push(node(
+                format!("{t}.blur"),
+                Op::BlurPool(BlurPool { stride: 2 }),
+                at,
+            ));
+            nodes.push(node(
+                format!("{t}.conv"),
+                float_conv_1x1(filters, Init::GlorotNormal),
+                at,
+            ));
+            nodes.push(node(format!("{t}.bn"), Op::BatchNorm(bn), at));
+        }
+        for (i, &act) in acts.iter().enumerate() {
+            let p = format!("{prefix}.block{}", i + 1);
+            let body = vec![
+                node(format!("{p}.conv"), binary_conv(b, filters, 3, 1, act), at),
+                node(format!("{p}.relu"), Op::Relu, at),
+                node(format!("{p}.bn"), Op::BatchNorm(bn), at),
+            ];
+            nodes.push(node(
+                p,
+                Op::Residual(Residual {
+                    body,
+                    shortcut: Vec::new(),
+                }),
+                at,
+            ));
+        }
+        nodes
+    }
+
+    /// Bi-Real Net: `shortcut(x) + BN(QuantConv3x3(x))`, the first block of a wider stage with
+    /// stride 2 and an `AvgPool -> Conv1x1 -> BN` shortcut; optionally a PReLU after each add
+    /// (LAB-BNN).
+    #[allow(clippy::too_many_arguments)]
+    pub fn bireal(
+        b: Binary,
+        prefix: &str,
+        at: Location,
+        incoming: usize,
+        filters: usize,
+        acts: &[Activation],
+        bn: BatchNorm,
+        prelu: Option<PRelu>,
+    ) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        for (i, &act) in acts.iter().enumerate() {
+            let p = format!("{prefix}.block{}", i + 1);
+            let downsample = i == 0 && incoming != filters;
+            let shortcut = if downsample {
+                vec![
+                    node(
+                        format!("{p}.shortcut.pool"),
+                        Op::AvgPool(Pool {
+                            size: [2, 2],
+                            stride: [2, 2],
+                            padding: Padding::Same,
+                        }),
+                        at,
+                    ),
+                    node(
+                        format!("{p}.shortcut.conv"),
+                        float_conv_1x1(filters, Init::GlorotNormal),
+                        at,
+                    ),
+                    node(format!("{p}.shortcut.bn"), Op::BatchNorm(bn), at),
+                ]
+            } else {
+                Vec::new()
+            };
+            let stride = if downsample { 2 } else { 1 };
+            let body = vec![
+                node(
+                    format!("{p}.conv"),
+                    binary_conv(b, filters, 3, stride, act),
+                    at,
+                ),
+                node(format!("{p}.bn"), Op::BatchNorm(bn), at),
+            ];
+            nodes.push(node(
+                p.clone(),
+                Op::Residual(Residual { body, shortcut }),
+                at,
+            ));
+            if let Some(prelu) = prelu {
+                nodes.push(node(format!("{p}.prelu"), Op::PRelu(prelu), at));
+            }
+        }
+        nodes
+    }
+
+    /// ReActNet (MobileNetV1 layout with learnable biases and PReLU); the first block may
+    /// double the width, with stride `stride`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn reactnet(
+        b: Binary,
+        prefix: &str,
+        at: Location,
+        incoming: usize,
+        filters: usize,
+        stride: usize,
+        acts: &[Activation],
+        bn: BatchNorm,
+        prelu: PRelu,
+    ) -> Vec<Node> {
+        let mut nodes = Vec::new();
+        let mut channels = incoming;
+        for (i, &act) in acts.iter().enumerate() {
+            let p = format!("{prefix}.block{}", i + 1);
+            let stride = if i == 0 { stride } else { 1 };
+            let shortcut = if stride > 1 {
+                vec![node(
+                    format!("{p}.pool"),
+                    Op::AvgPool(Pool {
+                        size: [2, 2],
+                        stride: [2, 2],
+                        padding: Padding::Valid,
+                    }),
+                    at,
+                )]
+            } else {
+                Vec::new()
+            };
+            let body = vec![
+                node(format!("{p}.bias1"), Op::Bias, at),
+                node(
+                    format!("{p}.conv1"),
+                    binary_conv(b, channels, 3, stride, act),
+                    at,
+                ),
+                node(format!("{p}.bn1"), Op::BatchNorm(bn), at),
+            ];
+            nodes.push(node(
+                format!("{p}.res1"),
+                Op::Residual(Residual { body, shortcut }),
+                at,
+            ));
+            nodes.push(node(format!("{p}.bias2"), Op::Bias, at));
+            nodes.push(node(format!("{p}.prelu1"), Op::PRelu(prelu), at));
+            nodes.push(node(format!("{p}.bias3"), Op::Bias, at));
+            let out = if i == 0 { filters } else { channels };
+            let (body, shortcut) = if out == channels {
+                let body = vec![
+                    node(format!("{p}.bias4"), Op::Bias, at),
+                    node(
+                        format!("{p}.conv2"),
+                        binary_conv(b, channels, 1, 1, act),
+                        at,
+                    ),
+                    node(format!("{p}.bn2"), Op::BatchNorm(bn), at),
+                ];
+                (body, Vec::new())
+            } else {
+                let branch = |suffix: &str| {
+                    vec![
+                        node(
+                            format!("{p}.conv2{suffix}"),
+                            binary_conv(b, channels, 1, 1, Activation::None),
+                            at,
+                        ),
+                        node(format!("{p}.bn2{suffix}"), Op::BatchNorm(bn), at),
+                    ]
+                };
+                let body = vec![
+                    node(format!("{p}.bias4"), Op::Bias, at),
+                    node(format!("{p}.binarize"), Op::Binarize(act), at),
+                    node(
+                        format!("{p}.concat"),
+                        Op::Concat(vec![branch("a"), branch("b")]),
+                        at,
+                    ),
+                ];
+                let shortcut = vec![node(format!("{p}.duplicate"), Op::Duplicate, at)];
+                (body, shortcut)
+            };
+            nodes.push(node(
+                format!("{p}.res2"),
+                Op::Residual(Residual { body, shortcut }),
+                at,
+            ));
+            nodes.push(node(format!("{p}.bias5"), Op::Bias, at));
+            nodes.push(node(format!("{p}.prelu2"), Op::PRelu(prelu), at));
+            nodes.push(node(format!("{p}.bias6"), Op::Bias, at));
+            channels = out;
+        }
+        nodes
+    }
+}

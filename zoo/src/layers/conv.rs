@@ -1,0 +1,192 @@
+//! Convolutions: the (binarized) 2D convolution and the depthwise convolution.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::spec::{Conv, DepthwiseConv, FeatureShape, KernelQuantizer};
+
+use super::functional::padding_amounts;
+use super::{init_hint, pad2d, ste_sign, straight_through, Binarizer};
+
+/// The effective kernel of a binarized convolution (`out x in x kh x kw`, scales per output
+/// channel), with Larq's gradients.
+pub fn quantize_kernel(weight: &Tensor, quantizer: &KernelQuantizer) -> Result<Tensor> {
+    let mean_abs = |w: &Tensor| w.abs()?.mean_keepdim(1)?.mean_keepdim(2)?.mean_keepdim(3);
+    match *quantizer {
+        KernelQuantizer::None => Ok(weight.clone()),
+        KernelQuantizer::SteSign { clip } => ste_sign(weight, clip),
+        KernelQuantizer::MagnitudeAwareSign { clip } => mean_abs(weight)?
+            .detach()
+            .broadcast_mul(&ste_sign(weight, clip)?),
+        KernelQuantizer::XnorWeightScale => {
+            // clip_by_value: the gradient passes inside [-1, 1], bounds included.
+            let inside = weight.abs()?.le(1.0)?.to_dtype(weight.dtype())?;
+            let clipped =
+                straight_through(&weight.clamp(-1.0, 1.0)?, &weight.mul(&inside.detach())?)?;
+            mean_abs(&clipped)?.broadcast_mul(&ste_sign(&clipped, 1.0)?)
+        }
+    }
+}
+
+/// A 2D convolution with an optional input binarizer and kernel quantizer (Larq's
+/// `QuantConv2D`): binarize the input, pad it with the spec's pad value (TensorFlow SAME), and
+/// convolve with the quantized kernel.
+///
+/// Tensors: `weight` (`filters x in x kh x kw`), `bias` (`filters`) when enabled, and LAB's
+/// tensors under `lab` when the input binarizer is LAB.
+#[derive(Clone, Debug)]
+pub struct QuantConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    binarizer: Binarizer,
+    config: Conv,
+}
+
+impl QuantConv2d {
+    /// Creates or loads the layer for an input of shape `input`.
+    pub fn new(vb: VarBuilder, input: FeatureShape, config: &Conv) -> Result<Self> {
+        if config.stride[0] != config.stride[1] {
+            candle_core::bail!(
+                "conv {}: only equal vertical and horizontal strides are supported, found {:?}",
+                vb.prefix(),
+                config.stride
+            );
+        }
+        let [kh, kw] = config.kernel;
+        let c = input.channels;
+        let fans = (kh * kw * c, kh * kw * config.filters);
+        let weight = vb.get_with_hints(
+            (config.filters, c, kh, kw),
+            "weight",
+            init_hint(config.init, fans),
+        )?;
+        let bias = match config.bias {
+            true => Some(vb.get_with_hints(config.filters, "bias", candle_nn::Init::Const(0.0))?),
+            false => None,
+        };
+        Ok(QuantConv2d {
+            weight,
+            bias,
+            binarizer: Binarizer::new(vb.pp("lab"), input, &config.input)?,
+            config: config.clone(),
+        })
+    }
+
+    /// The latent (unquantized) kernel.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Applies the layer to `N x C x H x W` input.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.binarizer.forward(xs)?;
+        let pads = padding_amounts(
+            &xs,
+            self.config.kernel,
+            self.config.stride,
+            self.config.padding,
+        )?;
+        let xs = pad2d(&xs, pads, self.config.pad_value)?;
+        let kernel = quantize_kernel(&self.weight, &self.config.kernel_quantizer)?;
+        let ys = xs.conv2d(&kernel, 0, self.config.stride[0], 1, 1)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// Depthwise convolution of an already padded `N x C x H x W` input with a `C x 1 x kh x kw`
+/// kernel (VALID), as a sum of shifted, channel-scaled copies of the input.
+pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+    let (_, c, h, w) = xs.dims4()?;
+    let (kc, _, kh, kw) = kernel.dims4()?;
+    if kc != c || h < kh || w < kw {
+        candle_core::bail!("depthwise_conv2d: a {kc}-channel {kh}x{kw} kernel does not fit a {c}-channel {h}x{w} input");
+    }
+    let (oh, ow) = (h - kh + 1, w - kw + 1);
+    let mut sum: Option<Tensor> = None;
+    for i in 0..kh {
+        for j in 0..kw {
+            let tap = kernel
+                .narrow(2, i, 1)?
+                .narrow(3, j, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = xs.narrow(2, i, oh)?.narrow(3, j, ow)?.broadcast_mul(&tap)?;
+            sum = Some(match sum {
+                None => term,
+                Some(s) => s.add(&term)?,
+            });
+        }
+    }
+    let ys = sum.expect("a kernel has at least one tap");
+    subsample(&ys, stride)
+}
+
+/// Keeps every `stride`-th row and column, starting at the first.
+fn subsample(xs: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+    let mut ys = xs.clone();
+    for (dim, s) in [(2, stride[0]), (3, stride[1])] {
+        if s > 1 {
+            let size = ys.dim(dim)?;
+            let index: Vec<u32> = (0..size as u32).step_by(s).collect();
+            let index = Tensor::new(index.as_slice(), ys.device())?;
+            ys = ys.index_select(&index, dim)?;
+        }
+    }
+    Ok(ys)
+}
+
+/// A depthwise 2D convolution (Keras' `DepthwiseConv2D`), zero padding.
+///
+/// Tensors: `weight` (`C*multiplier x 1 x kh x kw`, output `k*multiplier + q` reads channel
+/// `k`) and `bias` when enabled.
+#[derive(Clone, Debug)]
+pub struct DepthwiseConv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: DepthwiseConv,
+}
+
+impl DepthwiseConv2d {
+    /// Creates or loads the layer for an input of shape `input`.
+    pub fn new(vb: VarBuilder, input: FeatureShape, config: &DepthwiseConv) -> Result<Self> {
+        let [kh, kw] = config.kernel;
+        let out = input.channels * config.multiplier;
+        let fans = (kh * kw * input.channels, kh * kw * config.multiplier);
+        let weight = vb.get_with_hints((out, 1, kh, kw), "weight", init_hint(config.init, fans))?;
+        let bias = match config.bias {
+            true => Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?),
+            false => None,
+        };
+        Ok(DepthwiseConv2d {
+            weight,
+            bias,
+            config: config.clone(),
+        })
+    }
+
+    /// Applies the layer to `N x C x H x W` input.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        let m = self.config.multiplier;
+        let xs = match m {
+            1 => xs.clone(),
+            _ => xs
+                .unsqueeze(2)?
+                .broadcast_as((n, c, m, h, w))?
+                .reshape((n, c * m, h, w))?,
+        };
+        let pads = padding_amounts(
+            &xs,
+            self.config.kernel,
+            self.config.stride,
+            self.config.padding,
+        )?;
+        let ys = depthwise_conv2d(&pad2d(&xs, pads, 0.0)?, &self.weight, self.config.stride)?;
+        match &self.bias {
+            Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(ys),
+        }
+    }
+}

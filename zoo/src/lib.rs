@@ -1,0 +1,73 @@
+//! # zoo: binary neural networks with LAB, on candle
+//!
+//! Every architecture is a YAML spec (`specs/*.yaml`); the specs shipped with the crate are
+//! compiled into Rust structs by [`zoo_macros::model!`] (see [`models`]), and any other spec
+//! file is built at run time by [`Network`]. Both use the same [`layers`].
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let spec = zoo::spec("quicknet-lab")?;
+//! let config = zoo::ModelConfig { input: "32x32x1".parse()?, classes: 10 };
+//! zoo::init::initialize(&varmap, &spec, &config, 42, DType::F32, &Device::Cpu)?;
+//! let model = zoo::build("quicknet-lab", vb, &config)?;
+//! let logits = model.forward(&Tensor::zeros((8, 1, 32, 32), DType::F32, &Device::Cpu)?, false)?;
+//! assert_eq!(logits.dims(), &[8, 10]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+// Generated code names this crate `::zoo`, also from inside it.
+extern crate self as zoo;
+
+pub mod init;
+pub mod layers;
+pub mod models;
+mod network;
+mod registry;
+pub mod summary;
+
+pub use candle_core;
+pub use candle_nn;
+pub use network::Network;
+pub use registry::{build, list, spec, Entry};
+pub use zoo_spec as spec;
+pub use zoo_spec::{ModelConfig, Spec};
+
+/// Errors of the zoo library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A spec is invalid or does not fit the requested input.
+    #[error(transparent)]
+    Spec(#[from] zoo_spec::SpecError),
+    /// A tensor operation failed (for example a missing or misshapen weight).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// No registered model has this name and no spec file has this path.
+    #[error("unknown model `{name}`: not a registered name ({known}) and not a spec file")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The registered names.
+        known: String,
+    },
+}
+
+/// A network built from a spec: generated or built at run time.
+pub trait Model: Send + Sync {
+    /// Logits (`N x classes`) for a batch of `N x C x H x W` images. With `train`, batch norm
+    /// uses and updates batch statistics.
+    fn forward(
+        &self,
+        xs: &candle_core::Tensor,
+        train: bool,
+    ) -> candle_core::Result<candle_core::Tensor>;
+
+    /// The spec the model was built from.
+    fn spec(&self) -> &Spec;
+
+    /// The input shape and class count the model was built for.
+    fn config(&self) -> &ModelConfig;
+}

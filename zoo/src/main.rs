@@ -1,0 +1,90 @@
+//! The `zoo` command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use zoo::spec::InputShape;
+
+/// A model zoo of binary neural networks with the Learnable Activation Binarizer (LAB).
+#[derive(Parser)]
+#[command(name = "zoo", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the registered models.
+    List,
+    /// Print a per-layer table and totals of parameters, MACs and model size.
+    Summary {
+        /// A registered model name (see `zoo list`) or a spec file.
+        model: String,
+        /// Input shape HxWxC (default: the spec's).
+        #[arg(long, value_parser = parse_input)]
+        input: Option<InputShape>,
+        /// Number of classes (default: the spec's).
+        #[arg(long, value_parser = parse_classes)]
+        classes: Option<usize>,
+    },
+}
+
+fn parse_input(s: &str) -> Result<InputShape, String> {
+    s.parse()
+}
+
+fn parse_classes(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "expected a positive number of classes, found `{s}`"
+        )),
+    }
+}
+
+fn run(cli: Cli) -> Result<(), zoo::Error> {
+    match cli.command {
+        Command::List => {
+            println!(
+                "{:<16} {:<12} {:>8} {:>11}  description",
+                "name", "input", "classes", "params"
+            );
+            for entry in zoo::list() {
+                let spec = zoo::spec(entry.name)?;
+                let totals = zoo::spec::analyze(&spec, &spec.default_config())?.totals();
+                println!(
+                    "{:<16} {:<12} {:>8} {:>11}  {}",
+                    spec.name,
+                    spec.input.to_string(),
+                    spec.classes,
+                    zoo::summary::si(totals.params),
+                    spec.description
+                );
+            }
+        }
+        Command::Summary {
+            model,
+            input,
+            classes,
+        } => {
+            let spec = zoo::spec(&model)?;
+            let config = zoo::ModelConfig {
+                input: input.unwrap_or(spec.input),
+                classes: classes.unwrap_or(spec.classes),
+            };
+            print!("{}", zoo::summary::render(&spec, &config)?);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
