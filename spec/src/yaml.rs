@@ -261,9 +261,13 @@ impl<'a> Map<'a> {
     /// The value of a required `key`.
     pub fn require(&mut self, key: &'static str, what: &str) -> Result<Value<'a>, SpecError> {
         self.get(key).ok_or_else(|| {
+            let hint = match self.entries.iter().find(|(k, _, _)| edit_distance(k, key) <= 2) {
+                Some((k, _, _)) => format!(" (is `{k}` a misspelling of it?)"),
+                None => String::new(),
+            };
             let mut err = self
                 .owner
-                .error(format!("missing `{key}`: expected {what}"));
+                .error(format!("missing `{key}`: expected {what}{hint}"));
             err.field = if self.owner.path.is_empty() {
                 key.to_string()
             } else {
@@ -307,4 +311,20 @@ impl<'a> Map<'a> {
         }
         Ok(())
     }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(previous + 1).min(row[j] + 1);
+        }
+    }
+    row[b.len()]
 }
