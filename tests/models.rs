@@ -22,13 +22,21 @@ fn small_config(name: &str) -> ModelConfig {
 }
 
 fn images(config: &ModelConfig, seed: u64) -> Tensor {
-    let InputShape { height, width, channels } = config.input;
+    let InputShape {
+        height,
+        width,
+        channels,
+    } = config.input;
     let n = 2 * channels * height * width;
     // A fixed pseudo-random pattern in [-1, 1).
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..n)
         .map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect();
@@ -40,9 +48,11 @@ fn perturb_statistics(varmap: &VarMap) {
     for (name, var) in varmap.data().lock().unwrap().iter() {
         let t = var.as_tensor();
         if name.ends_with("running_mean") {
-            var.set(&t.ones_like().unwrap().affine(0.1, 0.0).unwrap()).unwrap();
+            var.set(&t.ones_like().unwrap().affine(0.1, 0.0).unwrap())
+                .unwrap();
         } else if name.ends_with("running_var") {
-            var.set(&t.ones_like().unwrap().affine(1.5, 0.0).unwrap()).unwrap();
+            var.set(&t.ones_like().unwrap().affine(1.5, 0.0).unwrap())
+                .unwrap();
         }
     }
 }
@@ -63,7 +73,12 @@ fn generated_and_runtime_models_agree() {
         let generated = zoo::build(entry.name, vb.clone(), &config).unwrap();
         let path = format!("{}/{}", env!("CARGO_MANIFEST_DIR"), entry.file);
         let runtime = zoo::build(&path, vb, &config).unwrap();
-        assert_eq!(generated.spec().nodes, runtime.spec().nodes, "{}", entry.name);
+        assert_eq!(
+            generated.spec().nodes,
+            runtime.spec().nodes,
+            "{}",
+            entry.name
+        );
 
         let xs = images(&config, 1);
         let a = generated.forward(&xs, false).unwrap();
@@ -73,11 +88,23 @@ fn generated_and_runtime_models_agree() {
         assert_eq!(a, b, "{}: inference logits differ", entry.name);
         assert!(a.iter().flatten().all(|v| v.is_finite()), "{}", entry.name);
         // The logits depend on the input.
-        let c = generated.forward(&images(&config, 2), false).unwrap().to_vec2::<f32>().unwrap();
+        let c = generated
+            .forward(&images(&config, 2), false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_ne!(a, c, "{}: logits do not depend on the input", entry.name);
 
-        let a = generated.forward(&xs, true).unwrap().to_vec2::<f32>().unwrap();
-        let b = runtime.forward(&xs, true).unwrap().to_vec2::<f32>().unwrap();
+        let a = generated
+            .forward(&xs, true)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let b = runtime
+            .forward(&xs, true)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(a, b, "{}: training-mode logits differ", entry.name);
     }
 }
@@ -101,7 +128,10 @@ fn models_create_exactly_the_listed_tensors() {
             .map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec()))
             .collect();
         let analysis = zoo::spec::analyze(&spec, &config).unwrap();
-        let listed: BTreeMap<String, Vec<usize>> = analysis.params().map(|p| (p.name.clone(), p.shape.clone())).collect();
+        let listed: BTreeMap<String, Vec<usize>> = analysis
+            .params()
+            .map(|p| (p.name.clone(), p.shape.clone()))
+            .collect();
         assert_eq!(created, listed, "{}", entry.name);
         let count: usize = created.values().map(|s| s.iter().product::<usize>()).sum();
         assert_eq!(count as u64, analysis.totals().params, "{}", entry.name);
@@ -113,7 +143,11 @@ fn models_create_exactly_the_listed_tensors() {
 #[test]
 fn input_shape_and_classes_are_constructor_parameters() {
     let dev = Device::Cpu;
-    for (name, input, classes) in [("birealnet-lab", "28x28x1", 10), ("quicknet-lab", "32x32x1", 10), ("quicknet-lab", "64x48x3", 5)] {
+    for (name, input, classes) in [
+        ("birealnet-lab", "28x28x1", 10),
+        ("quicknet-lab", "32x32x1", 10),
+        ("quicknet-lab", "64x48x3", 5),
+    ] {
         let config = ModelConfig {
             input: input.parse().unwrap(),
             classes,
@@ -121,16 +155,37 @@ fn input_shape_and_classes_are_constructor_parameters() {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let model = zoo::build(name, vb, &config).unwrap();
-        let InputShape { height, width, channels } = config.input;
+        let InputShape {
+            height,
+            width,
+            channels,
+        } = config.input;
         let xs = Tensor::ones((3, channels, height, width), DType::F32, &dev).unwrap();
-        assert_eq!(model.forward(&xs, false).unwrap().dims(), &[3, classes], "{name} at {input}");
+        assert_eq!(
+            model.forward(&xs, false).unwrap().dims(),
+            &[3, classes],
+            "{name} at {input}"
+        );
     }
-    assert_eq!(zoo::models::QuickNetLab::default_config().input.to_string(), "224x224x3");
-    let err = zoo::build("quicknet-lab", VarBuilder::zeros(DType::F32, &dev), &ModelConfig { input: "28x28x1".parse().unwrap(), classes: 10 })
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(err.contains("stage4.transition.maxpool") && err.contains("does not fit in 1x1"), "{err}");
+    assert_eq!(
+        zoo::models::QuickNetLab::default_config().input.to_string(),
+        "224x224x3"
+    );
+    let err = zoo::build(
+        "quicknet-lab",
+        VarBuilder::zeros(DType::F32, &dev),
+        &ModelConfig {
+            input: "28x28x1".parse().unwrap(),
+            classes: 10,
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("stage4.transition.maxpool") && err.contains("does not fit in 1x1"),
+        "{err}"
+    );
 }
 
 /// A spec whose layers cannot take the requested input fails to build with an error naming
@@ -143,14 +198,27 @@ fn impossible_input_is_a_clear_error() {
     };
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let err = zoo::build("reactnet", vb, &config).err().expect("ReActNet cannot take 28x28").to_string();
-    assert!(err.contains("stage3.block1.res1"), "{err}");
-    assert!(err.contains("shortcut gives 3x3x128 but its body gives 4x4x128"), "{err}");
-    let err = zoo::build("no-such-model", VarBuilder::zeros(DType::F32, &Device::Cpu), &config)
+    let err = zoo::build("reactnet", vb, &config)
         .err()
-        .unwrap()
+        .expect("ReActNet cannot take 28x28")
         .to_string();
-    assert!(err.contains("unknown model `no-such-model`") && err.contains("quicknet-lab"), "{err}");
+    assert!(err.contains("stage3.block1.res1"), "{err}");
+    assert!(
+        err.contains("shortcut gives 3x3x128 but its body gives 4x4x128"),
+        "{err}"
+    );
+    let err = zoo::build(
+        "no-such-model",
+        VarBuilder::zeros(DType::F32, &Device::Cpu),
+        &config,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("unknown model `no-such-model`") && err.contains("quicknet-lab"),
+        "{err}"
+    );
 }
 
 /// A training step reaches every trainable tensor: gradients exist, are finite and most are
@@ -179,7 +247,14 @@ fn training_mode_backpropagates_to_every_trainable_tensor() {
             if !p.trainable {
                 assert!(grad.is_none(), "{name}: {} has a gradient", p.name);
                 if p.name.ends_with("running_mean") {
-                    let moved = var.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+                    let moved = var
+                        .as_tensor()
+                        .abs()
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
                     assert!(moved > 0.0, "{name}: {} did not move", p.name);
                 }
                 continue;
@@ -192,7 +267,10 @@ fn training_mode_backpropagates_to_every_trainable_tensor() {
                 nonzero += 1;
             }
         }
-        assert!(nonzero * 10 >= trainable * 9, "{name}: only {nonzero} of {trainable} tensors have a non-zero gradient");
+        assert!(
+            nonzero * 10 >= trainable * 9,
+            "{name}: only {nonzero} of {trainable} tensors have a non-zero gradient"
+        );
     }
 }
 
@@ -206,8 +284,19 @@ fn keras_initialisers_are_seeded_and_scaled() {
         let varmap = VarMap::new();
         zoo::init::initialize(&varmap, &spec, &config, seed, DType::F32, &dev).unwrap();
         let data = varmap.data().lock().unwrap();
-        let t = |n: &str| data[n].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (t("stage4.block1.conv.weight"), t("stem.conv1.weight"), t("stem.bn1.running_var"))
+        let t = |n: &str| {
+            data[n]
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        (
+            t("stage4.block1.conv.weight"),
+            t("stem.conv1.weight"),
+            t("stem.bn1.running_var"),
+        )
     };
     let (a, stem, var) = draw(1);
     assert_eq!(a, draw(1).0);
@@ -216,10 +305,15 @@ fn keras_initialisers_are_seeded_and_scaled() {
     // the untruncated draw (stddev / 0.8796).
     let std = (2.0f64 / 9216.0).sqrt();
     let measured = (a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
-    assert!((measured / std - 1.0).abs() < 0.01, "stddev {measured} vs {std}");
+    assert!(
+        (measured / std - 1.0).abs() < 0.01,
+        "stddev {measured} vs {std}"
+    );
     let bound = 2.0 * std / 0.879_625_661_034_239_8;
     assert!(a.iter().all(|v| (*v as f64).abs() <= bound + 1e-7));
     // he_normal on the 3x3x3 stem: stddev sqrt(2 / 27).
-    assert!(stem.iter().all(|v| (*v as f64).abs() <= 2.0 * (2.0f64 / 27.0).sqrt() / 0.8796 + 1e-6));
+    assert!(stem
+        .iter()
+        .all(|v| (*v as f64).abs() <= 2.0 * (2.0f64 / 27.0).sqrt() / 0.8796 + 1e-6));
     assert!(var.iter().all(|v| *v == 1.0));
 }

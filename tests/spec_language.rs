@@ -9,11 +9,16 @@ fn parse(body: &str) -> Result<Spec, spec::SpecError> {
 }
 
 fn error(body: &str) -> String {
-    parse(body).expect_err("the spec should be rejected").to_string()
+    parse(body)
+        .expect_err("the spec should be rejected")
+        .to_string()
 }
 
 fn find<'a>(spec: &'a Spec, name: &str) -> &'a Node {
-    spec.walk().into_iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    spec.walk()
+        .into_iter()
+        .find(|n| n.name == name)
+        .unwrap_or_else(|| panic!("no node {name}"))
 }
 
 fn conv_input(spec: &Spec, name: &str) -> Activation {
@@ -31,7 +36,12 @@ fn every_shipped_spec_parses_and_fits_its_default_input() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let spec = spec::load_file(&path).unwrap_or_else(|e| panic!("{e}"));
-            let stem = path.file_stem().unwrap().to_str().unwrap().replace('_', "-");
+            let stem = path
+                .file_stem()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .replace('_', "-");
             assert_eq!(spec.name, stem, "registry names are file names with dashes");
             names.push(spec.name);
         }
@@ -51,19 +61,41 @@ stem: [{conv: {filters: 8, kernel: 3}}]
 stages:
   - {block: quicknet, filters: 8, blocks: 3, activation: [lab, sign, {lab: {pairing: official}}]}
   - {block: quicknet, filters: 16, blocks: 2}
+head: [global_avg_pool, dense]
 ",
     )
     .unwrap();
-    assert_eq!(conv_input(&spec, "stage1.block1.conv"), Activation::Lab(LabPairing::Channel));
-    assert_eq!(conv_input(&spec, "stage1.block2.conv"), Activation::Sign { clip: 1.0 });
-    assert_eq!(conv_input(&spec, "stage1.block3.conv"), Activation::Lab(LabPairing::Official));
+    assert_eq!(
+        conv_input(&spec, "stage1.block1.conv"),
+        Activation::Lab(LabPairing::Channel)
+    );
+    assert_eq!(
+        conv_input(&spec, "stage1.block2.conv"),
+        Activation::Sign { clip: 1.0 }
+    );
+    assert_eq!(
+        conv_input(&spec, "stage1.block3.conv"),
+        Activation::Lab(LabPairing::Official)
+    );
     // The second stage takes the spec-wide default, and a transition because the width changes.
-    assert_eq!(conv_input(&spec, "stage2.block2.conv"), Activation::Sign { clip: 1.25 });
-    assert!(matches!(find(&spec, "stage2.transition.blur").op, Op::BlurPool(_)));
+    assert_eq!(
+        conv_input(&spec, "stage2.block2.conv"),
+        Activation::Sign { clip: 1.25 }
+    );
+    assert!(matches!(
+        find(&spec, "stage2.transition.blur").op,
+        Op::BlurPool(_)
+    ));
     match &find(&spec, "stage2.block1.conv").op {
         Op::Conv(c) => {
-            assert_eq!(c.kernel_quantizer, KernelQuantizer::MagnitudeAwareSign { clip: 1.0 });
-            assert_eq!((c.pad_value, c.padding, c.kernel), (1.0, Padding::Same, [3, 3]));
+            assert_eq!(
+                c.kernel_quantizer,
+                KernelQuantizer::MagnitudeAwareSign { clip: 1.0 }
+            );
+            assert_eq!(
+                (c.pad_value, c.padding, c.kernel),
+                (1.0, Padding::Same, [3, 3])
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -77,7 +109,10 @@ fn the_templates_expand_as_the_reference_describes() {
             let kinds: Vec<&str> = r.shortcut.iter().map(|n| n.op.kind()).collect();
             assert_eq!(kinds, ["avg_pool", "conv", "batch_norm"]);
             match &r.body[0].op {
-                Op::Conv(c) => assert_eq!((c.stride, c.input, c.pad_value), ([2, 2], Activation::ApproxSign, 0.0)),
+                Op::Conv(c) => assert_eq!(
+                    (c.stride, c.input, c.pad_value),
+                    ([2, 2], Activation::ApproxSign, 0.0)
+                ),
                 other => panic!("{other:?}"),
             }
         }
@@ -95,7 +130,10 @@ fn the_templates_expand_as_the_reference_describes() {
         other => panic!("{other:?}"),
     }
     let labbnn = zoo::spec("labbnn").unwrap();
-    assert!(matches!(find(&labbnn, "stage4.block4.prelu").op, Op::PRelu(_)));
+    assert!(matches!(
+        find(&labbnn, "stage4.block4.prelu").op,
+        Op::PRelu(_)
+    ));
 }
 
 #[test]
@@ -111,67 +149,138 @@ stages:
       - residual:
           body: [bias, {quant_conv: {filters: 12, kernel: 3, activation: lab}}, batch_norm]
       - {max_pool: {size: 2}}
-head: [global_avg_pool, {dense: {units: 7}}]
+head: [global_avg_pool, {dense: {units: classes}}]
 ",
     )
     .unwrap();
     let analysis = spec::analyze(&spec, &spec.default_config()).unwrap();
-    assert_eq!(analysis.output.channels, 7);
-    assert!(analysis.params().any(|p| p.name == "stage2.res1.qconv1.lab.beta"));
-    assert!(analysis.params().any(|p| p.name == "stage1.block1.prelu.weight"));
+    assert_eq!(analysis.output.channels, 10);
+    assert!(analysis
+        .params()
+        .any(|p| p.name == "stage2.res1.qconv1.lab.beta"));
+    assert!(analysis
+        .params()
+        .any(|p| p.name == "stage1.block1.prelu.weight"));
 }
 
 #[test]
 fn unknown_keys_name_the_place_and_the_accepted_keys() {
     let e = error("stem: [{conv: {filters: 8, kernel: 3, strides: 2}}]\n");
     assert!(e.starts_with("tiny.yaml:4:39:"), "{e}");
-    assert!(e.contains("`stem[0].conv.strides`: unknown key `strides`; expected one of:"), "{e}");
+    assert!(
+        e.contains("`stem[0].conv.strides`: unknown key `strides`; expected one of:"),
+        "{e}"
+    );
     assert!(e.contains("`kernel`") && e.contains("`stride`"), "{e}");
     let e = error("stem: [{conv: {filters: 8, kernal: 3}}]\n");
-    assert!(e.contains("missing `kernel`: expected the kernel size (is `kernal` a misspelling of it?)"), "{e}");
+    assert!(
+        e.contains("missing `kernel`: expected the kernel size (is `kernal` a misspelling of it?)"),
+        "{e}"
+    );
     let e = error("stem: [relu]\nlayers: []\n");
-    assert!(e.contains("tiny.yaml:5:1") && e.contains("unknown key `layers`"), "{e}");
+    assert!(
+        e.contains("tiny.yaml:5:1") && e.contains("unknown key `layers`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn wrong_types_and_values_say_what_was_expected() {
-    let e = spec::parse_str("name: tiny\ninput: 32x32x1\nclasses: ten\nstem: [relu]\n", "t.yaml").unwrap_err().to_string();
-    assert_eq!(e, "t.yaml:3:10: `classes`: expected a positive integer, found the string \"ten\"");
+    let e = spec::parse_str(
+        "name: tiny\ninput: 32x32x1\nclasses: ten\nstem: [relu]\n",
+        "t.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "t.yaml:3:10: `classes`: expected a positive integer, found the string \"ten\""
+    );
     let e = error("stem: [{conv: {filters: 0, kernel: 3}}]\n");
-    assert!(e.contains("`stem[0].conv.filters`: expected a positive integer, found 0"), "{e}");
+    assert!(
+        e.contains("`stem[0].conv.filters`: expected a positive integer, found 0"),
+        "{e}"
+    );
     let e = error("stem: [{conv: {filters: 8, kernel: 3}}]\nstages: [{block: quicknet, filters: 8, blocks: 2, activation: [lab, sign, sign]}]\n");
-    assert!(e.contains("tiny.yaml:5:") && e.contains("one per block), found a list of 3"), "{e}");
+    assert!(
+        e.contains("tiny.yaml:5:") && e.contains("one per block), found a list of 3"),
+        "{e}"
+    );
     let e = error("stem: [{quant_conv: {filters: 8, kernel: 3, activation: sigmoid}}]\n");
-    assert!(e.contains("unknown activation binarizer `sigmoid`; expected one of `none`, `sign`"), "{e}");
+    assert!(
+        e.contains("unknown activation binarizer `sigmoid`; expected one of `none`, `sign`"),
+        "{e}"
+    );
     let e = error("stem: [{quant_conv: {filters: 8, kernel: 3, pad_value: 0.5}}]\n");
-    assert!(e.contains("`stem[0].quant_conv.pad_value`: expected 0 or 1"), "{e}");
+    assert!(
+        e.contains("`stem[0].quant_conv.pad_value`: expected 0 or 1"),
+        "{e}"
+    );
     let e = error("stem: [{batch_norm: {momentum: 1.5}}]\n");
-    assert!(e.contains("momentum must be in [0, 1)"), "{e}");
+    assert!(
+        e.contains("tiny.yaml:4:32: `stem[0].batch_norm.momentum`: expected a momentum in [0, 1)"),
+        "{e}"
+    );
     let e = error("stem: [softmax]\n");
-    assert!(e.contains("tiny.yaml:4:8") && e.contains("unknown layer `softmax`"), "{e}");
+    assert!(
+        e.contains("tiny.yaml:4:8") && e.contains("unknown layer `softmax`"),
+        "{e}"
+    );
     let e = error("stem: [{conv: {filters: 8}}]\n");
     assert!(e.contains("`stem[0].conv.kernel`: missing `kernel`"), "{e}");
-    let e = spec::parse_str("name: Tiny\n", "t.yaml").unwrap_err().to_string();
-    assert!(e.contains("`name`: expected a name of lowercase letters"), "{e}");
-    let e = spec::parse_str("name: tiny\ninput: 32x32\nclasses: 1\n", "t.yaml").unwrap_err().to_string();
-    assert!(e.contains("t.yaml:2:8: `input`: expected an input shape HxWxC"), "{e}");
-    let e = spec::parse_str("name: tiny\nstem: [relu\n", "t.yaml").unwrap_err().to_string();
-    assert!(e.starts_with("t.yaml:3:") && e.contains("invalid YAML"), "{e}");
+    let e = spec::parse_str("name: Tiny\n", "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`name`: expected a name of lowercase letters"),
+        "{e}"
+    );
+    let e = spec::parse_str("name: tiny\ninput: 32x32\nclasses: 1\n", "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("t.yaml:2:8: `input`: expected an input shape HxWxC"),
+        "{e}"
+    );
+    let e = spec::parse_str("name: tiny\nstem: [relu\n", "t.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("t.yaml:3:") && e.contains("invalid YAML"),
+        "{e}"
+    );
 }
 
 #[test]
 fn impossible_shapes_are_reported_at_the_layer() {
     let e = error("stem: [{conv: {filters: 8, kernel: 3}}]\nhead: [{dense: {units: 4}}]\n");
-    assert!(e.contains("tiny.yaml:5:8: `head.dense1`: a dense layer needs a flat input"), "{e}");
+    assert!(
+        e.contains("tiny.yaml:5:8: `head.dense1`: a dense layer needs a flat input"),
+        "{e}"
+    );
     assert!(e.contains("(input to this layer: 32x32x8)"), "{e}");
     let e = error("stem: [{conv: {filters: 8, kernel: 40, padding: valid}}]\n");
-    assert!(e.contains("`stem.conv1`: a 40x40 window with VALID padding does not fit in 32x32"), "{e}");
+    assert!(
+        e.contains("`stem.conv1`: a 40x40 window with VALID padding does not fit in 32x32"),
+        "{e}"
+    );
     let e = error("stem: [{conv: {filters: 8, kernel: 3}}]\nstages: [{block: reactnet, filters: 24, blocks: 1}]\n");
     assert!(e.contains("filters` must be 8 or 16, found 24"), "{e}");
     let e = error("stages: [{block: quicknet, filters: 8, blocks: 1}]\n");
     assert!(e.contains("needs a fixed number of input channels"), "{e}");
+    let e =
+        error("stem: [{conv: {filters: 8, kernel: 3}}, global_avg_pool, {dense: {units: 4}}]\n");
+    assert!(
+        e.contains(
+            "`stem.dense1`: the network ends with 1x1x4 but must give one logit per class (1x1x10)"
+        ),
+        "{e}"
+    );
     let e = error("stem: [{relu: {name: a}}, {relu: {name: a}}]\n");
-    assert!(e.contains("`stem.a`: layer name `stem.a` clashes with `stem.a` at line 4"), "{e}");
+    assert!(
+        e.contains("`stem.a`: layer name `stem.a` clashes with `stem.a` at line 4"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -186,14 +295,21 @@ fn input_shapes_parse_from_text() {
 #[test]
 fn quicknet_costs_match_larq_zoo() {
     let spec = zoo::spec("quicknet").unwrap();
-    let totals = spec::analyze(&spec, &spec.default_config()).unwrap().totals();
+    let totals = spec::analyze(&spec, &spec.default_config())
+        .unwrap()
+        .totals();
     assert_eq!(zoo::summary::si(totals.params), "13.2 M");
     assert_eq!(zoo::summary::si(totals.binary_macs), "1.85 G");
-    assert_eq!(zoo::summary::si(totals.binary_macs + totals.float_macs), "1.88 G");
+    assert_eq!(
+        zoo::summary::si(totals.binary_macs + totals.float_macs),
+        "1.88 G"
+    );
     let size = totals.model_size_bytes() / (1024.0 * 1024.0);
     assert!((size - 4.17).abs() < 0.05, "{size} MiB");
     // Bi-Real Net 18: 1.68 G binary operations, as its paper reports.
     let bireal = zoo::spec("birealnet").unwrap();
-    let t = spec::analyze(&bireal, &bireal.default_config()).unwrap().totals();
+    let t = spec::analyze(&bireal, &bireal.default_config())
+        .unwrap()
+        .totals();
     assert_eq!(zoo::summary::si(t.binary_macs), "1.68 G");
 }

@@ -214,6 +214,21 @@ pub fn analyze(spec: &Spec, config: &ModelConfig) -> Result<Analysis, SpecError>
         layers: Vec::new(),
     };
     let output = walker.sequence(&spec.nodes, input, 0)?;
+    if (output.height, output.width, output.channels) != (1, 1, config.classes) {
+        let last = spec
+            .nodes
+            .last()
+            .expect("decode rejects a spec without layers");
+        return Err(SpecError::at(
+            &spec.source,
+            last.location,
+            &last.name,
+            format!(
+                "the network ends with {output} but must give one logit per class (1x1x{}); end the head with `global_avg_pool` (or `flatten`) and `dense` (units: classes)",
+                config.classes
+            ),
+        ));
+    }
     Ok(Analysis {
         layers: walker.layers,
         output,

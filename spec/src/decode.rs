@@ -268,8 +268,19 @@ fn batch_norm_settings(
     momentum: f64,
     epsilon: f64,
 ) -> Result<BatchNorm, SpecError> {
-    let bn = BatchNorm {
-        momentum: f64_or(m, "momentum", momentum)?,
+    let momentum = match m.get("momentum") {
+        None => momentum,
+        Some(v) => match v.f64()? {
+            x if (0.0..1.0).contains(&x) => x,
+            x => {
+                return Err(v.error(format!(
+                    "expected a momentum in [0, 1) (Keras semantics: moving = moving * momentum + batch * (1 - momentum)), found {x}"
+                )))
+            }
+        },
+    };
+    Ok(BatchNorm {
+        momentum,
         epsilon: m
             .get("epsilon")
             .map(|v| v.positive_f64())
@@ -277,15 +288,7 @@ fn batch_norm_settings(
             .unwrap_or(epsilon),
         center: bool_or(m, "center", true)?,
         scale: bool_or(m, "scale", true)?,
-    };
-    if !(0.0..1.0).contains(&bn.momentum) {
-        let v = m.value().clone();
-        return Err(v.error(format!(
-            "batch_norm momentum must be in [0, 1) (Keras semantics: moving = moving * momentum + batch * (1 - momentum)), found {}",
-            bn.momentum
-        )));
-    }
-    Ok(bn)
+    })
 }
 
 /// Walks the layer lists, tracking the number of channels where it is known statically.
@@ -905,7 +908,7 @@ mod templates {
             let stride = if i == 0 { stride } else { 1 };
             let shortcut = if stride > 1 {
                 vec![node(
-                    format!("{p}.pool"),
+                    format!("{p}.res1.shortcut.pool"),
                     Op::AvgPool(Pool {
                         size: [2, 2],
                         stride: [2, 2],
@@ -965,7 +968,11 @@ mod templates {
                         at,
                     ),
                 ];
-                let shortcut = vec![node(format!("{p}.duplicate"), Op::Duplicate, at)];
+                let shortcut = vec![node(
+                    format!("{p}.res2.shortcut.duplicate"),
+                    Op::Duplicate,
+                    at,
+                )];
                 (body, shortcut)
             };
             nodes.push(node(

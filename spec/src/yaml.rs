@@ -261,7 +261,11 @@ impl<'a> Map<'a> {
     /// The value of a required `key`.
     pub fn require(&mut self, key: &'static str, what: &str) -> Result<Value<'a>, SpecError> {
         self.get(key).ok_or_else(|| {
-            let hint = match self.entries.iter().find(|(k, _, _)| edit_distance(k, key) <= 2) {
+            let hint = match self
+                .entries
+                .iter()
+                .find(|(k, _, _)| edit_distance(k, key) <= 2)
+            {
                 Some((k, _, _)) => format!(" (is `{k}` a misspelling of it?)"),
                 None => String::new(),
             };
