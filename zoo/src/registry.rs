@@ -7,6 +7,9 @@ use candle_nn::VarBuilder;
 use crate::models::*;
 use crate::{Error, Model, ModelConfig, Network, Spec};
 
+/// Builds a registered model from its weights and configuration.
+pub type Builder = fn(VarBuilder, &ModelConfig) -> Result<Box<dyn Model>, Error>;
+
 /// A registered model.
 pub struct Entry {
     /// Registry name, for example `quicknet-lab`.
@@ -16,7 +19,7 @@ pub struct Entry {
     /// The spec's YAML text.
     pub yaml: &'static str,
     /// Builds the generated struct.
-    pub build: fn(VarBuilder, &ModelConfig) -> Result<Box<dyn Model>, Error>,
+    pub build: Builder,
 }
 
 macro_rules! entries {

@@ -18,9 +18,10 @@ pub fn straight_through(hard: &Tensor, surrogate: &Tensor) -> Result<Tensor> {
     hard.detach().add(&surrogate.sub(&surrogate.detach())?)
 }
 
-/// `x * g` where `g` is detached: its gradient with respect to `x` is `g`.
+/// `x * g` where `g` is detached: its gradient with respect to `x` is `g`. `x` is clamped to
+/// `±1e30` first so that an infinite input gives a finite surrogate (and `sign(±inf) = ±1`).
 fn with_gradient(xs: &Tensor, gradient: &Tensor) -> Result<Tensor> {
-    xs.mul(&gradient.detach())
+    xs.clamp(-1e30, 1e30)?.mul(&gradient.detach())
 }
 
 /// `sign(x)`, gradient `1{|x| <= clip}` (Larq's `ste_sign`).
@@ -34,19 +35,21 @@ pub fn approx_sign(xs: &Tensor) -> Result<Tensor> {
     let abs = xs.abs()?;
     let slope = abs
         .le(1.0)?
-        .to_dtype(xs.dtype())?
-        .mul(&abs.affine(-2.0, 2.0)?)?;
+        .where_cond(&abs.affine(-2.0, 2.0)?, &xs.zeros_like()?)?;
     straight_through(&zoo_kernels::sign(xs)?, &with_gradient(xs, &slope)?)
 }
 
 /// `sign(x)`, gradient `beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))` (SwishSign).
 pub fn swish_sign(xs: &Tensor, beta: f64) -> Result<Tensor> {
-    let bx = xs.affine(beta, 0.0)?;
-    let cosh = bx.exp()?.add(&bx.neg()?.exp()?)?.affine(0.5, 1.0)?;
-    let numerator = bx
-        .mul(&bx.affine(0.5, 0.0)?.tanh()?)?
-        .affine(-beta, 2.0 * beta)?;
-    let slope = numerator.div(&cosh)?;
+    // With 1 + cosh(z) = e^|z| (1 + e^-|z|)^2 / 2 the slope stays finite for any z = beta x.
+    let z = xs.clamp(-1e30, 1e30)?.affine(beta, 0.0)?;
+    let decay = z.abs()?.neg()?.exp()?;
+    let numerator = z
+        .mul(&z.affine(0.5, 0.0)?.tanh()?)?
+        .affine(-2.0 * beta, 4.0 * beta)?;
+    let slope = numerator
+        .mul(&decay)?
+        .div(&decay.affine(1.0, 1.0)?.sqr()?)?;
     straight_through(&zoo_kernels::sign(xs)?, &with_gradient(xs, &slope)?)
 }
 

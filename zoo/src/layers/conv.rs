@@ -11,7 +11,9 @@ use super::{init_hint, pad2d, ste_sign, straight_through, Binarizer};
 /// The effective kernel of a binarized convolution (`out x in x kh x kw`, scales per output
 /// channel), with Larq's gradients.
 pub fn quantize_kernel(weight: &Tensor, quantizer: &KernelQuantizer) -> Result<Tensor> {
-    let mean_abs = |w: &Tensor| w.abs()?.mean_keepdim(1)?.mean_keepdim(2)?.mean_keepdim(3);
+    // |w| with TensorFlow's gradient sign(w), which is 0 at w = 0.
+    let abs = |w: &Tensor| straight_through(&w.abs()?, &w.mul(&w.sign()?.detach())?);
+    let mean_abs = |w: &Tensor| abs(w)?.mean_keepdim(1)?.mean_keepdim(2)?.mean_keepdim(3);
     match *quantizer {
         KernelQuantizer::None => Ok(weight.clone()),
         KernelQuantizer::SteSign { clip } => ste_sign(weight, clip),
@@ -87,6 +89,17 @@ impl QuantConv2d {
             self.config.padding,
         )?;
         let xs = pad2d(&xs, pads, self.config.pad_value)?;
+        // Drop rows and columns no window reaches (VALID with a stride), so that candle's
+        // convolution backward sees the same remainder in both directions.
+        let [kh, kw] = self.config.kernel;
+        let s = self.config.stride[0];
+        let (_, _, h, w) = xs.dims4()?;
+        if h < kh || w < kw {
+            candle_core::bail!("conv: a {kh}x{kw} kernel does not fit a padded {h}x{w} input");
+        }
+        let xs = xs
+            .narrow(2, 0, (h - kh) / s * s + kh)?
+            .narrow(3, 0, (w - kw) / s * s + kw)?;
         let kernel = quantize_kernel(&self.weight, &self.config.kernel_quantizer)?;
         let ys = xs.conv2d(&kernel, 0, self.config.stride[0], 1, 1)?;
         match &self.bias {
