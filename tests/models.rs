@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use zoo::spec::{InputShape, ModelConfig};
-use zoo::Model;
 
 /// A small input each backbone accepts (XNOR-Net's VALID pools and 6x6 convolution need at least 217
 /// pixels), with a batch of 2 and 10 classes.
