@@ -137,6 +137,32 @@ fn models_create_exactly_the_listed_tensors() {
     }
 }
 
+/// Both builders keep the caller's `VarBuilder` prefix for every tensor, nested ones included.
+#[test]
+fn tensors_live_under_the_callers_prefix() {
+    let dev = Device::Cpu;
+    let config = small_config("reactnet-lab");
+    let path = format!("{}/../specs/reactnet_lab.yaml", env!("CARGO_MANIFEST_DIR"));
+    let mut names = Vec::new();
+    for name in ["reactnet-lab", path.as_str()] {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev).pp("backbone");
+        zoo::build(name, vb, &config).unwrap();
+        let mut keys: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert!(
+            keys.iter().all(|k| k.starts_with("backbone.")),
+            "{name}: {keys:?}"
+        );
+        assert!(
+            keys.contains(&"backbone.stage2.block1.conv2a.weight".to_string()),
+            "{name}"
+        );
+        names.push(keys);
+    }
+    assert_eq!(names[0], names[1]);
+}
+
 /// One spec serves small grayscale and RGB inputs of other sizes with any class count.
 /// (QuickNet's transitions need at least 32x32: its last 2x2 VALID max-pool sees 1x1 at 28x28.)
 #[test]

@@ -64,6 +64,8 @@ fn build_all(
 
 fn build(node: &Node, vb: &VarBuilder, analysis: &Analysis, config: &ModelConfig) -> Result<Layer> {
     let input = analysis.input_of(&node.name);
+    // Node names are full paths: containers hand their children the model's own prefix.
+    let parent = vb;
     let vb = vb.pp(&node.name);
     Ok(match &node.op {
         Op::Conv(c) => Layer::Conv(QuantConv2d::new(vb, input, c)?),
@@ -73,22 +75,16 @@ fn build(node: &Node, vb: &VarBuilder, analysis: &Analysis, config: &ModelConfig
         Op::Bias => Layer::Bias(Bias::new(vb, input)?),
         Op::Binarize(a) => Layer::Binarize(Binarizer::new(vb, input, a)?),
         Op::Dense(c) => Layer::Dense(Dense::new(vb, input, c, config.classes)?),
-        Op::Residual(r) => {
-            let root = vb.root();
-            Layer::Residual {
-                body: build_all(&r.body, &root, analysis, config)?,
-                shortcut: build_all(&r.shortcut, &root, analysis, config)?,
-            }
-        }
-        Op::Concat(branches) => {
-            let root = vb.root();
-            Layer::Concat(
-                branches
-                    .iter()
-                    .map(|b| build_all(b, &root, analysis, config))
-                    .collect::<Result<_>>()?,
-            )
-        }
+        Op::Residual(r) => Layer::Residual {
+            body: build_all(&r.body, parent, analysis, config)?,
+            shortcut: build_all(&r.shortcut, parent, analysis, config)?,
+        },
+        Op::Concat(branches) => Layer::Concat(
+            branches
+                .iter()
+                .map(|b| build_all(b, parent, analysis, config))
+                .collect::<Result<_>>()?,
+        ),
         op => Layer::Stateless(op.clone()),
     })
 }
