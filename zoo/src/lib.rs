@@ -22,6 +22,7 @@
 // Generated code names this crate `::zoo`, also from inside it.
 extern crate self as zoo;
 
+pub mod import;
 pub mod init;
 pub mod layers;
 pub mod models;
@@ -52,6 +53,32 @@ pub enum Error {
         name: String,
         /// The registered names.
         known: String,
+    },
+    /// A Keras weights file cannot be read, or is not one (see [`import`]).
+    #[error("cannot import `{path}`: {message}")]
+    KerasFile {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A Keras weights file does not fit the architecture it is imported into.
+    #[error("the weights in `{path}` do not fit `{model}`: {message}")]
+    WeightMismatch {
+        /// The file.
+        path: String,
+        /// The spec's name.
+        model: String,
+        /// The first difference found, or the missing or extra tensors.
+        message: String,
+    },
+    /// A file cannot be written.
+    #[error("cannot write `{path}`: {message}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
     },
 }
 

@@ -1,5 +1,6 @@
 //! The `zoo` command line.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +28,26 @@ enum Command {
         /// Number of classes (default: the spec's).
         #[arg(long, value_parser = parse_classes)]
         classes: Option<usize>,
+    },
+    /// Import Larq / Keras weights (an HDF5 file written by `model.save_weights("x.h5")`) into
+    /// a safetensors file with the zoo's tensor names and layouts.
+    #[command(name = "import-larq")]
+    ImportLarq {
+        /// The Keras weights file (`.h5`).
+        weights: PathBuf,
+        /// The architecture: a registered model name (see `zoo list`) or a spec file.
+        #[arg(long)]
+        spec: String,
+        /// Input shape HxWxC (default: the spec's). Weight shapes depend on it only through a
+        /// dense layer after `flatten`.
+        #[arg(long, value_parser = parse_input)]
+        input: Option<InputShape>,
+        /// Number of classes the weights were trained for (default: the spec's).
+        #[arg(long, value_parser = parse_classes)]
+        classes: Option<usize>,
+        /// The safetensors file to write (written atomically: nothing is written on error).
+        #[arg(short, long)]
+        output: PathBuf,
     },
 }
 
@@ -74,6 +95,33 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
                 classes: classes.unwrap_or(spec.classes),
             };
             print!("{}", zoo::summary::render(&spec, &config)?);
+        }
+        Command::ImportLarq {
+            weights,
+            spec,
+            input,
+            classes,
+            output,
+        } => {
+            let spec = zoo::spec(&spec)?;
+            let config = zoo::ModelConfig {
+                input: input.unwrap_or(spec.input),
+                classes: classes.unwrap_or(spec.classes),
+            };
+            let tensors = zoo::import::read_keras_h5(&weights, &spec, &config)?;
+            zoo::import::write_safetensors_atomically(&tensors, &output)?;
+            let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+            println!(
+                "imported {} tensors, {} parameters ({}), of `{}` at {} with {} classes from {} into {}",
+                tensors.len(),
+                params,
+                zoo::summary::si(params as u64),
+                spec.name,
+                config.input,
+                config.classes,
+                weights.display(),
+                output.display()
+            );
         }
     }
     Ok(())
