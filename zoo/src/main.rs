@@ -64,6 +64,18 @@ fn parse_classes(s: &str) -> Result<usize, String> {
     }
 }
 
+/// The spec's default configuration with the flags given on the command line.
+fn config_of(
+    spec: &zoo::Spec,
+    input: Option<InputShape>,
+    classes: Option<usize>,
+) -> zoo::ModelConfig {
+    zoo::ModelConfig {
+        input: input.unwrap_or(spec.input),
+        classes: classes.unwrap_or(spec.classes),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), zoo::Error> {
     match cli.command {
         Command::List => {
@@ -90,10 +102,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
             classes,
         } => {
             let spec = zoo::spec(&model)?;
-            let config = zoo::ModelConfig {
-                input: input.unwrap_or(spec.input),
-                classes: classes.unwrap_or(spec.classes),
-            };
+            let config = config_of(&spec, input, classes);
             print!("{}", zoo::summary::render(&spec, &config)?);
         }
         Command::ImportLarq {
@@ -104,10 +113,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
             output,
         } => {
             let spec = zoo::spec(&spec)?;
-            let config = zoo::ModelConfig {
-                input: input.unwrap_or(spec.input),
-                classes: classes.unwrap_or(spec.classes),
-            };
+            let config = config_of(&spec, input, classes);
             let tensors = zoo::import::read_keras_h5(&weights, &spec, &config)?;
             zoo::import::write_safetensors_atomically(&tensors, &output)?;
             let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
