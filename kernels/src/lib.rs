@@ -6,13 +6,18 @@
 //!   backward passes follow TensorFlow: the max-pool gradient goes to the first maximum of each
 //!   window, the average over a SAME window counts only the pixels inside the image.
 //!
+//! - [`unfold`] (im2col) with its adjoint as gradient, and [`conv2d_gemm`]: convolution as one
+//!   matrix multiply, so that training convolutions use candle's GEMM forward and backward.
+//!
 //! Every op works on `f32` and `f64` tensors in NCHW layout.
 
 mod pool;
 mod sign;
+mod unfold;
 
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
 pub use sign::sign;
+pub use unfold::{conv2d_gemm, unfold};
 
 /// The storage of a CPU tensor as a contiguous slice of `T`, or an error naming the op.
 fn contiguous_slice<'a, T: candle_core::WithDType>(

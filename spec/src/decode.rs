@@ -72,6 +72,7 @@ pub fn decode(root: &Value<'_>) -> Result<Spec, SpecError> {
     if let Some(head) = top.get("head") {
         nodes.extend(ctx.layers(&head, "head", binary.activation)?);
     }
+    let train = top.get("train").map(|v| train_recipe(&v)).transpose()?;
     top.finish()?;
     if nodes.is_empty() {
         return Err(root.error("the spec has no layers: expected `stem`, `stages` or `head`"));
@@ -83,9 +84,88 @@ pub fn decode(root: &Value<'_>) -> Result<Spec, SpecError> {
         input,
         classes,
         nodes,
+        train,
     };
     check_unique_names(&spec)?;
     Ok(spec)
+}
+
+fn train_recipe(v: &Value<'_>) -> Result<TrainRecipe, SpecError> {
+    let mut m = v.map()?;
+    let mut r = TrainRecipe::default();
+    if let Some(e) = m.get("epochs") {
+        r.epochs = e.positive()?;
+    }
+    if let Some(b) = m.get("batch_size") {
+        r.batch_size = b.positive()?;
+    }
+    if let Some(o) = m.get("optimizer") {
+        r.optimizer = match o.str()? {
+            "adam" => Optimizer::Adam,
+            "adamw" => Optimizer::AdamW,
+            other => {
+                return Err(o.error(format!("expected `adam` or `adamw`, found `{other}`")));
+            }
+        };
+    }
+    if let Some(lr) = m.get("learning_rate") {
+        r.learning_rate = lr.positive_f64()?;
+    }
+    if let Some(s) = m.get("schedule") {
+        r.schedule = schedule(&s)?;
+    }
+    r.warmup_epochs = non_negative(&mut m, "warmup_epochs")?.unwrap_or(0.0);
+    r.weight_decay = non_negative(&mut m, "weight_decay")?.unwrap_or(0.0);
+    r.kernel_l2 = non_negative(&mut m, "kernel_l2")?.unwrap_or(0.0);
+    if let Some(v) = m.get("label_smoothing") {
+        r.label_smoothing = match v.f64() {
+            Ok(x) if (0.0..1.0).contains(&x) => x,
+            _ => return Err(v.error("expected a label smoothing in [0, 1)")),
+        };
+    }
+    m.finish()?;
+    if r.weight_decay > 0.0 && r.optimizer != Optimizer::AdamW {
+        return Err(v.error("`weight_decay` needs `optimizer: adamw` (Adam takes `kernel_l2`)"));
+    }
+    Ok(r)
+}
+
+fn non_negative(m: &mut Map<'_>, key: &'static str) -> Result<Option<f64>, SpecError> {
+    m.get(key)
+        .map(|v| match v.f64() {
+            Ok(x) if x >= 0.0 => Ok(x),
+            _ => Err(v.error("expected a number >= 0")),
+        })
+        .transpose()
+}
+
+/// `constant`, `{linear: {final_lr}}`, `{cosine: {final_lr}}` or `{step: {every_epochs, factor}}`.
+fn schedule(v: &Value<'_>) -> Result<Schedule, SpecError> {
+    let (name, mut m) = variant(v, "a schedule: constant, linear, cosine or step")?;
+    let schedule = match name {
+        "constant" => Schedule::Constant,
+        "linear" => Schedule::Linear {
+            final_lr: non_negative(&mut m, "final_lr")?.unwrap_or(0.0),
+        },
+        "cosine" => Schedule::Cosine {
+            final_lr: non_negative(&mut m, "final_lr")?.unwrap_or(0.0),
+        },
+        "step" => Schedule::Step {
+            every_epochs: m
+                .require("every_epochs", "epochs between decays")?
+                .positive()?,
+            factor: m
+                .require("factor", "the multiplier at each decay, like 0.1")?
+                .positive_f64()?,
+        },
+        other => {
+            return Err(v.error(format!(
+                "expected a schedule `constant`, `linear`, `cosine` or `step`, found `{other}`"
+            )))
+        }
+    };
+    m.finish()?;
+    Ok(schedule)
 }
 
 fn input_shape(v: &Value<'_>) -> Result<InputShape, SpecError> {

@@ -21,6 +21,82 @@ pub struct Spec {
     pub classes: usize,
     /// The layers, in order.
     pub nodes: Vec<Node>,
+    /// The training recipe the spec recommends (`train:`), if any.
+    pub train: Option<TrainRecipe>,
+}
+
+/// A training recipe (the spec's `train:` section): the paper's settings for a backbone on
+/// ImageNet-scale data. Command-line flags override each field.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainRecipe {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Images per optimizer step.
+    pub batch_size: usize,
+    /// The optimizer.
+    pub optimizer: Optimizer,
+    /// Peak learning rate (reached after warm-up).
+    pub learning_rate: f64,
+    /// How the learning rate falls from its peak.
+    pub schedule: Schedule,
+    /// Epochs of linear warm-up from zero to the peak learning rate.
+    pub warmup_epochs: f64,
+    /// Decoupled weight decay (AdamW only).
+    pub weight_decay: f64,
+    /// Keras-style L2 penalty `l2 * sum(w^2)` on conv and dense kernels, added to the loss.
+    pub kernel_l2: f64,
+    /// Label smoothing of the cross-entropy targets (0 = none).
+    pub label_smoothing: f64,
+}
+
+impl Default for TrainRecipe {
+    /// Adam at 2.5e-3 with linear decay to 0: the paper's settings for most backbones.
+    fn default() -> Self {
+        TrainRecipe {
+            epochs: 100,
+            batch_size: 256,
+            optimizer: Optimizer::Adam,
+            learning_rate: 2.5e-3,
+            schedule: Schedule::Linear { final_lr: 0.0 },
+            warmup_epochs: 0.0,
+            weight_decay: 0.0,
+            kernel_l2: 0.0,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+/// The optimizer of a recipe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimizer {
+    /// Adam (Keras defaults: betas 0.9 / 0.999, epsilon 1e-7).
+    Adam,
+    /// Adam with decoupled weight decay.
+    AdamW,
+}
+
+/// A learning-rate schedule after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    /// The peak rate throughout.
+    Constant,
+    /// Linear decay (polynomial, power 1) from the peak to `final_lr` at the last step.
+    Linear {
+        /// The rate at the end of training.
+        final_lr: f64,
+    },
+    /// Cosine decay from the peak to `final_lr` at the last step.
+    Cosine {
+        /// The rate at the end of training.
+        final_lr: f64,
+    },
+    /// Multiply the rate by `factor` every `every_epochs` epochs.
+    Step {
+        /// Epochs between decays.
+        every_epochs: usize,
+        /// The multiplier applied at each decay.
+        factor: f64,
+    },
 }
 
 /// Height, width and channels of a network's input image.
@@ -386,6 +462,94 @@ impl Op {
             Op::Duplicate => "duplicate",
             Op::Residual(_) => "residual",
             Op::Concat(_) => "concat",
+        }
+    }
+}
+
+impl std::fmt::Display for Schedule {
+    /// The command-line form, which [`Schedule::from_str`](std::str::FromStr) reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::Constant => write!(f, "constant"),
+            Schedule::Linear { final_lr } => write!(f, "linear:{final_lr}"),
+            Schedule::Cosine { final_lr } => write!(f, "cosine:{final_lr}"),
+            Schedule::Step {
+                every_epochs,
+                factor,
+            } => write!(f, "step:{every_epochs}:{factor}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Schedule {
+    type Err = String;
+
+    /// `constant`, `linear[:FINAL_LR]`, `cosine[:FINAL_LR]` or `step[:EVERY_EPOCHS[:FACTOR]]`
+    /// (defaults: final rate 0, a decay by 0.1 every 30 epochs).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.trim().split(':');
+        let kind = parts.next().unwrap_or_default();
+        let args: Vec<&str> = parts.collect();
+        let number = |i: usize, default: f64| -> Result<f64, String> {
+            match args.get(i) {
+                None => Ok(default),
+                Some(a) => match a.parse::<f64>() {
+                    Ok(x) if x >= 0.0 && x.is_finite() => Ok(x),
+                    _ => Err(format!(
+                        "expected a number >= 0 in the schedule `{s}`, found `{a}`"
+                    )),
+                },
+            }
+        };
+        let most = |n: usize| -> Result<(), String> {
+            if args.len() > n {
+                Err(format!("too many `:` arguments in the schedule `{s}`"))
+            } else {
+                Ok(())
+            }
+        };
+        match kind {
+            "constant" => most(0).map(|()| Schedule::Constant),
+            "linear" => most(1).and_then(|()| Ok(Schedule::Linear { final_lr: number(0, 0.0)? })),
+            "cosine" => most(1).and_then(|()| Ok(Schedule::Cosine { final_lr: number(0, 0.0)? })),
+            "step" => {
+                most(2)?;
+                let every = number(0, 30.0)?;
+                if every < 1.0 || every.fract() != 0.0 {
+                    return Err(format!("expected a whole number of epochs >= 1 between decays in `{s}`"));
+                }
+                Ok(Schedule::Step {
+                    every_epochs: every as usize,
+                    factor: number(1, 0.1)?,
+                })
+            }
+            _ => Err(format!(
+                "expected a schedule `constant`, `linear[:FINAL_LR]`, `cosine[:FINAL_LR]` or `step[:EVERY_EPOCHS[:FACTOR]]`, found `{s}`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Optimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Optimizer::Adam => "adam",
+            Optimizer::AdamW => "adamw",
+        })
+    }
+}
+
+impl std::str::FromStr for Optimizer {
+    type Err = String;
+
+    /// `adam` or `adamw`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "adam" => Ok(Optimizer::Adam),
+            "adamw" => Ok(Optimizer::AdamW),
+            _ => Err(format!(
+                "expected an optimizer `adam` or `adamw`, found `{s}`"
+            )),
         }
     }
 }

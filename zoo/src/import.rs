@@ -50,7 +50,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use hdf5_pure::AttrValue;
@@ -169,35 +169,7 @@ pub fn write_safetensors_atomically(
     tensors: &[(String, Tensor)],
     path: &Path,
 ) -> Result<(), Error> {
-    let write_error = |message: String| Error::Write {
-        path: path.display().to_string(),
-        message,
-    };
-    let mut map: HashMap<&str, Tensor> = HashMap::with_capacity(tensors.len());
-    for (name, tensor) in tensors {
-        if map.insert(name.as_str(), tensor.clone()).is_some() {
-            return Err(write_error(format!("the tensor `{name}` is given twice")));
-        }
-    }
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| write_error("the path does not name a file".into()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = candle_core::safetensors::save(&map, &tmp)
-        .map_err(|e| write_error(e.to_string()))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| write_error(e.to_string())));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::io::save_safetensors(tensors, None, path)
 }
 
 // ---------------------------------------------------------------------------------------------

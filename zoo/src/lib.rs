@@ -22,13 +22,16 @@
 // Generated code names this crate `::zoo`, also from inside it.
 extern crate self as zoo;
 
+pub mod data;
 pub mod import;
 pub mod init;
+pub mod io;
 pub mod layers;
 pub mod models;
 mod network;
 mod registry;
 pub mod summary;
+pub mod train;
 
 pub use candle_core;
 pub use candle_nn;
@@ -70,6 +73,20 @@ pub enum Error {
         /// The spec's name.
         model: String,
         /// The first difference found, or the missing or extra tensors.
+        message: String,
+    },
+    /// A dataset cannot be read or does not fit.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// Training settings that do not fit together or a failed training run.
+    #[error("{0}")]
+    Train(String),
+    /// A run directory, checkpoint or weights file is missing or does not fit.
+    #[error("`{path}`: {message}")]
+    Run {
+        /// The directory or file.
+        path: String,
+        /// What is wrong.
         message: String,
     },
     /// A file cannot be written.

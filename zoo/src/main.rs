@@ -12,6 +12,9 @@ use zoo::spec::InputShape;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -49,10 +52,376 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Train a model. Without flags on the embedded Fashion-MNIST a short budget for a small
+    /// machine; on other data the spec's `train:` recipe. Flags override either.
+    Train(Box<TrainArgs>),
+    /// Print the top-1 and top-5 accuracy of a run's weights (or of a weights file) on the
+    /// validation split of a dataset.
+    Eval {
+        /// A run directory (its final, else best weights) or a safetensors weights file.
+        weights: PathBuf,
+        /// The architecture of a weights file: a registered name or a spec file (default:
+        /// the run's).
+        #[arg(long)]
+        spec: Option<String>,
+        /// `fashion-mnist`, `imagenette` or a dataset folder (default: the run's).
+        #[arg(long)]
+        data: Option<String>,
+        /// Image size HxW (default: the run's, else the data's usual size).
+        #[arg(long, value_parser = parse_side)]
+        input: Option<usize>,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+    },
+    /// Datasets: download Imagenette.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Download, verify (SHA-256) and unpack a dataset; an interrupted download resumes.
+    Fetch {
+        /// The dataset: `imagenette`.
+        dataset: String,
+        /// Imagenette's image size: 160, 320 or full.
+        #[arg(long, default_value = "160")]
+        size: String,
+        /// Folder to unpack into (`zoo train --data imagenette` looks in `data/`).
+        #[arg(long, default_value = "data")]
+        dest: PathBuf,
+        /// Fetch from this base URL (a mirror) instead of the official host.
+        #[arg(long)]
+        mirror: Option<String>,
+    },
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A registered model name (see `zoo list`) or a spec file. Not needed with --resume.
+    model: Option<String>,
+    /// `fashion-mnist` (embedded), `imagenette` (after `zoo data fetch imagenette`), a folder
+    /// with `train/<class>/*.JPEG` and `val/<class>/*.JPEG`, or one with Fashion-MNIST's files.
+    #[arg(long, default_value = "fashion-mnist")]
+    data: String,
+    /// Passes over the training set.
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Images per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// `linear[:FINAL_LR]`, `cosine[:FINAL_LR]`, `step[:EVERY_EPOCHS[:FACTOR]]` or `constant`.
+    #[arg(long, value_parser = parse_schedule)]
+    schedule: Option<zoo::spec::Schedule>,
+    /// Epochs of linear learning-rate warm-up.
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// `adam` or `adamw`.
+    #[arg(long, value_parser = parse_optimizer)]
+    optimizer: Option<zoo::spec::Optimizer>,
+    /// AdamW's decoupled weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// L2 penalty on conv and dense kernels (Keras' kernel_regularizer).
+    #[arg(long)]
+    kernel_l2: Option<f64>,
+    /// Label smoothing in [0, 1).
+    #[arg(long)]
+    label_smoothing: Option<f64>,
+    /// Image size HxW (default 32x32 for Fashion-MNIST, the spec's for image folders).
+    #[arg(long, value_parser = parse_side)]
+    input: Option<usize>,
+    /// Stop after this many optimizer steps (the schedule spans them).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Run directory (default: `runs/<model>-<n>`, the first free n).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its newest checkpoint, exactly as configured.
+    #[arg(long, conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// Seed of the initial weights, data order and augmentation.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Also checkpoint every N steps (checkpoints are always written after every epoch).
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    /// Checkpoints to keep.
+    #[arg(long)]
+    keep: Option<usize>,
+    /// Data loading threads.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Keep decoded images of an image folder in memory after the first epoch.
+    #[arg(long)]
+    cache: bool,
+    /// Skip validation after each epoch.
+    #[arg(long)]
+    no_eval: bool,
+}
+
+impl TrainArgs {
+    /// The flags that change a run, by name, when given.
+    fn run_flags(&self) -> Vec<&'static str> {
+        let given = [
+            ("--epochs", self.epochs.is_some()),
+            ("--batch-size", self.batch_size.is_some()),
+            ("--lr", self.lr.is_some()),
+            ("--schedule", self.schedule.is_some()),
+            ("--warmup", self.warmup.is_some()),
+            ("--optimizer", self.optimizer.is_some()),
+            ("--weight-decay", self.weight_decay.is_some()),
+            ("--kernel-l2", self.kernel_l2.is_some()),
+            ("--label-smoothing", self.label_smoothing.is_some()),
+            ("--input", self.input.is_some()),
+            ("--max-steps", self.max_steps.is_some()),
+            ("--seed", self.seed.is_some()),
+            ("--checkpoint-every", self.checkpoint_every.is_some()),
+            ("--keep", self.keep.is_some()),
+            ("--workers", self.workers.is_some()),
+            ("--cache", self.cache),
+            ("--no-eval", self.no_eval),
+        ];
+        given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
+    }
+
+    /// The configuration of a new run.
+    fn run_config(&self, model: &str) -> Result<zoo::train::RunConfig, zoo::Error> {
+        let spec = zoo::spec(model)?;
+        let on_fashion_mnist = zoo::train::default_side(&self.data, 0) == 32;
+        let recipe = if on_fashion_mnist {
+            zoo::train::fashion_mnist_recipe()
+        } else {
+            spec.train.unwrap_or_default()
+        };
+        let mut c = zoo::train::RunConfig::new(model, &self.data, &recipe)?;
+        if on_fashion_mnist && self.epochs.is_none() && self.max_steps.is_none() {
+            c.max_steps = Some(zoo::train::FASHION_MNIST_DEFAULT_STEPS);
+        }
+        let set = |target: &mut f64, value: Option<f64>| *target = value.unwrap_or(*target);
+        c.epochs = self.epochs.unwrap_or(c.epochs);
+        c.batch_size = self.batch_size.unwrap_or(c.batch_size);
+        set(&mut c.learning_rate, self.lr);
+        set(&mut c.warmup_epochs, self.warmup);
+        set(&mut c.weight_decay, self.weight_decay);
+        set(&mut c.kernel_l2, self.kernel_l2);
+        set(&mut c.label_smoothing, self.label_smoothing);
+        if let Some(s) = self.schedule {
+            c.schedule = s.to_string();
+        }
+        if let Some(o) = self.optimizer {
+            c.optimizer = o.to_string();
+        }
+        if let Some(side) = self.input {
+            c.input = format!("{side}x{side}");
+        }
+        c.max_steps = self.max_steps.or(c.max_steps);
+        c.seed = self.seed.unwrap_or(c.seed);
+        c.checkpoint_every = self.checkpoint_every;
+        c.keep = self.keep.unwrap_or(c.keep);
+        c.workers = self
+            .workers
+            .unwrap_or(if on_fashion_mnist { 1 } else { c.workers });
+        c.cache = self.cache;
+        c.eval = !self.no_eval;
+        Ok(c)
+    }
 }
 
 fn parse_input(s: &str) -> Result<InputShape, String> {
     s.parse()
+}
+
+fn parse_side(s: &str) -> Result<usize, String> {
+    let numbers: Vec<Option<usize>> = s.split(['x', 'X']).map(|p| p.trim().parse().ok()).collect();
+    match numbers.as_slice() {
+        [Some(h), Some(w)] | [Some(h), Some(w), Some(_)] if h == w && *h > 0 => Ok(*h),
+        [Some(side)] if *side > 0 => Ok(*side),
+        _ => Err(format!(
+            "expected a square image size HxW (like 32x32), found `{s}`"
+        )),
+    }
+}
+
+fn parse_schedule(s: &str) -> Result<zoo::spec::Schedule, String> {
+    s.parse()
+}
+
+fn parse_optimizer(s: &str) -> Result<zoo::spec::Optimizer, String> {
+    s.parse()
+}
+
+/// `runs/<name>-<n>` for the first `n` not taken.
+fn fresh_run_dir(name: &str) -> PathBuf {
+    (1..)
+        .map(|n| PathBuf::from("runs").join(format!("{name}-{n}")))
+        .find(|p| !p.exists())
+        .expect("some run number is free")
+}
+
+fn train(args: TrainArgs) -> Result<(), zoo::Error> {
+    let session = zoo::train::Session {
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let (config, run_dir) = match (&args.resume, &args.model) {
+        (Some(dir), _) => {
+            let flags = args.run_flags();
+            if !flags.is_empty() || args.model.is_some() || args.data != zoo::train::FASHION_MNIST {
+                return Err(zoo::Error::Train(format!(
+                    "--resume continues a run exactly as it was configured; drop {}",
+                    if flags.is_empty() {
+                        "the model and --data".to_string()
+                    } else {
+                        flags.join(", ")
+                    }
+                )));
+            }
+            (None, dir.clone())
+        }
+        (None, Some(model)) => {
+            let config = args.run_config(model)?;
+            let name = zoo::spec(model)?.name;
+            (
+                Some(config),
+                args.out.clone().unwrap_or_else(|| fresh_run_dir(&name)),
+            )
+        }
+        (None, None) => {
+            return Err(zoo::Error::Train(
+                "name a model or spec file to train (see `zoo list`), or --resume a run directory"
+                    .into(),
+            ))
+        }
+    };
+    match &config {
+        Some(c) => println!(
+            "training {} on {} into {} ({} epoch(s){}, batch {}, {} lr {} {}, seed {})",
+            c.model,
+            c.data,
+            run_dir.display(),
+            c.epochs,
+            c.max_steps
+                .map(|s| format!(" capped at {s} steps"))
+                .unwrap_or_default(),
+            c.batch_size,
+            c.optimizer,
+            c.learning_rate,
+            c.schedule,
+            c.seed
+        ),
+        None => println!("resuming the run in {}", run_dir.display()),
+    }
+    let summary = zoo::train::train(config, &run_dir, &session)?;
+    let split = if zoo::train::default_side(&summary.config.data, 0) == 32 {
+        "test"
+    } else {
+        "validation"
+    };
+    if let Some(v) = summary.final_val {
+        println!(
+            "{split} top-1 {:.2}%, top-5 {:.2}% on {} images after {} steps ({:.2} epochs)",
+            v.top1, v.top5, v.images, summary.steps, summary.epochs
+        );
+    }
+    println!(
+        "trained at {:.1} images/s; run saved in {} (weights: {})",
+        summary.train_images_per_second, summary.run_dir, summary.weights
+    );
+    Ok(())
+}
+
+fn eval(
+    weights: PathBuf,
+    spec: Option<String>,
+    data: Option<String>,
+    input: Option<usize>,
+    batch_size: usize,
+) -> Result<(), zoo::Error> {
+    let run = zoo::train::RunWeights::open(&weights)?;
+    let model = spec
+        .or(run.config.as_ref().map(|c| c.model.clone()))
+        .ok_or_else(|| {
+            zoo::Error::Train(format!(
+                "`{}` carries no run configuration: name its architecture with --spec",
+                weights.display()
+            ))
+        })?;
+    let data = data
+        .or(run.config.as_ref().map(|c| c.data.clone()))
+        .unwrap_or_else(|| zoo::train::FASHION_MNIST.to_string());
+    let spec_side = zoo::spec(&model)?.input.height;
+    let side = input
+        .or(run
+            .config
+            .as_ref()
+            .and_then(|c| c.model_config().ok())
+            .map(|c| c.input.height))
+        .unwrap_or_else(|| zoo::train::default_side(&data, spec_side));
+    let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, side, false)?;
+    let model = run.build(&model, &dataset)?;
+    let session = zoo::train::Session {
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let bar = zoo::train::bar_for(&session, dataset.len() as u64, "evaluating");
+    let acc = zoo::train::evaluate(&*model, dataset, batch_size, 2, &bar)?;
+    bar.finish_and_clear();
+    println!(
+        "{}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} on {} images of {}{}",
+        run.path.display(),
+        acc.top1,
+        acc.top5,
+        acc.loss,
+        acc.images,
+        data,
+        if acc.skipped > 0 {
+            format!(" ({} undecodable, skipped)", acc.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+fn fetch(
+    dataset: &str,
+    size: &str,
+    dest: &std::path::Path,
+    mirror: Option<&str>,
+) -> Result<(), zoo::Error> {
+    if dataset != "imagenette" {
+        return Err(zoo::Error::Train(format!(
+            "unknown dataset `{dataset}`: expected `imagenette`"
+        )));
+    }
+    let size: zoo::data::fetch::ImagenetteSize = size.parse()?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:25}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(size.folder());
+    let root = zoo::data::fetch::fetch_imagenette(size, dest, mirror, &mut |done, total| {
+        if let Some(total) = total {
+            bar.set_length(total);
+        }
+        bar.set_position(done);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "Imagenette is in {} (train with `--data {}`)",
+        root.display(),
+        root.display()
+    );
+    Ok(())
 }
 
 fn parse_classes(s: &str) -> Result<usize, String> {
@@ -77,7 +446,32 @@ fn config_of(
 }
 
 fn run(cli: Cli) -> Result<(), zoo::Error> {
+    if let Some(threads) = cli.threads {
+        if threads == 0 {
+            return Err(zoo::Error::Train("--threads must be at least 1".into()));
+        }
+        // candle's CPU kernels size their thread pools from this variable; set it before any
+        // pool starts.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
     match cli.command {
+        Command::Train(args) => train(*args)?,
+        Command::Eval {
+            weights,
+            spec,
+            data,
+            input,
+            batch_size,
+        } => eval(weights, spec, data, input, batch_size)?,
+        Command::Data {
+            command:
+                DataCommand::Fetch {
+                    dataset,
+                    size,
+                    dest,
+                    mirror,
+                },
+        } => fetch(&dataset, &size, &dest, mirror.as_deref())?,
         Command::List => {
             println!(
                 "{:<16} {:<12} {:>8} {:>11}  description",

@@ -74,6 +74,21 @@ pub fn spec(name_or_path: &str) -> Result<Spec, Error> {
     })
 }
 
+/// The YAML text of a registered model's spec or of a spec file.
+pub fn spec_text(name_or_path: &str) -> Result<String, Error> {
+    if let Some(e) = entry(name_or_path) {
+        return Ok(e.yaml.to_string());
+    }
+    std::fs::read_to_string(name_or_path).map_err(|_| {
+        spec(name_or_path)
+            .err()
+            .unwrap_or_else(|| Error::UnknownModel {
+                name: name_or_path.to_string(),
+                known: String::new(),
+            })
+    })
+}
+
 /// Builds a model by registered name (the generated struct) or spec file path (the runtime
 /// [`Network`]), creating or loading its tensors through `vb`.
 pub fn build(

@@ -101,11 +101,27 @@ impl QuantConv2d {
             .narrow(2, 0, (h - kh) / s * s + kh)?
             .narrow(3, 0, (w - kw) / s * s + kw)?;
         let kernel = quantize_kernel(&self.weight, &self.config.kernel_quantizer)?;
-        let ys = xs.conv2d(&kernel, 0, self.config.stride[0], 1, 1)?;
+        let ys = conv2d(&xs, &kernel, self.config.stride)?;
         match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(ys),
         }
+    }
+}
+
+/// Largest im2col matrix (elements) [`conv2d`] builds; larger convolutions use candle's own.
+const MAX_PATCH_ELEMENTS: usize = 1 << 26;
+
+/// A VALID convolution of an already padded input: im2col + GEMM (fast forward and backward)
+/// while the patch matrix stays below [`MAX_PATCH_ELEMENTS`], candle's convolution beyond.
+pub fn conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    let (_, _, kh, kw) = kernel.dims4()?;
+    let patches = n * ((h - kh) / stride[0] + 1) * ((w - kw) / stride[1] + 1) * c * kh * kw;
+    if patches <= MAX_PATCH_ELEMENTS {
+        zoo_kernels::conv2d_gemm(xs, kernel, stride)
+    } else {
+        xs.conv2d(kernel, 0, stride[0], 1, 1)
     }
 }
 

@@ -1,0 +1,453 @@
+//! Training: the optimizer and loss against hand-computed references, runs end to end on small
+//! data, checkpoints, an interrupted run resuming to the same weights, and `zoo eval`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor, Var};
+use zoo::train::optim::{Adam, Slot};
+use zoo::train::{cross_entropy, RunConfig, RunWeights, Session};
+
+/// A small LAB network for 32x32 grayscale images.
+const TINY_SPEC: &str = "
+name: tiny-lab
+input: 32x32x1
+classes: 10
+binary:
+  activation: {sign: {clip: 1.25}}
+  kernel: {ste_sign: {clip: 1.25}}
+  weight_clip: 1.25
+  pad_value: 1
+stem: [{conv: {filters: 8, kernel: 3, stride: 2}}, batch_norm]
+stages: [{block: quicknet, filters: 8, blocks: 2, activation: lab}]
+head: [relu, global_avg_pool, dense]
+";
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("zoo-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_gz(path: &Path, bytes: &[u8]) {
+    let file = std::fs::File::create(path).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    gz.write_all(bytes).unwrap();
+    gz.finish().unwrap();
+}
+
+/// A Fashion-MNIST-format folder with `train` and `test` images whose class is easy to see
+/// (whatever the flips and shifts): class `k` has brightness `25 k` plus noise.
+fn tiny_idx_dataset(dir: &Path, train: usize, test: usize) {
+    let mut seed = 12345u64;
+    let mut noise = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % 60) as u8
+    };
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let mut images = vec![0, 0, 8, 3];
+        for d in [n as u32, 28, 28] {
+            images.extend(d.to_be_bytes());
+        }
+        let mut labels = vec![0, 0, 8, 1];
+        labels.extend((n as u32).to_be_bytes());
+        for i in 0..n {
+            let class = (i * 7 + 3) % 10;
+            labels.push(class as u8);
+            images.extend((0..28 * 28).map(|_| 25 * class as u8 + noise() / 3));
+        }
+        write_gz(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")), &images);
+        write_gz(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), &labels);
+    }
+}
+
+fn tiny_setup(name: &str) -> (PathBuf, String, String) {
+    let dir = temp_dir(name);
+    let spec = dir.join("tiny_lab.yaml");
+    std::fs::write(&spec, TINY_SPEC).unwrap();
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    tiny_idx_dataset(&data, 256, 64);
+    (dir, spec.display().to_string(), data.display().to_string())
+}
+
+fn zoo(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .output()
+        .expect("the zoo binary runs");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn max_difference(a: &Path, b: &Path) -> f32 {
+    let a = candle_core::safetensors::load(a, &Device::Cpu).unwrap();
+    let b = candle_core::safetensors::load(b, &Device::Cpu).unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(name, t)| {
+            (t - &b[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn adam_follows_keras_update_rule_with_l2_decay_and_clip() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let w0 = [0.5f64, -1.0, 1.2, 0.0];
+    let var = Var::new(&w0, &dev)?;
+    let mut adam = Adam {
+        kind: zoo::spec::Optimizer::AdamW,
+        weight_decay: 0.1,
+        slots: vec![Slot {
+            name: "w".into(),
+            var: var.clone(),
+            clip: Some(1.25),
+            l2: 0.01,
+            m: var.zeros_like()?,
+            v: var.zeros_like()?,
+        }],
+        t: 0,
+    };
+    // The reference, written out in f64: loss = sum(c * w) with c = [3, -2, -5, 0.5].
+    let c = [3.0f64, -2.0, -5.0, 0.5];
+    let (mut w, mut m, mut v) = (w0, [0.0; 4], [0.0; 4]);
+    for t in 1..=3 {
+        let lr = 0.1 * t as f64;
+        let loss = (var.as_tensor() * Tensor::new(&c, &dev)?)?.sum_all()?;
+        adam.step(&loss.backward()?, lr)?;
+        let alpha = lr * (1.0 - 0.999f64.powi(t)).sqrt() / (1.0 - 0.9f64.powi(t));
+        for i in 0..4 {
+            let g = c[i] + 2.0 * 0.01 * w[i];
+            m[i] = 0.9 * m[i] + 0.1 * g;
+            v[i] = 0.999 * v[i] + 0.001 * g * g;
+            let decayed = w[i] * (1.0 - lr * 0.1);
+            w[i] = (decayed - alpha * m[i] / (v[i].sqrt() + 1e-7)).clamp(-1.25, 1.25);
+        }
+        let got = var.as_tensor().to_vec1::<f64>()?;
+        for i in 0..4 {
+            assert!((got[i] - w[i]).abs() < 1e-12, "step {t}: {got:?} vs {w:?}");
+        }
+    }
+    assert_eq!(var.as_tensor().to_vec1::<f64>()?[2], 1.25, "clipped");
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_with_label_smoothing_matches_its_definition() -> candle_core::Result<()> {
+    let dev = Device::Cpu;
+    let logits = [[2.0f64, -1.0, 0.5], [0.1, 0.2, -3.0]];
+    let labels = [2u32, 0];
+    let eps = 0.1;
+    let mut expected = 0.0;
+    for (row, &label) in logits.iter().zip(&labels) {
+        let lse = row.iter().map(|x| x.exp()).sum::<f64>().ln();
+        for (k, x) in row.iter().enumerate() {
+            let target = eps / 3.0 + if k == label as usize { 1.0 - eps } else { 0.0 };
+            expected -= target * (x - lse);
+        }
+    }
+    expected /= 2.0;
+    let got = cross_entropy(
+        &Tensor::new(&logits, &dev)?,
+        &Tensor::new(&labels, &dev)?,
+        eps,
+    )?
+    .to_scalar::<f64>()?;
+    assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    Ok(())
+}
+
+#[test]
+fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
+    let (dir, spec, data) = tiny_setup("run");
+    let run = dir.join("run");
+    let mut config = RunConfig::new(&spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
+    config.epochs = 4;
+    config.batch_size = 32;
+    config.learning_rate = 1e-2;
+    config.keep = 2;
+    let summary = zoo::train::train(Some(config), &run, &Session { progress: false }).unwrap();
+
+    assert_eq!(summary.steps, 4 * 8);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let epochs: Vec<zoo::train::EpochMetrics> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(epochs.len(), 4);
+    assert!(epochs[3].train_loss < epochs[0].train_loss, "{metrics}");
+    let last = epochs[3].val.expect("validated");
+    assert_eq!(last.images, 64);
+    assert!(
+        last.top1 > 25.0,
+        "the classes are easy to tell apart: {metrics}"
+    );
+    assert!(last.top5 >= last.top1);
+    assert_eq!(summary.final_val, Some(last));
+    // The last two checkpoints are kept, the best weights and the final weights written.
+    let checkpoints = zoo::train::checkpoint::list(&run.join("checkpoints"));
+    let steps: Vec<u64> = checkpoints.iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, [24, 32]);
+    assert!(run.join("best.safetensors").is_file());
+    assert!(run.join("summary.json").is_file());
+    let config: RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config.input.as_str(), config.classes), ("32x32x1", 10));
+
+    // The final weights load with `zoo::build` and give the same accuracy.
+    let weights = RunWeights::open(&run).unwrap();
+    assert_eq!(weights.path, run.join("model.safetensors"));
+    let val = zoo::train::open_dataset(&data, zoo::data::Split::Validation, 32, false).unwrap();
+    let model = weights.build(&spec, &val).unwrap();
+    let bar = indicatif::ProgressBar::hidden();
+    let again = zoo::train::evaluate(&*model, val, 16, 1, &bar).unwrap();
+    assert_eq!(again.top1, last.top1);
+    assert!((again.loss - last.loss).abs() < 1e-5);
+    // And so does `zoo eval` on the run directory.
+    let (ok, out, err) = zoo(&["eval", run.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("top-1 {:.2}%", last.top1)), "{out}");
+
+    // A finished run refuses to be overwritten; a changed spec refuses to resume.
+    let config = RunConfig::new(&spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
+    let err = zoo::train::train(Some(config), &run, &Session { progress: false })
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("already holds a run"), "{err}");
+    std::fs::write(
+        &spec,
+        TINY_SPEC.replace("filters: 8, blocks: 2", "filters: 8, blocks: 3"),
+    )
+    .unwrap();
+    let err = zoo::train::train(None, &run, &Session { progress: false })
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("changed since the run started"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_killed_run_resumes_to_the_same_weights() {
+    let (dir, spec, data) = tiny_setup("resume");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--threads",
+            "1",
+            "train",
+            &spec,
+            "--data",
+            &data,
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "0.5",
+            "--checkpoint-every",
+            "5",
+            "--seed",
+            "7",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // The uninterrupted run.
+    let straight = dir.join("straight");
+    let status = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args(&straight))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // The same run, killed once a mid-epoch checkpoint exists (16 steps per epoch).
+    let killed = dir.join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args(&killed))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let checkpoints = killed.join("checkpoints");
+    while !zoo::train::checkpoint::list(&checkpoints)
+        .iter()
+        .any(|(step, _)| *step >= 20)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it was killed"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !killed.join("model.safetensors").exists(),
+        "killed before the end"
+    );
+    let newest = zoo::train::checkpoint::list(&checkpoints).pop().unwrap().0;
+    assert!(
+        !newest.is_multiple_of(16),
+        "the newest checkpoint {newest} is mid-epoch"
+    );
+
+    let (ok, out, err) = zoo(&[
+        "--threads",
+        "1",
+        "train",
+        "--resume",
+        killed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("resuming"), "{out}");
+    let difference = max_difference(
+        &straight.join("model.safetensors"),
+        &killed.join("model.safetensors"),
+    );
+    assert!(difference < 1e-5, "resumed weights differ by {difference}");
+    // Both report the same three epochs.
+    let lines = |run: &Path| {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count()
+    };
+    assert_eq!((lines(&straight), lines(&killed)), (3, 3));
+
+    // Flags that would change a run are refused with --resume.
+    let (ok, _, err) = zoo(&["train", "--resume", killed.to_str().unwrap(), "--lr", "1"]);
+    assert!(!ok);
+    assert!(err.contains("--lr"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_training_input_is_a_clear_error() {
+    let (dir, spec, data) = tiny_setup("errors");
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    for (args, expected) in [
+        (
+            vec![
+                "train",
+                &spec,
+                "--data",
+                "/nonexistent/folder",
+                "--out",
+                out,
+            ],
+            "expected `fashion-mnist`, `imagenette` or a dataset folder",
+        ),
+        (
+            vec![
+                "train", &spec, "--data", &data, "--input", "24x24", "--out", out,
+            ],
+            "at least that large",
+        ),
+        (
+            vec![
+                "train", &spec, "--data", &data, "--input", "32x40", "--out", out,
+            ],
+            "square image size",
+        ),
+        (
+            vec![
+                "train",
+                &spec,
+                "--data",
+                &data,
+                "--schedule",
+                "cosin",
+                "--out",
+                out,
+            ],
+            "expected a schedule",
+        ),
+        (
+            vec![
+                "train",
+                &spec,
+                "--data",
+                &data,
+                "--weight-decay",
+                "0.1",
+                "--out",
+                out,
+            ],
+            "adamw",
+        ),
+        (
+            vec![
+                "train",
+                &spec,
+                "--data",
+                &data,
+                "--batch-size",
+                "1000",
+                "--out",
+                out,
+            ],
+            "fewer than one batch",
+        ),
+        (
+            vec!["train", "--resume", "/nonexistent/run"],
+            "no checkpoint to resume from",
+        ),
+        (vec!["train"], "name a model or spec file"),
+        (
+            vec!["eval", "/nonexistent/weights.safetensors", "--spec", &spec],
+            "cannot read",
+        ),
+    ] {
+        let (ok, _, err) = zoo(&args);
+        assert!(!ok, "{args:?} succeeded");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fashion_mnist_ships_with_the_repository() {
+    let train =
+        zoo::train::open_dataset("fashion-mnist", zoo::data::Split::Train, 32, false).unwrap();
+    let test =
+        zoo::train::open_dataset("fashion-mnist", zoo::data::Split::Validation, 32, false).unwrap();
+    assert_eq!((train.len(), test.len()), (60_000, 10_000));
+    assert_eq!(train.classes()[9], "Ankle boot");
+    let mut image = vec![0f32; 32 * 32];
+    let label = test.load(0, None, &mut image).unwrap();
+    assert_eq!(label, 9, "the first test image is an ankle boot");
+    let background = -zoo::data::fashion_mnist::MEAN / zoo::data::fashion_mnist::STD;
+    assert_eq!(image[0], background, "the 2-pixel border is background");
+}
