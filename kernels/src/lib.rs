@@ -2,21 +2,29 @@
 //!
 //! CPU kernels for the operations whose exact semantics candle does not offer:
 //! - [`sign`]: Larq's `sign`, `+1` for `x >= 0` and `-1` otherwise (never 0);
+//! - [`ste_sign`]: `sign` with Larq's straight-through gradient `1{|x| <= clip}`, fused;
 //! - [`max_pool2d`] and [`avg_pool2d`]: pooling with explicit (TensorFlow SAME) padding, whose
 //!   backward passes follow TensorFlow: the max-pool gradient goes to the first maximum of each
 //!   window, the average over a SAME window counts only the pixels inside the image.
 //!
+//! - [`batch_norm_train`]: batch normalisation with batch statistics, fused forward and backward;
 //! - [`unfold`] (im2col) with its adjoint as gradient, and [`conv2d_gemm`]: convolution as one
 //!   matrix multiply, so that training convolutions use candle's GEMM forward and backward.
+//! - [`depthwise_conv2d`]: depthwise convolution (VALID, strided) as direct loops, with both
+//!   gradients (input and kernel) as direct loops too.
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout.
 
+mod batch_norm;
+mod depthwise;
 mod pool;
 mod sign;
 mod unfold;
 
+pub use batch_norm::batch_norm_train;
+pub use depthwise::depthwise_conv2d;
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
-pub use sign::sign;
+pub use sign::{sign, ste_sign};
 pub use unfold::{conv2d_gemm, unfold};
 
 /// The storage of a CPU tensor as a contiguous slice of `T`, or an error naming the op.

@@ -43,3 +43,70 @@ impl CustomOp1 for Sign {
 pub fn sign(x: &Tensor) -> Result<Tensor> {
     x.detach().contiguous()?.apply_op1_no_bwd(&Sign)
 }
+
+/// Larq's `ste_sign`: [`sign`] forward, gradient passed where `|x| <= clip` and zero elsewhere,
+/// in one op each way.
+pub fn ste_sign(x: &Tensor, clip: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(SteSign(clip))
+}
+
+#[derive(Clone, Copy)]
+struct SteSign(f64);
+
+impl CustomOp1 for SteSign {
+    fn name(&self) -> &'static str {
+        "ste-sign"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Sign.cpu_fwd(storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg
+            .detach()
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &SteMask(self.0))?;
+        Ok(Some(grad))
+    }
+}
+
+/// `grad * 1{|x| <= clip}`.
+struct SteMask(f64);
+
+fn masked<T: candle_core::WithDType>(x: &[T], grad: &[T], clip: f64) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    x.iter()
+        .zip(grad)
+        .map(|(&x, &g)| if x.to_f64().abs() <= clip { g } else { zero })
+        .collect()
+}
+
+impl candle_core::CustomOp2 for SteMask {
+    fn name(&self) -> &'static str {
+        "ste-sign-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(masked(
+                contiguous_slice::<f32>(name, s1, l1)?,
+                contiguous_slice::<f32>(name, s2, l2)?,
+                self.0,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(masked(
+                contiguous_slice::<f64>(name, s1, l1)?,
+                contiguous_slice::<f64>(name, s2, l2)?,
+                self.0,
+            )),
+            other => candle_core::bail!("{name}: expected f32 or f64 pairs, found {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}

@@ -26,8 +26,7 @@ fn with_gradient(xs: &Tensor, gradient: &Tensor) -> Result<Tensor> {
 
 /// `sign(x)`, gradient `1{|x| <= clip}` (Larq's `ste_sign`).
 pub fn ste_sign(xs: &Tensor, clip: f64) -> Result<Tensor> {
-    let mask = xs.abs()?.le(clip)?.to_dtype(xs.dtype())?;
-    straight_through(&zoo_kernels::sign(xs)?, &with_gradient(xs, &mask)?)
+    zoo_kernels::ste_sign(xs, clip)
 }
 
 /// `sign(x)`, gradient `2 - 2|x|` inside `[-1, 1]` and 0 outside (Bi-Real Net's ApproxSign).

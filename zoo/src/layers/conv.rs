@@ -126,44 +126,10 @@ pub fn conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor
 }
 
 /// Depthwise convolution of an already padded `N x C x H x W` input with a `C x 1 x kh x kw`
-/// kernel (VALID), as a sum of shifted, channel-scaled copies of the input.
+/// kernel (VALID, stride `[sy, sx]`), as direct loops forward and backward
+/// ([`zoo_kernels::depthwise_conv2d`]).
 pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
-    let (_, c, h, w) = xs.dims4()?;
-    let (kc, _, kh, kw) = kernel.dims4()?;
-    if kc != c || h < kh || w < kw {
-        candle_core::bail!("depthwise_conv2d: a {kc}-channel {kh}x{kw} kernel does not fit a {c}-channel {h}x{w} input");
-    }
-    let (oh, ow) = (h - kh + 1, w - kw + 1);
-    let mut sum: Option<Tensor> = None;
-    for i in 0..kh {
-        for j in 0..kw {
-            let tap = kernel
-                .narrow(2, i, 1)?
-                .narrow(3, j, 1)?
-                .reshape((1, c, 1, 1))?;
-            let term = xs.narrow(2, i, oh)?.narrow(3, j, ow)?.broadcast_mul(&tap)?;
-            sum = Some(match sum {
-                None => term,
-                Some(s) => s.add(&term)?,
-            });
-        }
-    }
-    let ys = sum.expect("a kernel has at least one tap");
-    subsample(&ys, stride)
-}
-
-/// Keeps every `stride`-th row and column, starting at the first.
-fn subsample(xs: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
-    let mut ys = xs.clone();
-    for (dim, s) in [(2, stride[0]), (3, stride[1])] {
-        if s > 1 {
-            let size = ys.dim(dim)?;
-            let index: Vec<u32> = (0..size as u32).step_by(s).collect();
-            let index = Tensor::new(index.as_slice(), ys.device())?;
-            ys = ys.index_select(&index, dim)?;
-        }
-    }
-    Ok(ys)
+    zoo_kernels::depthwise_conv2d(xs, kernel, stride)
 }
 
 /// A depthwise 2D convolution (Keras' `DepthwiseConv2D`), zero padding.

@@ -1,6 +1,6 @@
 //! Batch normalisation with Keras semantics.
 
-use candle_core::{Result, Tensor, Var, D};
+use candle_core::{Result, Tensor, Var};
 use candle_nn::VarBuilder;
 
 use crate::spec::{BatchNorm as Config, FeatureShape};
@@ -55,50 +55,43 @@ impl BatchNorm {
 
     /// Normalises `N x C x H x W` input; in training also updates the moving statistics.
     pub fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
-        let ys = if train {
+        if train {
+            let c = xs.dim(1)?;
+            let ones;
+            let zeros;
+            let gamma = match &self.weight {
+                Some(g) => g,
+                None => {
+                    ones = Tensor::ones(c, xs.dtype(), xs.device())?;
+                    &ones
+                }
+            };
+            let beta = match &self.bias {
+                Some(b) => b,
+                None => {
+                    zeros = Tensor::zeros(c, xs.dtype(), xs.device())?;
+                    &zeros
+                }
+            };
+            let (ys, mean, var) = zoo_kernels::batch_norm_train(xs, gamma, beta, self.epsilon)?;
             let (n, _, h, w) = xs.dims4()?;
             let count = (n * h * w) as f64;
-            let mean = xs
-                .mean_keepdim(0)?
-                .mean_keepdim(D::Minus2)?
-                .mean_keepdim(D::Minus1)?;
-            let centered = xs.broadcast_sub(&mean)?;
-            let var = centered
-                .sqr()?
-                .mean_keepdim(0)?
-                .mean_keepdim(D::Minus2)?
-                .mean_keepdim(D::Minus1)?;
+            let unbiased = var.affine(count / (count - 1.0).max(1.0), 0.0)?;
             let m = self.momentum;
-            let batch_mean = mean.flatten_all()?.detach();
-            let unbiased = var
-                .flatten_all()?
-                .detach()
-                .affine(count / (count - 1.0).max(1.0), 0.0)?;
-            self.running_mean.set(
-                &self
-                    .running_mean
-                    .as_tensor()
-                    .affine(m, 0.0)?
-                    .add(&batch_mean.affine(1.0 - m, 0.0)?)?,
-            )?;
-            self.running_var.set(
-                &self
-                    .running_var
-                    .as_tensor()
-                    .affine(m, 0.0)?
-                    .add(&unbiased.affine(1.0 - m, 0.0)?)?,
-            )?;
-            centered.broadcast_div(&var.affine(1.0, self.epsilon)?.sqrt()?)?
-        } else {
-            let std = self
-                .running_var
-                .as_tensor()
-                .affine(1.0, self.epsilon)?
-                .sqrt()?;
-            xs.broadcast_sub(&channel(self.running_mean.as_tensor())?)?
-                .broadcast_div(&channel(&std)?)?
-        };
+            for (moving, batch) in [(&self.running_mean, &mean), (&self.running_var, &unbiased)] {
+                moving.set(&(moving.as_tensor().affine(m, 0.0)? + batch.affine(1.0 - m, 0.0)?)?)?;
+            }
+            return Ok(ys);
+        }
+        let channel = |t: &Tensor| t.reshape((1, (), 1, 1));
+        let std = self
+            .running_var
+            .as_tensor()
+            .affine(1.0, self.epsilon)?
+            .sqrt()?;
+        let ys = xs
+            .broadcast_sub(&channel(self.running_mean.as_tensor())?)?
+            .broadcast_div(&channel(&std)?)?;
         let ys = match &self.weight {
             Some(g) => ys.broadcast_mul(&channel(g)?)?,
             None => ys,

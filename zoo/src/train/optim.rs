@@ -1,7 +1,8 @@
 //! Adam and AdamW over named variables, with Keras' update rule and a saveable state.
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::spec::Optimizer;
 
@@ -48,28 +49,48 @@ impl Adam {
         self.t += 1;
         let t = self.t as i32;
         let alpha = lr * (1.0 - BETA2.powi(t)).sqrt() / (1.0 - BETA1.powi(t));
+        let decay = match self.kind {
+            Optimizer::AdamW => 1.0 - lr * self.weight_decay,
+            Optimizer::Adam => 1.0,
+        };
         for slot in &mut self.slots {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
             let w = slot.var.as_tensor();
-            let grad = if slot.l2 > 0.0 {
-                (grad + (w * (2.0 * slot.l2))?)?
-            } else {
-                grad.clone()
-            };
-            slot.m = ((&slot.m * BETA1)? + (&grad * (1.0 - BETA1))?)?;
-            slot.v = ((&slot.v * BETA2)? + (grad.sqr()? * (1.0 - BETA2))?)?;
-            let mut w = w.clone();
-            if self.kind == Optimizer::AdamW && self.weight_decay > 0.0 {
-                w = (&w * (1.0 - lr * self.weight_decay))?;
-            }
-            let update = ((&slot.m * alpha)? / (slot.v.sqrt()? + EPSILON)?)?;
-            let mut w = (w - update)?;
-            if let Some(c) = slot.clip {
-                w = w.clamp(-c, c)?;
-            }
-            slot.var.set(&w)?;
+            let (shape, dtype) = (w.shape().clone(), w.dtype());
+            let mut w = w.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let g = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let mut m = slot
+                .m
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            let mut v = slot
+                .v
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            let (l2, clip) = (slot.l2, slot.clip.unwrap_or(f64::INFINITY));
+            const CHUNK: usize = 1 << 14;
+            w.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((w, m), v), g)| {
+                    for i in 0..w.len() {
+                        let g = g[i] + 2.0 * l2 * w[i];
+                        m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
+                        v[i] = BETA2 * v[i] + (1.0 - BETA2) * g * g;
+                        let updated = w[i] * decay - alpha * m[i] / (v[i].sqrt() + EPSILON);
+                        w[i] = updated.clamp(-clip, clip);
+                    }
+                });
+            let dev = slot.var.device().clone();
+            let back = |x: Vec<f64>| Tensor::from_vec(x, shape.clone(), &dev)?.to_dtype(dtype);
+            slot.var.set(&back(w)?)?;
+            slot.m = back(m)?;
+            slot.v = back(v)?;
         }
         Ok(())
     }

@@ -1,0 +1,569 @@
+//! Depthwise 2D convolution (VALID, strided) with direct loops, forward and backward.
+//!
+//! Every `(image, channel)` plane is convolved with its channel's own `kh x kw` kernel. The
+//! forward pass and the input gradient run in parallel over planes (which never overlap); the
+//! kernel gradient runs in parallel over channels, each channel summing over all images.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use crate::contiguous_slice;
+
+/// Shapes of one depthwise convolution: input `n x c x h x w`, kernel `c x 1 x kh x kw`.
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: [usize; 2],
+}
+
+impl Dims {
+    fn oh(&self) -> usize {
+        (self.h - self.kh) / self.stride[0] + 1
+    }
+
+    fn ow(&self) -> usize {
+        (self.w - self.kw) / self.stride[1] + 1
+    }
+}
+
+/// Items per rayon task so that each task does at least about this many multiply-adds.
+fn min_len(work_per_item: usize) -> usize {
+    const MIN_WORK: usize = 1 << 14;
+    (MIN_WORK / work_per_item.max(1)).max(1)
+}
+
+/// `out[o] += k * x[o * step]` for every `o` of `out`.
+#[inline(always)]
+fn axpy_strided<T: WithDType>(out: &mut [T], k: T, x: &[T], step: usize) {
+    if step == 1 {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o += k * v;
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x.iter().step_by(step)) {
+            *o += k * v;
+        }
+    }
+}
+
+/// `acc[o] += a[o] * b[o * step]` for every `o` of `acc`.
+#[inline(always)]
+fn mul_acc_strided<T: WithDType>(acc: &mut [T], a: &[T], b: &[T], step: usize) {
+    if step == 1 {
+        for ((s, &u), &v) in acc.iter_mut().zip(a).zip(b) {
+            *s += u * v;
+        }
+    } else {
+        for ((s, &u), &v) in acc.iter_mut().zip(a).zip(b.iter().step_by(step)) {
+            *s += u * v;
+        }
+    }
+}
+
+/// With stride 1 a plane is processed "wide": output `(oy, ox)` lives at `oy * w + ox`, so
+/// that each tap `(i, j)` is one long shifted multiply-add over the plane (offset `i * w + j`)
+/// instead of one short one per row; the `kw - 1` columns past each output row are scratch.
+/// This is the length of such a wide output.
+fn wide_len(d: &Dims) -> usize {
+    (d.oh() - 1) * d.w + d.ow()
+}
+
+fn forward<T: WithDType>(d: &Dims, x: &[T], k: &[T]) -> Vec<T> {
+    let (oh, ow) = (d.oh(), d.ow());
+    let [sy, sx] = d.stride;
+    let (h, w, kh, kw) = (d.h, d.w, d.kh, d.kw);
+    let mut out = vec![T::zero(); d.n * d.c * oh * ow];
+    if out.is_empty() {
+        return out;
+    }
+    let wide = d.stride == [1, 1];
+    let len = wide_len(d);
+    out.par_chunks_mut(oh * ow)
+        .with_min_len(min_len(oh * ow * kh * kw))
+        .enumerate()
+        .for_each_init(
+            || vec![T::zero(); if wide { len } else { 0 }],
+            |scratch, (p, plane_out)| {
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                let taps = &k[(p % d.c) * kh * kw..][..kh * kw];
+                if wide {
+                    scratch.fill(T::zero());
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            axpy_strided(scratch, taps[i * kw + j], &plane[i * w + j..], 1);
+                        }
+                    }
+                    for (oy, row_out) in plane_out.chunks_exact_mut(ow).enumerate() {
+                        row_out.copy_from_slice(&scratch[oy * w..][..ow]);
+                    }
+                    return;
+                }
+                for (oy, row_out) in plane_out.chunks_exact_mut(ow).enumerate() {
+                    for i in 0..kh {
+                        let row = &plane[(oy * sy + i) * w..][..w];
+                        for j in 0..kw {
+                            axpy_strided(row_out, taps[i * kw + j], &row[j..], sx);
+                        }
+                    }
+                }
+            },
+        );
+    out
+}
+
+/// Copies the `oh x ow` output gradient plane `g` into `wide` with row stride `w`, zeroing the
+/// scratch columns.
+fn widen<T: WithDType>(wide: &mut [T], g: &[T], w: usize, ow: usize) {
+    wide.fill(T::zero());
+    for (oy, grow) in g.chunks_exact(ow).enumerate() {
+        wide[oy * w..][..ow].copy_from_slice(grow);
+    }
+}
+
+/// The input gradient: every output gradient scattered back onto the taps of its window.
+fn grad_input<T: WithDType>(d: &Dims, g: &[T], k: &[T]) -> Vec<T> {
+    let (oh, ow) = (d.oh(), d.ow());
+    let [sy, sx] = d.stride;
+    let (h, w, kh, kw) = (d.h, d.w, d.kh, d.kw);
+    let mut dx = vec![T::zero(); d.n * d.c * h * w];
+    if dx.is_empty() {
+        return dx;
+    }
+    let wide = d.stride == [1, 1];
+    let len = wide_len(d);
+    dx.par_chunks_mut(h * w)
+        .with_min_len(min_len(oh * ow * kh * kw))
+        .enumerate()
+        .for_each_init(
+            || vec![T::zero(); if wide { len } else { 0 }],
+            |gwide, (p, dplane)| {
+                let gplane = &g[p * oh * ow..(p + 1) * oh * ow];
+                let taps = &k[(p % d.c) * kh * kw..][..kh * kw];
+                if wide {
+                    widen(gwide, gplane, w, ow);
+                    for i in 0..kh {
+                        for j in 0..kw {
+                            let kv = taps[i * kw + j];
+                            for (dv, &gv) in dplane[i * w + j..].iter_mut().zip(gwide.iter()) {
+                                *dv += kv * gv;
+                            }
+                        }
+                    }
+                    return;
+                }
+                for (oy, grow) in gplane.chunks_exact(ow).enumerate() {
+                    for i in 0..kh {
+                        let drow = &mut dplane[(oy * sy + i) * w..][..w];
+                        for j in 0..kw {
+                            let kv = taps[i * kw + j];
+                            for (dv, &gv) in drow[j..].iter_mut().step_by(sx).zip(grow) {
+                                *dv += kv * gv;
+                            }
+                        }
+                    }
+                }
+            },
+        );
+    dx
+}
+
+/// The kernel gradient: per channel and tap, the sum over images and outputs of the output
+/// gradient times the input under the tap.
+fn grad_kernel<T: WithDType>(d: &Dims, x: &[T], g: &[T]) -> Vec<T> {
+    let (oh, ow) = (d.oh(), d.ow());
+    let [sy, sx] = d.stride;
+    let (n, c, h, w, kh, kw) = (d.n, d.c, d.h, d.w, d.kh, d.kw);
+    let mut dk = vec![T::zero(); c * kh * kw];
+    if dk.is_empty() {
+        return dk;
+    }
+    let wide = d.stride == [1, 1];
+    // One row of partial sums per tap, reduced at the end: the inner loops stay element-wise
+    // multiply-adds (vectorisable) instead of dot products.
+    let row = if wide { wide_len(d) } else { ow };
+    dk.par_chunks_mut(kh * kw)
+        .enumerate()
+        .for_each(|(ch, dtaps)| {
+            let mut acc = vec![T::zero(); kh * kw * row];
+            let mut gwide = vec![T::zero(); if wide { row } else { 0 }];
+            for img in 0..n {
+                let p = img * c + ch;
+                let plane = &x[p * h * w..(p + 1) * h * w];
+                let gplane = &g[p * oh * ow..(p + 1) * oh * ow];
+                if wide {
+                    widen(&mut gwide, gplane, w, ow);
+                    for (t, a) in acc.chunks_exact_mut(row).enumerate() {
+                        let (i, j) = (t / kw, t % kw);
+                        mul_acc_strided(a, &gwide, &plane[i * w + j..], 1);
+                    }
+                    continue;
+                }
+                for (oy, grow) in gplane.chunks_exact(ow).enumerate() {
+                    for i in 0..kh {
+                        let xrow = &plane[(oy * sy + i) * w..][..w];
+                        for j in 0..kw {
+                            let a = &mut acc[(i * kw + j) * ow..][..ow];
+                            mul_acc_strided(a, grow, &xrow[j..], sx);
+                        }
+                    }
+                }
+            }
+            for (dt, a) in dtaps.iter_mut().zip(acc.chunks_exact(row)) {
+                *dt = a.iter().fold(T::zero(), |s, &v| s + v);
+            }
+        });
+    dk
+}
+
+/// Runs `f` on the two inputs as `f32` or `f64` slices.
+fn dispatch2(
+    name: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32_op: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+    f64_op: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<CpuStorage> {
+    Ok(match (s1.dtype(), s2.dtype()) {
+        (DType::F32, DType::F32) => CpuStorage::F32(f32_op(
+            contiguous_slice(name, s1, l1)?,
+            contiguous_slice(name, s2, l2)?,
+        )),
+        (DType::F64, DType::F64) => CpuStorage::F64(f64_op(
+            contiguous_slice(name, s1, l1)?,
+            contiguous_slice(name, s2, l2)?,
+        )),
+        (a, b) => {
+            candle_core::bail!("{name}: expected two f32 or two f64 tensors, found {a:?} and {b:?}")
+        }
+    })
+}
+
+/// The forward pass: `(input, kernel) -> output`.
+struct Forward(Dims);
+/// The input gradient: `(output gradient, kernel) -> input gradient`.
+struct GradInput(Dims);
+/// The kernel gradient: `(input, output gradient) -> kernel gradient`.
+struct GradKernel(Dims);
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let out = dispatch2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, k| forward(d, x, k),
+            |x, k| forward(d, x, k),
+        )?;
+        Ok((out, Shape::from((d.n, d.c, d.oh(), d.ow()))))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        kernel: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.contiguous()?;
+        let (xs, kernel) = (xs.detach(), kernel.detach());
+        let dx = grad.apply_op2_no_bwd(&kernel, &GradInput(self.0))?;
+        let dk = xs.apply_op2_no_bwd(&grad, &GradKernel(self.0))?;
+        Ok((Some(dx), Some(dk)))
+    }
+}
+
+impl CustomOp2 for GradInput {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let out = dispatch2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |g, k| grad_input(d, g, k),
+            |g, k| grad_input(d, g, k),
+        )?;
+        Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
+    }
+}
+
+impl CustomOp2 for GradKernel {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-grad-kernel"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let out = dispatch2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, g| grad_kernel(d, x, g),
+            |x, g| grad_kernel(d, x, g),
+        )?;
+        Ok((out, Shape::from((d.c, 1, d.kh, d.kw))))
+    }
+}
+
+/// A depthwise VALID convolution of an already padded `N x C x H x W` input with a
+/// `C x 1 x kh x kw` kernel and stride `[sy, sx]`: output channel `c` is input channel `c`
+/// correlated with kernel `c`, giving `N x C x OH x OW` with `OH = (H - kh) / sy + 1` and
+/// `OW = (W - kw) / sx + 1`. Both gradients (input and kernel) are direct loops too.
+pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    let (kc, km, kh, kw) = kernel.dims4()?;
+    if kc != c || km != 1 || h < kh || w < kw || kh == 0 || kw == 0 || stride.contains(&0) {
+        candle_core::bail!(
+            "depthwise_conv2d: a {kc}x{km}x{kh}x{kw} kernel with stride {stride:?} does not fit \
+             a {n}x{c}x{h}x{w} input (expected a {c}x1xkhxkw kernel, kh <= {h}, kw <= {w})"
+        );
+    }
+    let dims = Dims {
+        n,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        stride,
+    };
+    xs.contiguous()?
+        .apply_op2(&kernel.contiguous()?, Forward(dims))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Plain-loop f64 reference of the forward pass.
+    fn reference(x: &Tensor, k: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = k.dims4()?;
+        let (oh, ow) = ((h - kh) / stride[0] + 1, (w - kw) / stride[1] + 1);
+        let xv = x.flatten_all()?.to_vec1::<f64>()?;
+        let kv = k.flatten_all()?.to_vec1::<f64>()?;
+        let mut out = vec![0f64; n * c * oh * ow];
+        for img in 0..n {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = 0f64;
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let y = oy * stride[0] + i;
+                                let xx = ox * stride[1] + j;
+                                s += xv[((img * c + ch) * h + y) * w + xx]
+                                    * kv[(ch * kh + i) * kw + j];
+                            }
+                        }
+                        out[((img * c + ch) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(out, (n, c, oh, ow), x.device())
+    }
+
+    /// Plain-loop f64 reference of both gradients of `sum(out * weights)`.
+    fn reference_grads(
+        x: &Tensor,
+        k: &Tensor,
+        weights: &Tensor,
+        stride: [usize; 2],
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, c, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = k.dims4()?;
+        let (_, _, oh, ow) = weights.dims4()?;
+        let xv = x.flatten_all()?.to_vec1::<f64>()?;
+        let kv = k.flatten_all()?.to_vec1::<f64>()?;
+        let gv = weights.flatten_all()?.to_vec1::<f64>()?;
+        let mut dx = vec![0f64; xv.len()];
+        let mut dk = vec![0f64; kv.len()];
+        for img in 0..n {
+            for ch in 0..c {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let g = gv[((img * c + ch) * oh + oy) * ow + ox];
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let xi = ((img * c + ch) * h + oy * stride[0] + i) * w
+                                    + ox * stride[1]
+                                    + j;
+                                let ki = (ch * kh + i) * kw + j;
+                                dx[xi] += g * kv[ki];
+                                dk[ki] += g * xv[xi];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok((
+            Tensor::from_vec(dx, x.dims(), x.device())?,
+            Tensor::from_vec(dk, k.dims(), k.device())?,
+        ))
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)?.abs()?.max_all()?.to_scalar::<f64>()
+    }
+
+    #[test]
+    fn matches_reference_forward_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cases = Vec::new();
+        for (h, w) in [(7, 5), (9, 9), (6, 8)] {
+            for c in [1, 2, 3, 16] {
+                for k in [1, 3, 5] {
+                    for stride in [[1, 1], [2, 2], [1, 2]] {
+                        let n = 1 + (h + c + k + stride[1]) % 3;
+                        cases.push(((n, c, h, w), (c, 1, k, k), stride));
+                    }
+                }
+            }
+        }
+        // Non-square kernels and a stride larger than the kernel.
+        cases.push(((2, 3, 7, 8), (3, 1, 3, 1), [1, 1]));
+        cases.push(((2, 3, 7, 8), (3, 1, 1, 3), [2, 1]));
+        cases.push(((3, 2, 9, 9), (2, 1, 2, 2), [3, 3]));
+        for (shape, kshape, stride) in cases {
+            let what = format!("{shape:?} {kshape:?} {stride:?}");
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev)?)?;
+            let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, kshape, &dev)?)?;
+            let ours = depthwise_conv2d(&x, &k, stride)?;
+            let theirs = reference(&x, &k, stride)?;
+            let diff = max_diff(&ours, &theirs)?;
+            assert!(diff < 1e-12, "forward differs by {diff} for {what}");
+
+            let weights = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
+            let grads = (ours * &weights)?.sum_all()?.backward()?;
+            let (dx, dk) = reference_grads(&x, &k, &weights, stride)?;
+            let gx = grads.get(x.as_tensor()).expect("an input gradient");
+            let gk = grads.get(k.as_tensor()).expect("a kernel gradient");
+            let diff = max_diff(gx, &dx)?;
+            assert!(diff < 1e-10, "input gradient differs by {diff} for {what}");
+            let diff = max_diff(gk, &dk)?;
+            assert!(diff < 1e-10, "kernel gradient differs by {diff} for {what}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candle_grouped_convolution_in_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 7), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (4, 1, 3, 3), &dev)?;
+        let ours = depthwise_conv2d(&x, &k, [2, 2])?;
+        let theirs = x.conv2d(&k, 0, 2, 1, 4)?;
+        let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let stride = [2, 1];
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 2, 5, 4), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 1, 3, 2), &dev)?)?;
+        let weights = Tensor::randn(0f64, 1.0, (2, 2, 2, 3), &dev)?;
+        let loss = |x: &Tensor, k: &Tensor| -> Result<f64> {
+            (depthwise_conv2d(x, k, stride)? * &weights)?
+                .sum_all()?
+                .to_scalar::<f64>()
+        };
+        let grads = (depthwise_conv2d(&x, &k, stride)? * &weights)?
+            .sum_all()?
+            .backward()?;
+        let eps = 1e-6;
+        for (var, is_x) in [(&x, true), (&k, false)] {
+            let base = var.flatten_all()?.to_vec1::<f64>()?;
+            let analytic = grads
+                .get(var.as_tensor())
+                .expect("a gradient")
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            for idx in 0..base.len() {
+                let at = |delta: f64| -> Result<f64> {
+                    let mut v = base.clone();
+                    v[idx] += delta;
+                    let t = Tensor::from_vec(v, var.dims(), &dev)?;
+                    match is_x {
+                        true => loss(&t, &k),
+                        false => loss(&x, &t),
+                    }
+                };
+                let numeric = (at(eps)? - at(-eps)?) / (2.0 * eps);
+                assert!(
+                    (numeric - analytic[idx]).abs() < 1e-6,
+                    "d/d{}[{idx}]: numeric {numeric}, analytic {}",
+                    if is_x { "x" } else { "k" },
+                    analytic[idx]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn non_contiguous_inputs_and_bad_kernels() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 7, 6), &dev)?;
+        let k = Tensor::randn(0f64, 1.0, (3, 1, 3, 3), &dev)?;
+        let xt = x.transpose(2, 3)?;
+        let kt = k.transpose(2, 3)?;
+        let ours = depthwise_conv2d(&xt, &kt, [1, 2])?;
+        let theirs = reference(&xt.contiguous()?, &kt.contiguous()?, [1, 2])?;
+        assert!(max_diff(&ours, &theirs)? < 1e-12);
+
+        let small = Tensor::zeros((1, 3, 2, 5), DType::F64, &dev)?;
+        assert!(depthwise_conv2d(&small, &k, [1, 1]).is_err());
+        let wrong_channels = Tensor::zeros((2, 1, 1, 1), DType::F64, &dev)?;
+        assert!(depthwise_conv2d(&x, &wrong_channels, [1, 1]).is_err());
+        let multiplier = Tensor::zeros((3, 2, 1, 1), DType::F64, &dev)?;
+        assert!(depthwise_conv2d(&x, &multiplier, [1, 1]).is_err());
+        assert!(depthwise_conv2d(&x, &k, [0, 1]).is_err());
+        let err = depthwise_conv2d(&small, &k, [1, 1])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("depthwise_conv2d") && err.contains("3x1x3x3"),
+            "{err}"
+        );
+        Ok(())
+    }
+}
