@@ -2,6 +2,7 @@
 //!
 //! CPU kernels for the operations whose exact semantics candle does not offer:
 //! - [`sign`]: Larq's `sign`, `+1` for `x >= 0` and `-1` otherwise (never 0);
+//! - [`lab_sign`]: LAB's strict threshold of the score difference with its `tanh` surrogate;
 //! - [`ste_sign`]: `sign` with Larq's straight-through gradient `1{|x| <= clip}`, fused;
 //! - [`max_pool2d`] and [`avg_pool2d`]: pooling with explicit (TensorFlow SAME) padding, whose
 //!   backward passes follow TensorFlow: the max-pool gradient goes to the first maximum of each
@@ -24,7 +25,7 @@ mod unfold;
 pub use batch_norm::batch_norm_train;
 pub use depthwise::depthwise_conv2d;
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
-pub use sign::{sign, ste_sign};
+pub use sign::{lab_sign, sign, ste_sign};
 pub use unfold::{conv2d_gemm, unfold};
 
 /// The storage of a CPU tensor as a contiguous slice of `T`, or an error naming the op.

@@ -110,3 +110,87 @@ impl candle_core::CustomOp2 for SteMask {
         Ok((out, l1.shape().clone()))
     }
 }
+
+/// LAB's binarization of the score difference `d = y1 - y0`: `+1` where `d > 0` (strictly),
+/// `-1` elsewhere, with the gradient of the surrogate `tanh(d / 2)`, in one op each way.
+pub fn lab_sign(d: &Tensor) -> Result<Tensor> {
+    d.contiguous()?.apply_op1(LabSign)
+}
+
+struct LabSign;
+
+fn strict_sign<T: candle_core::WithDType>(data: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let (plus, minus) = (T::from_f64(1.0), T::from_f64(-1.0));
+    data.iter()
+        .map(|&x| if x > zero { plus } else { minus })
+        .collect()
+}
+
+impl CustomOp1 for LabSign {
+    fn name(&self) -> &'static str {
+        "lab-sign"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match storage.dtype() {
+            DType::F32 => {
+                CpuStorage::F32(strict_sign(contiguous_slice::<f32>(name, storage, layout)?))
+            }
+            DType::F64 => {
+                CpuStorage::F64(strict_sign(contiguous_slice::<f64>(name, storage, layout)?))
+            }
+            other => candle_core::bail!("{name}: expected f32 or f64, found {other:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg
+            .detach()
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &LabSignBackward)?;
+        Ok(Some(grad))
+    }
+}
+
+/// `grad * (1 - tanh(d / 2)^2) / 2`.
+struct LabSignBackward;
+
+fn surrogate<T: candle_core::WithDType>(d: &[T], grad: &[T]) -> Vec<T> {
+    d.iter()
+        .zip(grad)
+        .map(|(&d, &g)| {
+            let t = (d.to_f64() * 0.5).tanh();
+            T::from_f64(g.to_f64() * 0.5 * (1.0 - t * t))
+        })
+        .collect()
+}
+
+impl candle_core::CustomOp2 for LabSignBackward {
+    fn name(&self) -> &'static str {
+        "lab-sign-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let out = match (s1.dtype(), s2.dtype()) {
+            (DType::F32, DType::F32) => CpuStorage::F32(surrogate(
+                contiguous_slice::<f32>(name, s1, l1)?,
+                contiguous_slice::<f32>(name, s2, l2)?,
+            )),
+            (DType::F64, DType::F64) => CpuStorage::F64(surrogate(
+                contiguous_slice::<f64>(name, s1, l1)?,
+                contiguous_slice::<f64>(name, s2, l2)?,
+            )),
+            other => candle_core::bail!("{name}: expected f32 or f64 pairs, found {other:?}"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
