@@ -194,7 +194,7 @@ impl TrainArgs {
     /// The configuration of a new run.
     fn run_config(&self, model: &str) -> Result<zoo::train::RunConfig, zoo::Error> {
         let spec = zoo::spec(model)?;
-        let on_fashion_mnist = zoo::train::default_side(&self.data, 0) == 32;
+        let on_fashion_mnist = zoo::train::is_fashion_mnist(&self.data);
         let recipe = if on_fashion_mnist {
             zoo::train::fashion_mnist_recipe()
         } else {
@@ -318,7 +318,7 @@ fn train(args: TrainArgs) -> Result<(), zoo::Error> {
         None => println!("resuming the run in {}", run_dir.display()),
     }
     let summary = zoo::train::train(config, &run_dir, &session)?;
-    let split = if zoo::train::default_side(&summary.config.data, 0) == 32 {
+    let split = if zoo::train::is_fashion_mnist(&summary.config.data) {
         "test"
     } else {
         "validation"

@@ -35,9 +35,22 @@ pub const CLASSES: [&str; 10] = [
     "Ankle boot",
 ];
 
-/// The folder with the four files that ships with the repository.
+/// The folder with the four files that ships with the repository: `data/fashion-mnist` of the
+/// checkout this binary was built from, else of the current directory or of a folder above the
+/// executable (a checkout moved or copied elsewhere).
 pub fn embedded_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist")
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/fashion-mnist");
+    let relative = Path::new("data/fashion-mnist");
+    let exe = std::env::current_exe().ok();
+    let beside_exe = exe
+        .iter()
+        .flat_map(|e| e.ancestors().skip(1))
+        .map(|d| d.join(relative));
+    std::iter::once(built.clone())
+        .chain(std::iter::once(relative.to_path_buf()))
+        .chain(beside_exe)
+        .find(|d| d.join("train-images-idx3-ubyte.gz").is_file())
+        .unwrap_or(built)
 }
 
 /// One split of Fashion-MNIST, decoded in memory.
