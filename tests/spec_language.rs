@@ -313,3 +313,47 @@ fn quicknet_costs_match_larq_zoo() {
         .totals();
     assert_eq!(zoo::summary::si(t.binary_macs), "1.68 G");
 }
+
+#[test]
+fn train_recipes_parse_and_bad_ones_point_at_the_field() {
+    let body = "stem: [{conv: {filters: 8, kernel: 3}}]\nhead: [global_avg_pool, dense]\n";
+    let recipe = parse(&format!(
+        "{body}train: {{epochs: 60, batch_size: 128, learning_rate: 1.0e-4, schedule: {{step: {{every_epochs: 20, factor: 0.1}}}}, kernel_l2: 5.0e-7}}\n"
+    ))
+    .unwrap()
+    .train
+    .expect("a recipe");
+    assert_eq!((recipe.epochs, recipe.batch_size), (60, 128));
+    assert_eq!(
+        recipe.schedule,
+        spec::Schedule::Step {
+            every_epochs: 20,
+            factor: 0.1
+        }
+    );
+    assert_eq!(recipe.kernel_l2, 5e-7);
+    assert_eq!(recipe.optimizer, spec::Optimizer::Adam);
+    assert!(parse(body).unwrap().train.is_none());
+
+    let e = error(&format!("{body}train: {{schedule: cosin}}\n"));
+    assert!(e.starts_with("tiny.yaml:6:"), "{e}");
+    assert!(e.contains("expected a schedule"), "{e}");
+    let e = error(&format!("{body}train: {{weight_decay: 0.1}}\n"));
+    assert!(e.contains("needs `optimizer: adamw`"), "{e}");
+    let e = error(&format!("{body}train: {{label_smoothing: 1.5}}\n"));
+    assert!(e.contains("label smoothing in [0, 1)"), "{e}");
+    let e = error(&format!("{body}train: {{epoch: 3}}\n"));
+    assert!(
+        e.contains("epochs"),
+        "unknown keys list the accepted ones: {e}"
+    );
+    // The command-line form of schedules reads back what it writes.
+    for s in ["constant", "linear:0.000001", "cosine:0", "step:30:0.1"] {
+        let parsed: spec::Schedule = s.parse().unwrap();
+        assert_eq!(
+            parsed.to_string().parse::<spec::Schedule>().unwrap(),
+            parsed
+        );
+    }
+    assert!("step:0".parse::<spec::Schedule>().is_err());
+}
