@@ -4,11 +4,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::contiguous_slice;
+use crate::dispatch3;
 
 /// Per-channel batch mean and biased variance of one forward pass.
 type Stats = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
@@ -121,24 +120,14 @@ impl CustomOp3 for BatchNormTrain {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims4()?;
-        let name = self.name();
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(forward(
-                self,
-                contiguous_slice::<f32>(name, s1, l1)?,
-                contiguous_slice::<f32>(name, s2, l2)?,
-                contiguous_slice::<f32>(name, s3, l3)?,
-                dims,
-            )),
-            DType::F64 => CpuStorage::F64(forward(
-                self,
-                contiguous_slice::<f64>(name, s1, l1)?,
-                contiguous_slice::<f64>(name, s2, l2)?,
-                contiguous_slice::<f64>(name, s3, l3)?,
-                dims,
-            )),
-            other => candle_core::bail!("{name}: expected f32 or f64, found {other:?}"),
-        };
+        let out = dispatch3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, a, b| forward(self, x, a, b, dims),
+            |x, a, b| forward(self, x, a, b, dims),
+        )?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -253,26 +242,15 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims4()?;
-        let name = self.name();
-        let len = l1.shape().elem_count() + 2 * dims.1;
-        let out = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(backward(
-                self,
-                contiguous_slice::<f32>(name, s1, l1)?,
-                contiguous_slice::<f32>(name, s2, l2)?,
-                contiguous_slice::<f32>(name, s3, l3)?,
-                dims,
-            )),
-            DType::F64 => CpuStorage::F64(backward(
-                self,
-                contiguous_slice::<f64>(name, s1, l1)?,
-                contiguous_slice::<f64>(name, s2, l2)?,
-                contiguous_slice::<f64>(name, s3, l3)?,
-                dims,
-            )),
-            other => candle_core::bail!("{name}: expected f32 or f64, found {other:?}"),
-        };
-        Ok((out, Shape::from(len)))
+        let out = dispatch3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, a, b| backward(self, x, a, b, dims),
+            |x, a, b| backward(self, x, a, b, dims),
+        )?;
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * dims.1)))
     }
 }
 

@@ -4,11 +4,10 @@
 //! forward pass and the input gradient run in parallel over planes (which never overlap); the
 //! kernel gradient runs in parallel over channels, each channel summing over all images.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::contiguous_slice;
+use crate::dispatch2;
 
 /// Shapes of one depthwise convolution: input `n x c x h x w`, kernel `c x 1 x kh x kw`.
 #[derive(Clone, Copy, Debug)]
@@ -221,29 +220,6 @@ fn grad_kernel<T: WithDType>(d: &Dims, x: &[T], g: &[T]) -> Vec<T> {
     dk
 }
 
-/// Runs `f` on the two inputs as `f32` or `f64` slices.
-fn dispatch2(
-    name: &str,
-    (s1, l1): (&CpuStorage, &Layout),
-    (s2, l2): (&CpuStorage, &Layout),
-    f32_op: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
-    f64_op: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
-) -> Result<CpuStorage> {
-    Ok(match (s1.dtype(), s2.dtype()) {
-        (DType::F32, DType::F32) => CpuStorage::F32(f32_op(
-            contiguous_slice(name, s1, l1)?,
-            contiguous_slice(name, s2, l2)?,
-        )),
-        (DType::F64, DType::F64) => CpuStorage::F64(f64_op(
-            contiguous_slice(name, s1, l1)?,
-            contiguous_slice(name, s2, l2)?,
-        )),
-        (a, b) => {
-            candle_core::bail!("{name}: expected two f32 or two f64 tensors, found {a:?} and {b:?}")
-        }
-    })
-}
-
 /// The forward pass: `(input, kernel) -> output`.
 struct Forward(Dims);
 /// The input gradient: `(output gradient, kernel) -> input gradient`.
@@ -366,7 +342,7 @@ pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Plain-loop f64 reference of the forward pass.
     fn reference(x: &Tensor, k: &Tensor, stride: [usize; 2]) -> Result<Tensor> {

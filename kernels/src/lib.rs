@@ -40,3 +40,69 @@ fn contiguous_slice<'a, T: candle_core::WithDType>(
         None => candle_core::bail!("{op}: the input must be contiguous"),
     }
 }
+
+/// Runs `f32_op` or `f64_op` on a contiguous f32 or f64 tensor, naming `op` in errors.
+fn dispatch1(
+    op: &str,
+    (s, l): (&candle_core::CpuStorage, &candle_core::Layout),
+    f32_op: impl FnOnce(&[f32]) -> Vec<f32>,
+    f64_op: impl FnOnce(&[f64]) -> Vec<f64>,
+) -> candle_core::Result<candle_core::CpuStorage> {
+    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    Ok(match s.dtype() {
+        DType::F32 => CpuStorage::F32(f32_op(contiguous_slice(op, s, l)?)),
+        DType::F64 => CpuStorage::F64(f64_op(contiguous_slice(op, s, l)?)),
+        other => candle_core::bail!("{op}: expected f32 or f64, found {other:?}"),
+    })
+}
+
+/// [`dispatch1`] for two tensors of the same dtype.
+fn dispatch2(
+    op: &str,
+    (s1, l1): (&candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&candle_core::CpuStorage, &candle_core::Layout),
+    f32_op: impl FnOnce(&[f32], &[f32]) -> Vec<f32>,
+    f64_op: impl FnOnce(&[f64], &[f64]) -> Vec<f64>,
+) -> candle_core::Result<candle_core::CpuStorage> {
+    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    Ok(match (s1.dtype(), s2.dtype()) {
+        (DType::F32, DType::F32) => CpuStorage::F32(f32_op(
+            contiguous_slice(op, s1, l1)?,
+            contiguous_slice(op, s2, l2)?,
+        )),
+        (DType::F64, DType::F64) => CpuStorage::F64(f64_op(
+            contiguous_slice(op, s1, l1)?,
+            contiguous_slice(op, s2, l2)?,
+        )),
+        (a, b) => {
+            candle_core::bail!("{op}: expected two f32 or two f64 tensors, found {a:?} and {b:?}")
+        }
+    })
+}
+
+/// [`dispatch1`] for three tensors of the same dtype.
+fn dispatch3(
+    op: &str,
+    (s1, l1): (&candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&candle_core::CpuStorage, &candle_core::Layout),
+    (s3, l3): (&candle_core::CpuStorage, &candle_core::Layout),
+    f32_op: impl FnOnce(&[f32], &[f32], &[f32]) -> Vec<f32>,
+    f64_op: impl FnOnce(&[f64], &[f64], &[f64]) -> Vec<f64>,
+) -> candle_core::Result<candle_core::CpuStorage> {
+    use candle_core::{backend::BackendStorage, CpuStorage, DType};
+    Ok(match (s1.dtype(), s2.dtype(), s3.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => CpuStorage::F32(f32_op(
+            contiguous_slice(op, s1, l1)?,
+            contiguous_slice(op, s2, l2)?,
+            contiguous_slice(op, s3, l3)?,
+        )),
+        (DType::F64, DType::F64, DType::F64) => CpuStorage::F64(f64_op(
+            contiguous_slice(op, s1, l1)?,
+            contiguous_slice(op, s2, l2)?,
+            contiguous_slice(op, s3, l3)?,
+        )),
+        (a, b, c) => candle_core::bail!(
+            "{op}: expected three f32 or three f64 tensors, found {a:?}, {b:?} and {c:?}"
+        ),
+    })
+}

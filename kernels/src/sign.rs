@@ -1,9 +1,8 @@
 //! Larq's sign: `+1` where `x >= 0`, `-1` elsewhere.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::contiguous_slice;
+use crate::{dispatch1, dispatch2};
 
 struct Sign;
 
@@ -21,19 +20,7 @@ impl CustomOp1 for Sign {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(sign_of(contiguous_slice::<f32>(
-                self.name(),
-                storage,
-                layout,
-            )?)),
-            DType::F64 => CpuStorage::F64(sign_of(contiguous_slice::<f64>(
-                self.name(),
-                storage,
-                layout,
-            )?)),
-            other => candle_core::bail!("larq-sign: expected f32 or f64, found {other:?}"),
-        };
+        let out = dispatch1(self.name(), (storage, layout), sign_of, sign_of)?;
         Ok((out, layout.shape().clone()))
     }
 }
@@ -93,20 +80,13 @@ impl candle_core::CustomOp2 for SteMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => CpuStorage::F32(masked(
-                contiguous_slice::<f32>(name, s1, l1)?,
-                contiguous_slice::<f32>(name, s2, l2)?,
-                self.0,
-            )),
-            (DType::F64, DType::F64) => CpuStorage::F64(masked(
-                contiguous_slice::<f64>(name, s1, l1)?,
-                contiguous_slice::<f64>(name, s2, l2)?,
-                self.0,
-            )),
-            other => candle_core::bail!("{name}: expected f32 or f64 pairs, found {other:?}"),
-        };
+        let out = dispatch2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, g| masked(x, g, self.0),
+            |x, g| masked(x, g, self.0),
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -133,16 +113,7 @@ impl CustomOp1 for LabSign {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match storage.dtype() {
-            DType::F32 => {
-                CpuStorage::F32(strict_sign(contiguous_slice::<f32>(name, storage, layout)?))
-            }
-            DType::F64 => {
-                CpuStorage::F64(strict_sign(contiguous_slice::<f64>(name, storage, layout)?))
-            }
-            other => candle_core::bail!("{name}: expected f32 or f64, found {other:?}"),
-        };
+        let out = dispatch1(self.name(), (storage, layout), strict_sign, strict_sign)?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -179,18 +150,7 @@ impl candle_core::CustomOp2 for LabSignBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let out = match (s1.dtype(), s2.dtype()) {
-            (DType::F32, DType::F32) => CpuStorage::F32(surrogate(
-                contiguous_slice::<f32>(name, s1, l1)?,
-                contiguous_slice::<f32>(name, s2, l2)?,
-            )),
-            (DType::F64, DType::F64) => CpuStorage::F64(surrogate(
-                contiguous_slice::<f64>(name, s1, l1)?,
-                contiguous_slice::<f64>(name, s2, l2)?,
-            )),
-            other => candle_core::bail!("{name}: expected f32 or f64 pairs, found {other:?}"),
-        };
+        let out = dispatch2(self.name(), (s1, l1), (s2, l2), surrogate, surrogate)?;
         Ok((out, l1.shape().clone()))
     }
 }

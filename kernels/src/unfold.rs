@@ -1,11 +1,10 @@
 //! im2col ("unfold") and its adjoint col2im ("fold"): they turn a convolution into one matrix
 //! multiply, so that training convolutions run on candle's fast GEMM, forward and backward.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::contiguous_slice;
+use crate::dispatch1;
 
 /// The patches of an (already padded) `N x C x H x W` input under a `kh x kw` window moved by
 /// `stride` (VALID): an `(N * OH * OW) x (C * kh * kw)` matrix whose row `(n, oy, ox)` holds
@@ -114,19 +113,12 @@ impl CustomOp1 for Unfold {
         let dims = layout.shape().dims4()?;
         let (n, c, h, w) = dims;
         let (oh, ow) = self.output_hw(h, w);
-        let out = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(unfold_into(
-                self,
-                contiguous_slice::<f32>(self.name(), storage, layout)?,
-                dims,
-            )),
-            DType::F64 => CpuStorage::F64(unfold_into(
-                self,
-                contiguous_slice::<f64>(self.name(), storage, layout)?,
-                dims,
-            )),
-            other => candle_core::bail!("unfold: expected f32 or f64, found {other:?}"),
-        };
+        let out = dispatch1(
+            self.name(),
+            (storage, layout),
+            |x| unfold_into(self, x, dims),
+            |x| unfold_into(self, x, dims),
+        )?;
         Ok((
             out,
             Shape::from((n * oh * ow, c * self.kernel[0] * self.kernel[1])),
@@ -151,17 +143,12 @@ impl CustomOp1 for Fold {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = match storage.dtype() {
-            DType::F32 => CpuStorage::F32(fold_into(
-                &self.0,
-                contiguous_slice::<f32>(self.name(), storage, layout)?,
-            )),
-            DType::F64 => CpuStorage::F64(fold_into(
-                &self.0,
-                contiguous_slice::<f64>(self.name(), storage, layout)?,
-            )),
-            other => candle_core::bail!("fold: expected f32 or f64, found {other:?}"),
-        };
+        let out = dispatch1(
+            self.name(),
+            (storage, layout),
+            |cols| fold_into(&self.0, cols),
+            |cols| fold_into(&self.0, cols),
+        )?;
         Ok((out, Shape::from(self.0.input)))
     }
 }
