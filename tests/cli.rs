@@ -94,3 +94,96 @@ fn bad_input_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `zoo export` of a weights file, then `zoo bench` (JSON and profile files) and `zoo predict`
+/// on the exported model; the engine's prediction is the candle model's.
+#[test]
+fn export_bench_and_predict_a_model() {
+    use candle_core::{DType, Device, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let spec = zoo::spec("quicknet-lab").unwrap();
+    let config = zoo::ModelConfig {
+        input: "32x32x1".parse().unwrap(),
+        classes: 10,
+    };
+    let analysis = zoo::spec::analyze(&spec, &config).unwrap();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(4);
+    let tensors: Vec<(String, Tensor)> = analysis
+        .params()
+        .map(|p| {
+            let values = zoo::init::draw(p, &mut rng);
+            let t = Tensor::from_vec(values, p.shape.clone(), &Device::Cpu).unwrap();
+            (p.name.clone(), t.to_dtype(DType::F32).unwrap())
+        })
+        .collect();
+    zoo::io::save_safetensors(&tensors, None, std::path::Path::new(&path("w.safetensors")))
+        .unwrap();
+    let labels = (0..10).map(|i| format!("thing{i}\n")).collect::<String>();
+    std::fs::write(path("labels.txt"), labels).unwrap();
+
+    let (ok, out, err) = zoo(&[
+        "export",
+        &path("w.safetensors"),
+        "--spec",
+        "quicknet-lab",
+        "--input",
+        "32x32x1",
+        "--classes",
+        "10",
+        "--labels",
+        &path("labels.txt"),
+        "-o",
+        &path("m.zoo"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("exported `quicknet-lab`"), "{out}");
+
+    let (ok, out, err) = zoo(&[
+        "bench",
+        &path("m.zoo"),
+        "--runs",
+        "3",
+        "--batch",
+        "2",
+        "--threads",
+        "2",
+        "--json",
+        &path("bench.json"),
+        "--profile",
+        "--profile-out",
+        &path("profile"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("median") && out.contains("stage4.block4.conv"), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path("bench.json")).unwrap()).unwrap();
+    assert_eq!(report["threads"], 2);
+    assert!(report["latency_ms"]["median"].as_f64().unwrap() > 0.0);
+    let csv = std::fs::read_to_string(path("profile.csv")).unwrap();
+    assert!(csv.starts_with("op,kind,output,ms,share\n") && csv.contains("lab+binary_conv"));
+    assert!(std::fs::metadata(path("profile.json")).is_ok());
+
+    // A 28x28 gray image, as Fashion-MNIST's.
+    let image = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]));
+    image.save(path("shirt.png")).unwrap();
+    let (ok, out, err) = zoo(&["predict", &path("m.zoo"), &path("shirt.png")]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 5, "{out}");
+    // The candle model on the same pixels ranks the same class first.
+    let pixels = zoo::data::fashion_mnist::eval_image(std::path::Path::new(&path("shirt.png")), 32)
+        .unwrap();
+    let weights: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+    let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let model = zoo::build("quicknet-lab", vb, &config).unwrap();
+    let xs = Tensor::from_vec(pixels, (1, 1, 32, 32), &Device::Cpu).unwrap();
+    let logits: Vec<f32> = model.forward(&xs, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let best = (0..10).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+    assert!(
+        out.lines().next().unwrap().starts_with(&format!("1. class {best} thing{best}:")),
+        "{out}"
+    );
+
+    let (ok, _, err) = zoo(&["predict", &path("w.safetensors"), &path("shirt.png")]);
+    assert!(!ok && err.contains("not a .zoo model"), "{err}");
+}

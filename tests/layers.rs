@@ -2295,3 +2295,187 @@ fn pad2d_pads_with_the_given_value() -> Result {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------
+// LAB as one fused op (`zoo_kernels::lab`, behind `Lab::forward`) against the composed ops
+// ------------------------------------------------------------------------------------------
+
+/// A LAB layer of `dtype` for `c` channels with random tensors, and those tensors as `Var`s
+/// (`weight`, `bias`, `beta`).
+fn lab_of_dtype(
+    r: &mut StdRng,
+    input: FeatureShape,
+    pairing: LabPairing,
+    dtype: DType,
+) -> Result<(Lab, [Var; 3])> {
+    let c = input.channels;
+    let map = VarMap::new();
+    let put = |name: &str, data: Vec<f64>, shape: &[usize]| -> Result<Var> {
+        let v = Var::from_tensor(&tensor(&data, shape).to_dtype(dtype)?)?;
+        map.data()
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), v.clone());
+        Ok(v)
+    };
+    let beta = r.random_range(-1.5..1.5);
+    let vars = [
+        put("weight", uniform(r, 18 * c, -1.0, 1.0), &[2 * c, 1, 3, 3])?,
+        put("bias", uniform(r, 2 * c, -0.5, 0.5), &[2 * c])?,
+        put("beta", vec![beta], &[1])?,
+    ];
+    let lab = Lab::new(
+        VarBuilder::from_varmap(&map, dtype, &Device::Cpu),
+        input,
+        pairing,
+    )?;
+    Ok((lab, vars))
+}
+
+/// The composed LAB (the implementation before the fused op): `lab_sign(beta*y1 - beta*y0)`
+/// on the scores of the plain candle ops.
+fn lab_composed(lab: &Lab, xs: &Tensor) -> Result<Tensor> {
+    let (s0, s1) = lab.scores(xs)?;
+    zoo_kernels::lab_sign(&s1.sub(&s0)?)
+}
+
+#[test]
+fn lab_fused_op_matches_the_composed_ops() -> Result {
+    let mut r = rng(71);
+    for (dtype, rtol) in [(DType::F64, 1e-5), (DType::F32, 1e-4)] {
+        for n in 1..=3 {
+            for c in [1, 2, 3, 5] {
+                for (h, w) in [(1, 1), (3, 5), (7, 7), (2, 9)] {
+                    for pairing in PAIRINGS {
+                        let what = format!("LAB {dtype:?} {pairing:?} {n}x{c}x{h}x{w}");
+                        let (lab, vars) = lab_of_dtype(&mut r, feature(c, h, w), pairing, dtype)?;
+                        let d = (n, c, h, w);
+                        let x = Var::from_tensor(
+                            &tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(dtype)?,
+                        )?;
+                        let fused = lab.forward(&x)?;
+                        let composed = lab_composed(&lab, &x)?;
+                        assert_eq!(fused.dtype(), dtype, "{what}");
+                        assert_exact(&values(&fused), &values(&composed), &what);
+                        let g = uniform(&mut r, numel(d), -1.0, 1.0);
+                        let (gf, gc) = (backward(&fused, &g)?, backward(&composed, &g)?);
+                        let named = [("x", &x), ("weight", &vars[0]), ("bias", &vars[1])];
+                        for (name, v) in named.into_iter().chain([("beta", &vars[2])]) {
+                            let expected = grad(&gc, v);
+                            // Relative, with a floor for entries that cancel to near zero.
+                            let floor = expected.iter().fold(0f64, |m, e| m.max(e.abs())) / 100.0;
+                            assert_close(
+                                &grad(&gf, v),
+                                &expected,
+                                rtol,
+                                rtol * floor,
+                                &format!("{what} d/d{name}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn lab_fused_op_gradients_match_finite_differences() -> Result {
+    let mut r = rng(72);
+    for pairing in PAIRINGS {
+        for (n, c, h, w) in [(2, 3, 3, 5), (1, 5, 2, 9), (2, 2, 1, 1)] {
+            let d = (n, c, h, w);
+            let beta = r.random_range(-1.5..1.5);
+            let s = lab_setup(&mut r, c, beta, Weights::new(), "");
+            let lab = Lab::new(s.weights.vb(), feature(c, h, w), pairing)?;
+            let xs = uniform(&mut r, numel(d), -1.0, 1.0);
+            let x = var(&xs, d);
+            let g = uniform(&mut r, numel(d), -1.0, 1.0);
+            let grads = backward(&lab.forward(&x)?, &g)?;
+            let loss = |xs: &[f64], w: &[f64], b: &[f64], beta: f64| {
+                let (y0, y1) = lab_reference(xs, d, w, b, beta, pairing);
+                dot(&g, &lab_soft(&y0, &y1))
+            };
+            // Central differences with a fixed step h = 1e-6.
+            let fd = |p: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+                let mut q = p.to_vec();
+                (0..p.len())
+                    .map(|i| {
+                        q[i] = p[i] + 1e-6;
+                        let up = f(&q);
+                        q[i] = p[i] - 1e-6;
+                        let down = f(&q);
+                        q[i] = p[i];
+                        (up - down) / 2e-6
+                    })
+                    .collect()
+            };
+            let what = |t: &str| format!("fused LAB d/d{t} ({pairing:?}, {d:?})");
+            let [wv, bv, betav] = &s.vars;
+            let fd_x = fd(&xs, &|p| loss(p, &s.w, &s.b, s.beta));
+            assert_close(&grad(&grads, &x), &fd_x, FD_RTOL, FD_ATOL, &what("x"));
+            let fd_w = fd(&s.w, &|p| loss(&xs, p, &s.b, s.beta));
+            assert_close(&grad(&grads, wv), &fd_w, FD_RTOL, FD_ATOL, &what("w"));
+            let fd_b = fd(&s.b, &|p| loss(&xs, &s.w, p, s.beta));
+            assert_close(&grad(&grads, bv), &fd_b, FD_RTOL, FD_ATOL, &what("b"));
+            let fd_beta = fd(&[s.beta], &|p| loss(&xs, &s.w, &s.b, p[0]));
+            assert_close(
+                &grad(&grads, betav),
+                &fd_beta,
+                FD_RTOL,
+                FD_ATOL,
+                &what("beta"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Forward + backward of the fused LAB against the composed ops on the QuickNet-LAB training
+/// shapes (batch 64, f32, 2 threads); prints medians and minima. Run with
+/// `cargo test -p zoo --release --test layers lab_fused_op_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing, not a check"]
+fn lab_fused_op_timing() -> Result {
+    use std::time::Instant;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a thread pool");
+    let mut r = rng(73);
+    let reps = 41;
+    for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
+        let d = (64, c, hw, hw);
+        let (lab, _vars) =
+            lab_of_dtype(&mut r, feature(c, hw, hw), LabPairing::Channel, DType::F32)?;
+        let x = Var::from_tensor(
+            &tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?,
+        )?;
+        let g = tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?;
+        let time = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(f64, f64)> {
+            let mut times = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let start = Instant::now();
+                let y = f(x.as_tensor())?;
+                let grads = y.mul(&g)?.sum_all()?.backward()?;
+                assert!(grads.get(x.as_tensor()).is_some());
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            Ok((times[reps / 2], times[0]))
+        };
+        let (composed, fused) = pool.install(|| -> Result<((f64, f64), (f64, f64))> {
+            Ok((
+                time(&|x| lab_composed(&lab, x))?,
+                time(&|x| lab.forward(x))?,
+            ))
+        })?;
+        println!(
+            "LAB fwd+bwd 64x{c}x{hw}x{hw} f32, median (min) of {reps}: composed {:.3} ({:.3}) \
+             ms, fused {:.3} ({:.3}) ms",
+            composed.0, composed.1, fused.0, fused.1
+        );
+    }
+    Ok(())
+}

@@ -13,17 +13,29 @@
 //!   matrix multiply, so that training convolutions use candle's GEMM forward and backward.
 //! - [`depthwise_conv2d`]: depthwise convolution (VALID, strided) as direct loops, with both
 //!   gradients (input and kernel) as direct loops too.
+//! - [`packed`]: candle-free bit-packed XNOR-popcount kernels (binary convolution, LAB, max
+//!   pooling) for CPU inference.
+//! - [`lab`]: the Learnable Activation Binarizer (depthwise 3x3 pair, scale, strict threshold)
+//!   fused into one op, with all four gradients (input, kernel, bias, beta) in one backward op.
+//! - [`binary_conv2d`]: the training-time binary convolution, bit-packed exact forward and GEMM
+//!   backward with the straight-through masks fused.
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout.
 
 mod batch_norm;
+mod binary_conv;
 mod depthwise;
+mod lab;
 mod pool;
 mod sign;
 mod unfold;
 
+pub mod packed;
+
 pub use batch_norm::batch_norm_train;
+pub use binary_conv::{binary_conv2d, BinaryConv2d};
 pub use depthwise::depthwise_conv2d;
+pub use lab::{lab, Pairing};
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
 pub use sign::{lab_sign, sign, ste_sign};
 pub use unfold::{conv2d_gemm, unfold};

@@ -23,6 +23,7 @@
 extern crate self as zoo;
 
 pub mod data;
+pub mod engine;
 pub mod import;
 pub mod init;
 pub mod io;
@@ -36,7 +37,7 @@ pub mod train;
 pub use candle_core;
 pub use candle_nn;
 pub use network::Network;
-pub use registry::{build, list, spec, Entry};
+pub use registry::{build, list, spec, spec_text, Entry};
 pub use zoo_spec as spec;
 pub use zoo_spec::{ModelConfig, Spec};
 

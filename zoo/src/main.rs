@@ -74,6 +74,71 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         batch_size: usize,
     },
+    /// Fold and pack trained weights into a `.zoo` model for the inference engine: batch norm
+    /// and kernel scales become per-channel multipliers, binary kernels bits, LAB one kernel
+    /// and threshold per channel (a safetensors file with the spec inside).
+    Export {
+        /// A run directory (its final, else best weights) or a safetensors weights file.
+        weights: PathBuf,
+        /// The architecture: a registered name or a spec file (default: the run's).
+        #[arg(long)]
+        spec: Option<String>,
+        /// Input shape HxWxC (default: the run's, else the spec's).
+        #[arg(long, value_parser = parse_input)]
+        input: Option<InputShape>,
+        /// Number of classes (default: the run's, else the spec's).
+        #[arg(long, value_parser = parse_classes)]
+        classes: Option<usize>,
+        /// Class names, one per line (default: the run's dataset's, when known).
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// The `.zoo` file to write (atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Time the inference engine: batch-1 latency (median, min, max after warm-up) and
+    /// throughput with a batch. A `.zoo` file runs its weights; a model name or spec file runs
+    /// random weights of that architecture.
+    Bench {
+        /// A `.zoo` file, a registered model name or a spec file.
+        model: String,
+        /// Input shape HxWxC (default: the model's).
+        #[arg(long, value_parser = parse_input)]
+        input: Option<InputShape>,
+        /// Number of classes of a named model (default: the spec's).
+        #[arg(long, value_parser = parse_classes)]
+        classes: Option<usize>,
+        /// Timed batch-1 runs.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Images per call for the throughput figure.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Also time every layer and print a table (op, shape, ms, share), written as CSV and
+        /// JSON too.
+        #[arg(long)]
+        profile: bool,
+        /// Where the profile goes: `<PREFIX>.csv` and `<PREFIX>.json` (default:
+        /// `runs/profiles/<model>-<input>-<threads>t`).
+        #[arg(long)]
+        profile_out: Option<PathBuf>,
+        /// Write the figures as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Classify an image with a `.zoo` model: the top classes and their probabilities.
+    Predict {
+        /// The `.zoo` model.
+        model: PathBuf,
+        /// A JPEG or PNG image.
+        image: PathBuf,
+        /// How many classes to print.
+        #[arg(long, default_value_t = 5)]
+        top: usize,
+    },
     /// Datasets: download Imagenette.
     Data {
         #[command(subcommand)]
@@ -472,6 +537,90 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
                     mirror,
                 },
         } => fetch(&dataset, &size, &dest, mirror.as_deref())?,
+        Command::Export {
+            weights,
+            spec,
+            input,
+            classes,
+            labels,
+            output,
+        } => export(&weights, spec, input, classes, labels.as_deref(), &output)?,
+        Command::Bench {
+            model,
+            input,
+            classes,
+            runs,
+            warmup,
+            batch,
+            profile,
+            profile_out,
+            json,
+        } => {
+            let threads = cli.threads.unwrap_or_else(default_threads);
+            let engine = engine_for(&model, input, classes, threads)?;
+            let report = zoo::engine::bench::bench(&engine, runs, warmup, batch, profile)?;
+            let l = &report.latency_ms;
+            println!(
+                "{} at {}, {} thread(s), {} kernel: batch 1 median {:.3} ms (min {:.3}, max {:.3}, {} runs); batch {}: {:.1} images/s",
+                report.model, report.input, report.threads, report.kernel, l.median, l.min, l.max,
+                l.runs, report.throughput.batch, report.throughput.images_per_s
+            );
+            if let Some(ops) = &report.profile {
+                print!("{}", zoo::engine::bench::render_profile(ops));
+                let prefix = profile_out.unwrap_or_else(|| {
+                    PathBuf::from("runs/profiles").join(format!(
+                        "{}-{}-{}t",
+                        report.model, report.input, report.threads
+                    ))
+                });
+                if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| zoo::Error::Write {
+                        path: dir.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                }
+                let csv = prefix.with_extension("csv");
+                let json_path = prefix.with_extension("json");
+                zoo::io::write_bytes_atomically(&csv, zoo::engine::bench::profile_csv(ops).as_bytes())?;
+                let body = serde_json::to_string_pretty(ops).expect("profile serialises");
+                zoo::io::write_bytes_atomically(&json_path, body.as_bytes())?;
+                println!("profile written to {} and {}", csv.display(), json_path.display());
+            }
+            if let Some(path) = json {
+                let body = serde_json::to_string_pretty(&report).expect("report serialises");
+                zoo::io::write_bytes_atomically(&path, body.as_bytes())?;
+            }
+        }
+        Command::Predict { model, image, top } => {
+            let threads = cli.threads.unwrap_or_else(default_threads);
+            let zoo_model = zoo::engine::ZooModel::load(&model)?;
+            let engine = zoo::engine::Engine::new(&zoo_model, threads)?;
+            let input = engine.config().input;
+            let pixels = if input.channels == 1 {
+                zoo::data::fashion_mnist::eval_image(&image, input.height)?
+            } else {
+                zoo::data::folder::eval_image(&image, input.height)?
+            };
+            let logits = engine.run(&pixels, 1)?;
+            let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let exp: Vec<f64> = logits.iter().map(|&l| ((l - max) as f64).exp()).collect();
+            let sum: f64 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..logits.len()).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            for (rank, &class) in order.iter().take(top).enumerate() {
+                let name = zoo_model
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(class))
+                    .map_or(String::new(), |n| format!(" {n}"));
+                println!(
+                    "{}. class {class}{name}: {:.2}% (logit {:.4})",
+                    rank + 1,
+                    100.0 * exp[class] / sum,
+                    logits[class]
+                );
+            }
+        }
         Command::List => {
             println!(
                 "{:<16} {:<12} {:>8} {:>11}  description",
@@ -524,6 +673,102 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
             );
         }
     }
+    Ok(())
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// An engine for a `.zoo` file, or for random weights of a registered model or spec file.
+fn engine_for(
+    model: &str,
+    input: Option<InputShape>,
+    classes: Option<usize>,
+    threads: usize,
+) -> Result<zoo::engine::Engine, zoo::Error> {
+    let path = std::path::Path::new(model);
+    let zoo_model = if path.is_file() && zoo::spec(model).is_err() {
+        let mut m = zoo::engine::ZooModel::load(path)?;
+        if let Some(input) = input {
+            m.config.input = input;
+        }
+        m
+    } else {
+        let spec = zoo::spec(model)?;
+        let config = config_of(&spec, input, classes);
+        zoo::engine::bench::random_model(model, &config, 0)?
+    };
+    zoo::engine::Engine::new(&zoo_model, threads)
+}
+
+fn export(
+    weights: &std::path::Path,
+    spec: Option<String>,
+    input: Option<InputShape>,
+    classes: Option<usize>,
+    labels: Option<&std::path::Path>,
+    output: &std::path::Path,
+) -> Result<(), zoo::Error> {
+    let run = zoo::train::RunWeights::open(weights)?;
+    let name = match (spec, &run.config) {
+        (Some(s), _) => s,
+        (None, Some(c)) => c.model.clone(),
+        (None, None) => {
+            return Err(zoo::Error::Run {
+                path: weights.display().to_string(),
+                message: "a plain weights file: name its architecture with --spec".into(),
+            })
+        }
+    };
+    let spec = zoo::spec(&name)?;
+    let text = zoo::spec_text(&name)?;
+    let run_input = run.config.as_ref().and_then(|c| c.input.parse().ok());
+    let config = zoo::ModelConfig {
+        input: input.or(run_input).unwrap_or(spec.input),
+        classes: classes
+            .or(run.config.as_ref().map(|c| c.classes))
+            .unwrap_or(spec.classes),
+    };
+    let mut model = zoo::engine::export(&text, &spec, &config, &run.tensors)?;
+    model.labels = match labels {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| zoo::Error::Run {
+                    path: file.display().to_string(),
+                    message: format!("cannot read the class names: {e}"),
+                })?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+        None => run
+            .config
+            .as_ref()
+            .filter(|c| zoo::train::is_fashion_mnist(&c.data))
+            .map(|_| zoo::data::fashion_mnist::CLASSES.iter().map(|c| c.to_string()).collect()),
+    };
+    if let Some(l) = &model.labels {
+        if l.len() != config.classes {
+            return Err(zoo::Error::Run {
+                path: labels.map_or(weights, |p| p).display().to_string(),
+                message: format!("{} class names for {} classes", l.len(), config.classes),
+            });
+        }
+    }
+    model.save(output)?;
+    let size = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "exported `{}` at {} with {} classes to {} ({} bytes, {:.2} MiB)",
+        spec.name,
+        config.input,
+        config.classes,
+        output.display(),
+        size,
+        size as f64 / (1024.0 * 1024.0)
+    );
     Ok(())
 }
 

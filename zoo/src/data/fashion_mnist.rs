@@ -193,3 +193,34 @@ impl Dataset for FashionMnist {
         Ok(self.labels[index] as u32)
     }
 }
+
+/// One image file prepared like a Fashion-MNIST test sample: gray, resized to 28 x 28
+/// (light garment on a dark background, as in the dataset), centered on a `side x side`
+/// canvas, normalised; `1 x side x side`.
+pub fn eval_image(path: &Path, side: usize) -> Result<Vec<f32>, DataError> {
+    let fail = |message: String| DataError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let image = image::ImageReader::open(path)
+        .map_err(|e| fail(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| fail(format!("cannot read: {e}")))?
+        .decode()
+        .map_err(|e| fail(format!("cannot decode: {e}")))?
+        .into_luma8();
+    if side < SIDE {
+        return Err(DataError::Invalid(format!(
+            "Fashion-MNIST images need an input of at least {SIDE}x{SIDE}, found {side}x{side}"
+        )));
+    }
+    let small = image::imageops::resize(&image, SIDE as u32, SIDE as u32, image::imageops::FilterType::Triangle);
+    let offset = (side - SIDE) / 2;
+    let mut out = vec![-MEAN / STD; side * side];
+    for (y, row) in small.as_raw().chunks(SIDE).enumerate() {
+        for (x, &v) in row.iter().enumerate() {
+            out[(y + offset) * side + x + offset] = (v as f32 / 255.0 - MEAN) / STD;
+        }
+    }
+    Ok(out)
+}

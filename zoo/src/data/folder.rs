@@ -345,6 +345,31 @@ impl Dataset for ImageFolder {
     }
 }
 
+/// One image file as the validation split sees it: shorter side resized to
+/// [`resize_side`]`(size)`, center `size x size` crop, ImageNet normalisation, `3 x H x W`.
+pub fn eval_image(path: &Path, size: usize) -> Result<Vec<f32>, DataError> {
+    let image = decode(path).map_err(|message| DataError::File {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    let resized = resize_shorter(&image, resize_side(size), false);
+    let (x0, y0) = (
+        center_offset(resized.width(), size as u32) as usize,
+        center_offset(resized.height(), size as u32) as usize,
+    );
+    let width = resized.width() as usize;
+    let mut out = vec![0.0; 3 * size * size];
+    for y in 0..size {
+        for x in 0..size {
+            let pixel = &resized.as_raw()[((y0 + y) * width + x0 + x) * 3..][..3];
+            for c in 0..3 {
+                out[c * size * size + y * size + x] = normalise(c, pixel[c]);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Decodes an image file (format guessed from its content) into 8-bit RGB.
 fn decode(path: &Path) -> Result<RgbImage, String> {
     let reader = ImageReader::open(path)

@@ -61,9 +61,15 @@ pub fn swish_sign(xs: &Tensor, beta: f64) -> Result<Tensor> {
 ///
 /// Tensors: `weight` (`2C x 1 x 3 x 3`, output `2k + q` reads channel `k`), `bias` (`2C`),
 /// `beta` (`1`).
+///
+/// [`Lab::forward`] runs the fused op [`zoo_kernels::lab`] (one pass each way); [`Lab::scores`]
+/// keeps the plain composition of candle ops as a reference.
 #[derive(Clone, Debug)]
 pub struct Lab {
     conv: DepthwiseConv2d,
+    /// The convolution's kernel and bias, the very tensors `conv` holds.
+    weight: Tensor,
+    bias: Tensor,
     beta: Tensor,
     pairing: LabPairing,
 }
@@ -81,14 +87,23 @@ impl Lab {
 
     /// Creates or loads the LAB tensors for an input of shape `input` under `vb`.
     pub fn new(vb: VarBuilder, input: FeatureShape, pairing: LabPairing) -> Result<Self> {
+        let conv = DepthwiseConv2d::new(vb.clone(), input, &Self::CONV)?;
+        // Created (or loaded) just above: these return the same tensors.
+        let maps = 2 * input.channels;
+        let weight = vb.get((maps, 1, 3, 3), "weight")?;
+        let bias = vb.get(maps, "bias")?;
         Ok(Lab {
-            conv: DepthwiseConv2d::new(vb.clone(), input, &Self::CONV)?,
+            conv,
+            weight,
+            bias,
             beta: vb.get_with_hints(1, "beta", candle_nn::Init::Const(1.0))?,
             pairing,
         })
     }
 
-    /// The two scaled depthwise outputs `(beta*y0, beta*y1)`, each `N x C x H x W`.
+    /// The two scaled depthwise outputs `(beta*y0, beta*y1)`, each `N x C x H x W`, from the
+    /// composition of candle ops (depthwise convolution, bias, `beta`, pairing): the reference
+    /// that the fused [`Lab::forward`] matches bit for bit after `zoo_kernels::lab_sign(y1 - y0)`.
     pub fn scores(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let (n, c, h, w) = xs.dims4()?;
         let ys = self.conv.forward(xs)?.broadcast_mul(&self.beta)?;
@@ -106,8 +121,11 @@ impl Lab {
 
     /// Binarizes `xs` (`N x C x H x W`) to ±1.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (y0, y1) = self.scores(xs)?;
-        zoo_kernels::lab_sign(&y1.sub(&y0)?)
+        let pairing = match self.pairing {
+            LabPairing::Channel => zoo_kernels::Pairing::Channel,
+            LabPairing::Official => zoo_kernels::Pairing::Official,
+        };
+        zoo_kernels::lab(xs, &self.weight, &self.bias, &self.beta, pairing)
     }
 }
 

@@ -1,9 +1,9 @@
 //! Convolutions: the (binarized) 2D convolution and the depthwise convolution.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::spec::{Conv, DepthwiseConv, FeatureShape, KernelQuantizer};
+use crate::spec::{Activation, Conv, DepthwiseConv, FeatureShape, KernelQuantizer};
 
 use super::functional::padding_amounts;
 use super::{init_hint, pad2d, ste_sign, straight_through, Binarizer};
@@ -81,6 +81,9 @@ impl QuantConv2d {
 
     /// Applies the layer to `N x C x H x W` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = self.binary_forward(xs)? {
+            return self.add_bias(ys);
+        }
         let xs = self.binarizer.forward(xs)?;
         let pads = padding_amounts(
             &xs,
@@ -102,10 +105,56 @@ impl QuantConv2d {
             .narrow(3, 0, (w - kw) / s * s + kw)?;
         let kernel = quantize_kernel(&self.weight, &self.config.kernel_quantizer)?;
         let ys = conv2d(&xs, &kernel, self.config.stride)?;
+        self.add_bias(ys)
+    }
+
+    fn add_bias(&self, ys: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(b) => ys.broadcast_add(&b.reshape((1, (), 1, 1))?),
             None => Ok(ys),
         }
+    }
+
+    /// The convolution as one [`zoo_kernels::binary_conv2d`] (exact bit-packed forward, GEMM
+    /// backward with the straight-through masks fused) when the layer is one it covers: a
+    /// binary input, a `ste_sign` or magnitude-aware kernel, pad value 0 or 1, f32 or f64 on
+    /// the CPU. `None` otherwise (the caller then takes the general path).
+    fn binary_forward(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let cfg = &self.config;
+        let (kernel_clip, magnitude) = match cfg.kernel_quantizer {
+            KernelQuantizer::SteSign { clip } => (clip, false),
+            KernelQuantizer::MagnitudeAwareSign { clip } => (clip, true),
+            KernelQuantizer::None | KernelQuantizer::XnorWeightScale => return Ok(None),
+        };
+        let covered = xs.device().is_cpu()
+            && matches!(xs.dtype(), DType::F32 | DType::F64)
+            && xs.dtype() == self.weight.dtype()
+            && (cfg.pad_value == 0.0 || cfg.pad_value == 1.0);
+        let (xs, input_clip) = match cfg.input {
+            _ if !covered => return Ok(None),
+            Activation::None => return Ok(None),
+            // The op binarizes the input itself, with this straight-through mask.
+            Activation::Sign { clip } => (xs.clone(), Some(clip)),
+            // Other binarizers bring their own gradient: the op sees their ±1 output.
+            Activation::ApproxSign | Activation::SwishSign { .. } | Activation::Lab(_) => {
+                (self.binarizer.forward(xs)?, None)
+            }
+        };
+        let pads = padding_amounts(&xs, cfg.kernel, cfg.stride, cfg.padding)?;
+        let conv = zoo_kernels::BinaryConv2d {
+            stride: cfg.stride,
+            pads,
+            pad_value: cfg.pad_value,
+            input_clip,
+            kernel_clip,
+        };
+        let ys = zoo_kernels::binary_conv2d(&xs, &self.weight, &conv)?;
+        if !magnitude {
+            return Ok(Some(ys));
+        }
+        // Bi-Real Net's scale: mean |w| per output channel, without gradient.
+        let scale = self.weight.detach().abs()?.flatten_from(1)?.mean(1)?;
+        Ok(Some(ys.broadcast_mul(&scale.reshape((1, (), 1, 1))?)?))
     }
 }
 

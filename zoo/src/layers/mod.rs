@@ -17,6 +17,7 @@ pub use functional::{
     avg_pool2d, blur_pool, duplicate, flatten, global_avg_pool, max_pool2d, pad2d, relu,
 };
 pub use norm::BatchNorm;
+pub(crate) use norm::MIN_EPSILON;
 
 use crate::spec::Init;
 

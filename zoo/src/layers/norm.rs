@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use crate::spec::{BatchNorm as Config, FeatureShape};
 
 /// Keras' fused batch norm never uses an epsilon below this (a cuDNN requirement).
-const MIN_EPSILON: f64 = 1.001e-5;
+pub(crate) const MIN_EPSILON: f64 = 1.001e-5;
 
 /// Batch normalisation as Keras' (fused, 4D) `BatchNormalization` computes it.
 ///

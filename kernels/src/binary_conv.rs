@@ -1,0 +1,885 @@
+//! The training-time binary convolution: `conv(pad(sign(x)), sign(w))` as one custom op.
+//!
+//! Forward: the exact integer convolution of the signs, by XNOR-popcount on bit-packed maps
+//! ([`crate::packed`]). Backward: both products on GEMMs, one tap of the kernel at a time and
+//! only over the output positions whose window puts that tap inside the image. Positions where
+//! a tap reads padding give no input gradient, and their (constant) contribution to the kernel
+//! gradient is a column sum of the output gradient, so the GEMMs never multiply padding. The
+//! straight-through masks `1{|x| <= clip}` and `1{|w| <= clip}` are applied in the passes that
+//! write the gradients.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use std::borrow::Cow;
+
+use crate::packed::{self, ConvGeometry, PackedConvWeights, PackedMap, PadValue};
+use crate::{dispatch2, dispatch3};
+
+/// The configuration of a [`binary_conv2d`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BinaryConv2d {
+    /// Vertical and horizontal stride.
+    pub stride: [usize; 2],
+    /// Padding `[top, bottom, left, right]` around the binarized input.
+    pub pads: [usize; 4],
+    /// The value the padding holds: `0.0` or `1.0`.
+    pub pad_value: f64,
+    /// The input's straight-through clip: the input gradient is masked by `1{|x| <= clip}`.
+    /// `None` when the input is already ±1 (binarized by a layer with its own gradient): the
+    /// gradient then passes unmasked.
+    pub input_clip: Option<f64>,
+    /// The kernel's straight-through clip: the kernel gradient is masked by `1{|w| <= clip}`.
+    pub kernel_clip: f64,
+}
+
+/// The binary convolution of `x` (`N x C x H x W`) with the latent kernel `weight`
+/// (`O x C x kh x kw`): `conv(pad(sign(x), pad_value), sign(weight))` (VALID after the padding,
+/// strided), where `sign` is `+1` for `x >= 0` and `-1` elsewhere. The output
+/// (`N x O x OH x OW`, integers) is exact; the gradients are Larq's straight-through ones:
+/// `x` gets the convolution's input gradient, without the padded positions, masked by
+/// `1{|x| <= input_clip}` (unmasked when `input_clip` is `None`), and `weight` gets the kernel
+/// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64, CPU.
+pub fn binary_conv2d(x: &Tensor, weight: &Tensor, conv: &BinaryConv2d) -> Result<Tensor> {
+    let geometry = Geometry::new(x.dims4()?, weight.dims4()?, conv)?;
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        BinaryConv {
+            conv: *conv,
+            geometry,
+        },
+    )
+}
+
+/// The sizes of one convolution.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    sy: usize,
+    sx: usize,
+    top: usize,
+    left: usize,
+    pads: [usize; 4],
+    oh: usize,
+    ow: usize,
+}
+
+/// One kernel tap `(i, j)` and the output rectangle `[oy0, oy1) x [ox0, ox1)` whose windows put
+/// it inside the image.
+#[derive(Clone, Copy, Debug)]
+struct Tap {
+    i: usize,
+    j: usize,
+    oy: (usize, usize),
+    ox: (usize, usize),
+}
+
+impl Tap {
+    fn rows(&self) -> usize {
+        self.oy.1 - self.oy.0
+    }
+
+    fn cols(&self) -> usize {
+        self.ox.1 - self.ox.0
+    }
+
+    fn contains(&self, oy: usize, ox: usize) -> bool {
+        (self.oy.0..self.oy.1).contains(&oy) && (self.ox.0..self.ox.1).contains(&ox)
+    }
+}
+
+/// The outputs `[lo, hi)` among `outputs` whose window offset `k` lands inside `[0, size)`:
+/// `lo * stride + k - pad >= 0` and `hi` the first past `size - 1`.
+fn inside(outputs: usize, size: usize, stride: usize, pad: usize, k: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    let hi = match (size + pad).checked_sub(k + 1) {
+        Some(last) => (last / stride + 1).min(outputs),
+        None => 0,
+    };
+    if lo < hi {
+        (lo, hi)
+    } else {
+        (0, 0)
+    }
+}
+
+impl Geometry {
+    fn new(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (o, kc, kh, kw): (usize, usize, usize, usize),
+        conv: &BinaryConv2d,
+    ) -> Result<Self> {
+        let [sy, sx] = conv.stride;
+        let [top, bottom, left, right] = conv.pads;
+        let (hp, wp) = (h + top + bottom, w + left + right);
+        if kc != c {
+            candle_core::bail!(
+                "binary_conv2d: a kernel for {kc} channels does not fit a {c}-channel input"
+            );
+        }
+        if sy == 0 || sx == 0 || kh == 0 || kw == 0 || hp < kh || wp < kw {
+            candle_core::bail!(
+                "binary_conv2d: a {kh}x{kw} kernel with stride {:?} does not fit a padded \
+                 {hp}x{wp} input",
+                conv.stride
+            );
+        }
+        if conv.pad_value != 0.0 && conv.pad_value != 1.0 {
+            candle_core::bail!(
+                "binary_conv2d: the pad value must be 0 or 1, found {}",
+                conv.pad_value
+            );
+        }
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            sy,
+            sx,
+            top,
+            left,
+            pads: conv.pads,
+            oh: (hp - kh) / sy + 1,
+            ow: (wp - kw) / sx + 1,
+        })
+    }
+
+    fn taps(&self) -> Vec<Tap> {
+        let mut taps = Vec::with_capacity(self.kh * self.kw);
+        for i in 0..self.kh {
+            for j in 0..self.kw {
+                taps.push(Tap {
+                    i,
+                    j,
+                    oy: inside(self.oh, self.h, self.sy, self.top, i),
+                    ox: inside(self.ow, self.w, self.sx, self.left, j),
+                });
+            }
+        }
+        taps
+    }
+
+    /// Whether the tap reads input pixel `(oy, ox)` at every output `(oy, ox)`: its gathered
+    /// rows are the whole input and output maps, in the same order.
+    fn is_identity(&self, tap: &Tap) -> bool {
+        self.sy == 1
+            && self.sx == 1
+            && (self.oh, self.ow) == (self.h, self.w)
+            && (tap.i, tap.j) == (self.top, self.left)
+    }
+
+    /// The channels-last input row read by tap `tap` at output `(oy, ox)` of image `img`.
+    fn input_row(&self, tap: &Tap, img: usize, oy: usize, ox: usize) -> usize {
+        let y = oy * self.sy + tap.i - self.top;
+        let x = ox * self.sx + tap.j - self.left;
+        (img * self.h + y) * self.w + x
+    }
+
+    fn output_pixels(&self) -> usize {
+        self.oh * self.ow
+    }
+}
+
+/// The forward op; the latent kernel is its second argument.
+struct BinaryConv {
+    conv: BinaryConv2d,
+    geometry: Geometry,
+}
+
+impl CustomOp2 for BinaryConv {
+    fn name(&self) -> &'static str {
+        "binary-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let out = dispatch2(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            |x, w| forward(g, self.conv.pad_value, x, w),
+            |x, w| forward(g, self.conv.pad_value, x, w),
+        )?;
+        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = x.apply_op3_no_bwd(
+            weight,
+            &grad.contiguous()?,
+            &BinaryConvBackward {
+                conv: self.conv,
+                geometry: self.geometry,
+            },
+        )?;
+        let (nx, nw) = (x.elem_count(), weight.elem_count());
+        Ok((
+            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
+            Some(both.narrow(0, nx, nw)?.reshape(weight.shape())?),
+        ))
+    }
+}
+
+/// Both gradients of [`BinaryConv`], concatenated flat (input first).
+struct BinaryConvBackward {
+    conv: BinaryConv2d,
+    geometry: Geometry,
+}
+
+impl CustomOp3 for BinaryConvBackward {
+    fn name(&self) -> &'static str {
+        "binary-conv2d-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = &self.geometry;
+        let out = dispatch3(
+            self.name(),
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            |x, w, gy| backward(g, &self.conv, x, w, gy),
+            |x, w, gy| backward(g, &self.conv, x, w, gy),
+        )?;
+        let len = g.n * g.c * g.h * g.w + g.o * g.c * g.kh * g.kw;
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// The floating-point types the op takes (those the GEMMs and the packing take).
+trait Float: WithDType {
+    /// The values as f32 with the same [`sign`] (the packing reads f32).
+    fn signs(data: &[Self]) -> Cow<'_, [f32]>;
+}
+
+impl Float for f32 {
+    fn signs(data: &[f32]) -> Cow<'_, [f32]> {
+        Cow::Borrowed(data)
+    }
+}
+
+impl Float for f64 {
+    fn signs(data: &[f64]) -> Cow<'_, [f32]> {
+        // Not `as f32`: a tiny negative f64 would round to -0.0, whose sign is +1.
+        Cow::Owned(data.iter().map(|&v| sign(v) as f32).collect())
+    }
+}
+
+fn sign<T: Float>(v: T) -> T {
+    if v >= T::zero() {
+        T::one()
+    } else {
+        T::zero() - T::one()
+    }
+}
+
+/// A strided read-only matrix.
+#[derive(Clone, Copy)]
+struct Mat<'a, T> {
+    data: &'a [T],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major `rows x cols` matrix.
+    fn rows(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose (a view).
+    fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`.
+fn matmul<T: Float>(dst: &mut [T], accumulate: bool, a: Mat<T>, b: Mat<T>) {
+    matmul_strided(dst, (b.cols, 1), accumulate, a, b)
+}
+
+/// [`matmul`] into a `dst` with row and column strides `(rs, cs)`.
+fn matmul_strided<T: Float>(
+    dst: &mut [T],
+    (rs, cs): (usize, usize),
+    accumulate: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let d = Mat {
+        data: &[] as &[T],
+        rows: m,
+        cols: n,
+        row_stride: rs,
+        col_stride: cs,
+    };
+    assert!(b.rows == k && d.fits(dst.len()) && a.fits(a.data.len()) && b.fits(b.data.len()));
+    if m == 0 || n == 0 || (k == 0 && accumulate) {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let parallelism = match threads {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    };
+    // SAFETY: the asserts above keep every index the GEMM touches inside the three slices,
+    // and dst (borrowed mutably) does not alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            cs as isize,
+            rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// `NCHW -> NHWC` (`(n, p, c)` from `(n, c, p)` with `p` the pixel), through `f`.
+fn channels_last<T: Float>(
+    src: &[T],
+    n: usize,
+    c: usize,
+    p: usize,
+    f: impl Fn(T) -> T + Sync,
+) -> Vec<T> {
+    let mut dst = vec![T::zero(); n * c * p];
+    if c * p == 0 {
+        return dst;
+    }
+    dst.par_chunks_mut(c * p)
+        .zip(src.par_chunks(c * p))
+        .for_each(|(dst, src)| {
+            for (ci, plane) in src.chunks(p).enumerate() {
+                for (pi, &v) in plane.iter().enumerate() {
+                    dst[pi * c + ci] = f(v);
+                }
+            }
+        });
+    dst
+}
+
+/// Copies, for every image and output `(oy, ox)` of the tap's rectangle (in that order), the
+/// `width` values of row `row(img, oy, ox)` of `src` into `dst`.
+fn gather<T: Float>(
+    src: &[T],
+    width: usize,
+    g: &Geometry,
+    tap: &Tap,
+    row: impl Fn(usize, usize, usize) -> usize + Sync,
+    dst: &mut [T],
+) {
+    let per_image = tap.rows() * tap.cols() * width;
+    dst[..g.n * per_image]
+        .par_chunks_mut(per_image)
+        .enumerate()
+        .for_each(|(img, dst)| {
+            let mut out = dst.chunks_mut(width);
+            for oy in tap.oy.0..tap.oy.1 {
+                for ox in tap.ox.0..tap.ox.1 {
+                    let r = row(img, oy, ox);
+                    out.next()
+                        .expect("a row per output")
+                        .copy_from_slice(&src[r * width..(r + 1) * width]);
+                }
+            }
+        });
+}
+
+/// Adds the rows of `src` (one per image and output of the tap's rectangle, as [`gather`] lays
+/// them out) to the input rows they came from in the channels-last `dst`.
+fn scatter_add<T: Float>(src: &[T], g: &Geometry, tap: &Tap, dst: &mut [T]) {
+    let c = g.c;
+    let per_image = tap.rows() * tap.cols() * c;
+    dst.par_chunks_mut(g.h * g.w * c)
+        .zip(src[..g.n * per_image].par_chunks(per_image))
+        .for_each(|(image, src)| {
+            let mut rows = src.chunks(c);
+            for oy in tap.oy.0..tap.oy.1 {
+                for ox in tap.ox.0..tap.ox.1 {
+                    let r = g.input_row(tap, 0, oy, ox);
+                    let row = rows.next().expect("a row per output");
+                    for (d, &s) in image[r * c..(r + 1) * c].iter_mut().zip(row) {
+                        *d += s;
+                    }
+                }
+            }
+        });
+}
+
+/// The exact forward `conv(pad(sign(x)), sign(w))`, NCHW: the packed XNOR-popcount
+/// convolution of each image (images in parallel), its integer dots converted in the epilogue
+/// (channels-last) and transposed to NCHW.
+fn forward<T: Float>(g: &Geometry, pad_value: f64, x: &[T], w: &[T]) -> Vec<T> {
+    let weights = PackedConvWeights::from_signs(&T::signs(w), g.o, g.c, [g.kh, g.kw]);
+    let geometry = ConvGeometry {
+        stride: [g.sy, g.sx],
+        pads: g.pads,
+        pad_value: if pad_value == 0.0 {
+            PadValue::Zero
+        } else {
+            PadValue::One
+        },
+    };
+    let (image, pixels) = (g.c * g.h * g.w, g.output_pixels());
+    let mut out = vec![T::zero(); g.n * g.o * pixels];
+    if image == 0 || g.o * pixels == 0 {
+        return out;
+    }
+    out.par_chunks_mut(g.o * pixels)
+        .zip(x.par_chunks(image))
+        .for_each_init(
+            || vec![T::zero(); pixels * g.o],
+            |rows, (out, x)| {
+                let map = PackedMap::from_nchw_signs(&T::signs(x), g.c, g.h, g.w);
+                packed::binary_conv(&map, &weights, &geometry, rows, |_, dots, row| {
+                    for (r, &d) in row.iter_mut().zip(dots) {
+                        *r = T::from_f64(d as f64);
+                    }
+                });
+                for (p, px) in rows.chunks_exact(g.o).enumerate() {
+                    for (oo, &v) in px.iter().enumerate() {
+                        out[oo * pixels + p] = v;
+                    }
+                }
+            },
+        );
+    out
+}
+
+/// Both gradients, flat: the input's (`N x C x H x W`) then the kernel's (`O x C x kh x kw`).
+fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &[T]) -> Vec<T> {
+    let (c, o) = (g.c, g.o);
+    let pixels = g.output_pixels();
+    let taps = g.taps();
+    let kt = taps.len();
+    let xs = channels_last(x, g.n, c, g.h * g.w, sign);
+    let gys = channels_last(gy, g.n, o, pixels, |v| v);
+    let largest = taps.iter().map(|t| t.rows() * t.cols()).max().unwrap_or(0) * g.n;
+    let mut gy_rows = Vec::new();
+    let mut x_rows = Vec::new();
+    let mut dx_rows = Vec::new();
+    let mut dx = vec![T::zero(); g.n * g.h * g.w * c];
+    // The kernel gradient of each tap that reads the image somewhere (`O x C`, without the
+    // padding's share), in `dw` at the tap's slot.
+    let slots: Vec<Option<usize>> = taps
+        .iter()
+        .scan(0, |next, tap| {
+            let used = tap.rows() * tap.cols() > 0 && g.n > 0;
+            *next += used as usize;
+            Some(used.then(|| *next - 1))
+        })
+        .collect();
+    let used = slots.iter().flatten().count();
+    let mut dw = vec![T::zero(); used * o * c];
+    // One pass over the kernel: sign(w) of the used taps (`[o][slot][c]`) and the
+    // straight-through mask `|w| <= clip` as bits (`[o][c * kt]`, whole words per filter).
+    let sw_row = (used * c).max(1);
+    let mut sw = vec![T::zero(); o * sw_row];
+    let mask_words = (c * kt).div_ceil(64);
+    let mut keep = vec![0u64; o * mask_words];
+    if c * kt > 0 {
+        sw.par_chunks_mut(sw_row)
+            .zip(keep.par_chunks_mut(mask_words))
+            .zip(w.par_chunks(c * kt))
+            .for_each(|((sw, keep), w)| {
+                for (ci, w) in w.chunks_exact(kt).enumerate() {
+                    for (t, &v) in w.iter().enumerate() {
+                        if let Some(s) = slots[t] {
+                            sw[s * c + ci] = sign(v);
+                        }
+                        let i = ci * kt + t;
+                        keep[i / 64] |= ((v.to_f64().abs() <= conv.kernel_clip) as u64) << (i % 64);
+                    }
+                }
+            });
+    }
+    // Per output pixel, the output gradient summed over the batch: a tap reading padding adds
+    // pad * (that sum) to the gradient of each of its weights.
+    let mut pixel_sums = vec![T::zero(); pixels * o];
+    if conv.pad_value != 0.0 {
+        for image in gys.chunks(pixels * o) {
+            for (d, &s) in pixel_sums.iter_mut().zip(image) {
+                *d += s;
+            }
+        }
+    }
+    let pad = T::from_f64(conv.pad_value);
+    let mut padding = vec![T::zero(); kt * o];
+    for (t, tap) in taps.iter().enumerate() {
+        if conv.pad_value != 0.0 {
+            let sums = &mut padding[t * o..(t + 1) * o];
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    if !tap.contains(oy, ox) {
+                        let p = (oy * g.ow + ox) * o;
+                        for (d, &s) in sums.iter_mut().zip(&pixel_sums[p..p + o]) {
+                            *d += pad * s;
+                        }
+                    }
+                }
+            }
+        }
+        let m = g.n * tap.rows() * tap.cols();
+        if m == 0 {
+            continue;
+        }
+        // sign(w) at this tap (O x C) and the kernel gradient's place for it.
+        let slot = slots[t].expect("a slot for a used tap");
+        let sw_t = Mat {
+            data: &sw[slot * c..],
+            rows: o,
+            cols: c,
+            row_stride: sw_row,
+            col_stride: 1,
+        };
+        let dw_t = &mut dw[slot * o * c..][..o * c];
+        if g.is_identity(tap) {
+            let gy_t = Mat::rows(&gys, m, o);
+            matmul(&mut dx, true, gy_t, sw_t);
+            matmul(dw_t, false, gy_t.t(), Mat::rows(&xs, m, c));
+            continue;
+        }
+        let gy_t = if tap.rows() == g.oh && tap.cols() == g.ow {
+            Mat::rows(&gys[..], m, o)
+        } else {
+            gy_rows.resize(largest * o, T::zero());
+            let row = |img, oy, ox| (img * g.oh + oy) * g.ow + ox;
+            gather(&gys, o, g, tap, row, &mut gy_rows);
+            Mat::rows(&gy_rows[..], m, o)
+        };
+        x_rows.resize(largest * c, T::zero());
+        let row = |img, oy, ox| g.input_row(tap, img, oy, ox);
+        gather(&xs, c, g, tap, row, &mut x_rows);
+        matmul(dw_t, false, gy_t.t(), Mat::rows(&x_rows, m, c));
+        dx_rows.resize(largest * c, T::zero());
+        matmul(&mut dx_rows, false, gy_t, sw_t);
+        scatter_add(&dx_rows, g, tap, &mut dx);
+    }
+    // Both gradients are written whole below, into the op's output.
+    let len = x.len() + w.len();
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let (gx, gw) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
+    // The input gradient back to NCHW, masked.
+    let hw = g.h * g.w;
+    if hw * c > 0 {
+        let clip = conv.input_clip;
+        gx.par_chunks_mut(c * hw)
+            .zip(dx.par_chunks(c * hw))
+            .zip(x.par_chunks(c * hw))
+            .for_each(|((gx, dx), x)| {
+                for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
+                    for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
+                        let keep = clip.is_none_or(|clip| x.to_f64().abs() <= clip);
+                        gx.write(if keep { dx[p * c + ci] } else { T::zero() });
+                    }
+                }
+            });
+    }
+    // The kernel gradient: each tap's product plus the padding's share, masked.
+    if c * kt > 0 {
+        gw.par_chunks_mut(c * kt)
+            .zip(keep.par_chunks(mask_words))
+            .enumerate()
+            .for_each(|(oo, (gw, keep))| {
+                for (ci, gw) in gw.chunks_exact_mut(kt).enumerate() {
+                    for (t, gw) in gw.iter_mut().enumerate() {
+                        let i = ci * kt + t;
+                        let v = if keep[i / 64] >> (i % 64) & 1 == 0 {
+                            T::zero()
+                        } else {
+                            let product = slots[t].map_or(T::zero(), |s| dw[(s * o + oo) * c + ci]);
+                            product + padding[t * o + oo]
+                        };
+                        gw.write(v);
+                    }
+                }
+            });
+    }
+    // SAFETY: the two passes above wrote all `len` elements (`x.len() = n * c * hw` in
+    // chunks of `c * hw`, `w.len() = o * c * kt` in chunks of `c * kt`).
+    unsafe { out.set_len(len) };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// TensorFlow's SAME padding `(before, after)` along one axis.
+    fn same(size: usize, k: usize, s: usize) -> (usize, usize) {
+        let out = size.div_ceil(s);
+        let total = ((out - 1) * s + k).saturating_sub(size);
+        (total / 2, total - total / 2)
+    }
+
+    /// The reference: `conv2d_gemm` on the padded `ste_sign`ed input and kernel.
+    fn reference(x: &Tensor, w: &Tensor, conv: &BinaryConv2d) -> Result<Tensor> {
+        let xs = match conv.input_clip {
+            Some(clip) => crate::ste_sign(x, clip)?,
+            // Already ±1: the sign with the identity's gradient.
+            None => (crate::sign(x)? + (x - x.detach())?)?,
+        };
+        let [top, bottom, left, right] = conv.pads;
+        let padded = xs
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right)?;
+        let padded = if conv.pad_value == 1.0 {
+            let ones = xs.ones_like()?.detach();
+            let inside = ones
+                .pad_with_zeros(2, top, bottom)?
+                .pad_with_zeros(3, left, right)?;
+            (padded + (inside.ones_like()? - inside)?)?
+        } else {
+            padded
+        };
+        let kernel = crate::ste_sign(w, conv.kernel_clip)?;
+        crate::conv2d_gemm(&padded, &kernel, conv.stride)
+    }
+
+    fn max_abs(t: &Tensor) -> f64 {
+        t.abs()
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_dtype(DType::F64))
+            .and_then(|t| t.to_scalar::<f64>())
+            .expect("a scalar")
+    }
+
+    fn check(
+        (n, c, h, w): (usize, usize, usize, usize),
+        (o, k): (usize, usize),
+        stride: usize,
+        pads: Option<[usize; 4]>,
+        pad_value: f64,
+        input_clip: Option<f64>,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let pads = pads.unwrap_or_else(|| {
+            let (top, bottom) = same(h, k, stride);
+            let (left, right) = same(w, k, stride);
+            [top, bottom, left, right]
+        });
+        let conv = BinaryConv2d {
+            stride: [stride, stride],
+            pads,
+            pad_value,
+            input_clip,
+            kernel_clip: 0.8,
+        };
+        let x = Tensor::randn(0f64, 1.0, (n, c, h, w), &dev)?;
+        let x = match input_clip {
+            Some(_) => x,
+            None => crate::sign(&x)?,
+        };
+        let x = Var::from_tensor(&x)?;
+        let wt = Var::from_tensor(&Tensor::randn(0f64, 1.0, (o, c, k, k), &dev)?)?;
+        let ours = binary_conv2d(&x, &wt, &conv)?;
+        let theirs = reference(&x, &wt, &conv)?;
+        let case = format!("{:?} {o}x{k}x{k} {conv:?}", (n, c, h, w));
+        assert_eq!(ours.dims(), theirs.dims(), "{case}");
+        assert_eq!(max_abs(&(&ours - &theirs)?), 0.0, "forward differs: {case}");
+        // f32 is exact too.
+        let ours32 = binary_conv2d(&x.to_dtype(DType::F32)?, &wt.to_dtype(DType::F32)?, &conv)?;
+        assert_eq!(
+            max_abs(&(ours32.to_dtype(DType::F64)? - &theirs)?),
+            0.0,
+            "f32 forward differs: {case}"
+        );
+        let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
+        let g_ours = (ours * &r)?.sum_all()?.backward()?;
+        let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
+        for (name, v) in [("input", &x), ("kernel", &wt)] {
+            let a = g_ours.get(v.as_tensor()).expect("a gradient");
+            let b = g_theirs.get(v.as_tensor()).expect("a gradient");
+            let err = max_abs(&(a - b)?) / max_abs(b).max(1.0);
+            assert!(err < 1e-5, "{name} gradient differs by {err}: {case}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_the_float_convolution_and_its_gradients() -> Result<()> {
+        let shapes = [
+            ((2, 1, 7, 5), 3),
+            ((2, 3, 9, 8), 4),
+            ((1, 65, 5, 7), 7),
+            ((2, 130, 3, 3), 5),
+            ((3, 4, 1, 1), 6),
+            ((1, 3, 2, 6), 2),
+        ];
+        for ((shape, o), (k, stride)) in shapes
+            .iter()
+            .flat_map(|s| [(1, 1), (3, 1), (1, 2), (3, 2)].map(|ks| (*s, ks)))
+        {
+            for pad_value in [0.0, 1.0] {
+                for input_clip in [Some(1.0), None] {
+                    check(shape, (o, k), stride, None, pad_value, input_clip)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn handles_valid_asymmetric_and_wide_padding() -> Result<()> {
+        for pads in [[0, 0, 0, 0], [0, 2, 1, 0], [2, 1, 0, 3], [3, 3, 3, 3]] {
+            for stride in [1, 2, 3] {
+                for pad_value in [0.0, 1.0] {
+                    check(
+                        (2, 3, 6, 5),
+                        (4, 3),
+                        stride,
+                        Some(pads),
+                        pad_value,
+                        Some(0.7),
+                    )?;
+                }
+            }
+        }
+        // A window larger than the image: every output reads padding.
+        check((2, 5, 2, 2), (3, 5), 1, Some([2, 2, 2, 2]), 1.0, Some(1.0))?;
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_geometry() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 3, 3), DType::F32, &dev).expect("x");
+        let w = Tensor::zeros((4, 2, 5, 5), DType::F32, &dev).expect("w");
+        let conv = BinaryConv2d {
+            stride: [1, 1],
+            pads: [0; 4],
+            pad_value: 0.0,
+            input_clip: None,
+            kernel_clip: 1.0,
+        };
+        assert!(binary_conv2d(&x, &w, &conv).is_err());
+        let pad_two = BinaryConv2d {
+            pads: [1; 4],
+            pad_value: 2.0,
+            ..conv
+        };
+        assert!(binary_conv2d(&x, &w, &pad_two).is_err());
+    }
+}
+
+/// Timings at QuickNet's shapes on 32x32 inputs (batch 64, 2 threads):
+/// `cargo test -p zoo-kernels --release binary_conv::bench -- --ignored --nocapture`.
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use candle_core::{Device, Var};
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn bench() -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a pool");
+        pool.install(|| {
+            let dev = Device::Cpu;
+            for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
+                let conv = BinaryConv2d {
+                    stride: [1, 1],
+                    pads: [1; 4],
+                    pad_value: 1.0,
+                    input_clip: Some(1.25),
+                    kernel_clip: 1.25,
+                };
+                let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (64, c, hw, hw), &dev)?)?;
+                let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, c, 3, 3), &dev)?)?;
+                let r = Tensor::randn(0f32, 1.0, (64, c, hw, hw), &dev)?;
+                let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
+                let runs = 20;
+                for _ in 0..runs {
+                    let t = Instant::now();
+                    let y = binary_conv2d(&x, &w, &conv)?;
+                    fwd = fwd.min(t.elapsed().as_secs_f64());
+                    let t = Instant::now();
+                    let op = BinaryConvBackward {
+                        conv,
+                        geometry: Geometry::new(x.dims4()?, w.dims4()?, &conv)?,
+                    };
+                    let g = x.apply_op3_no_bwd(&w, &r, &op)?;
+                    bwd = bwd.min(t.elapsed().as_secs_f64());
+                    drop((y, g));
+                }
+                println!(
+                    "{c} channels {hw}x{hw}: forward {:.2} ms, backward {:.2} ms (best of {runs})",
+                    fwd * 1e3,
+                    bwd * 1e3
+                );
+            }
+            Ok(())
+        })
+    }
+}

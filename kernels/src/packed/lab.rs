@@ -1,0 +1,298 @@
+//! LAB's fused binarizer: a 3x3 depthwise float comparison, thresholded and packed.
+
+use super::{PackedMap, Variant};
+use rayon::prelude::*;
+
+/// The weights of LAB's binarizer for `channels` channels.
+///
+/// Output channel `c` of pixel `p` scores
+/// `d[c] = sum_{taps t} (pos[t][c] * x[p + t][pos_source[c]] - neg[t][c] * x[p + t][neg_source[c]]) + bias[c]`
+/// over the 3x3 taps `t` (SAME zero padding, stride 1) and is `-1` (bit 1) unless `d > 0`
+/// strictly (ties and NaN give `-1`).
+///
+/// The arithmetic is `f32` in a fixed order, so that a reference can reproduce it bit for bit:
+/// `acc` starts at `+0.0`; the taps run in row-major order (`ky` then `kx`, tap
+/// `t = 3 ky + kx`), taps outside the image are skipped (they add nothing); each tap does
+/// `acc = acc + k * x` (the product rounded to `f32`, then the sum; never fused) for the
+/// [`LabKernel::folded`] kernel, or `acc = acc + pos * xp` then `acc = acc - neg * xn` for
+/// [`LabKernel::paired`]; finally `d = acc + bias` (bias added last).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LabKernel {
+    channels: usize,
+    pub(super) form: Form,
+}
+
+/// The two ways of giving LAB's weights.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) enum Form {
+    Folded {
+        kernel: Vec<f32>,
+        bias: Vec<f32>,
+    },
+    Paired {
+        pos: Vec<f32>,
+        pos_source: Vec<usize>,
+        neg: Vec<f32>,
+        neg_source: Vec<usize>,
+        bias: Vec<f32>,
+    },
+}
+
+impl LabKernel {
+    /// `d[c] = sum_t kernel[t][c] * x[p + t][c] + bias[c]`: one kernel per channel, reading its
+    /// own channel (the two LAB kernels of a channel folded into their difference).
+    /// `kernel` is `[9][channels]` (tap-major, tap `t = 3 ky + kx`), `bias` is `[channels]`.
+    ///
+    /// # Panics
+    /// If a length does not match `channels`.
+    pub fn folded(channels: usize, kernel: Vec<f32>, bias: Vec<f32>) -> Self {
+        assert_eq!(
+            kernel.len(),
+            9 * channels,
+            "LabKernel: kernel must be [9][{channels}]"
+        );
+        assert_eq!(bias.len(), channels, "LabKernel: bias must be [{channels}]");
+        LabKernel {
+            channels,
+            form: Form::Folded { kernel, bias },
+        }
+    }
+
+    /// The general form: `d[c] = sum_t (pos[t][c] * x[p + t][pos_source[c]] - neg[t][c] *
+    /// x[p + t][neg_source[c]]) + bias[c]`. `pos` and `neg` are `[9][channels]`, the sources
+    /// and `bias` `[channels]`; sources are input channel indices (`< channels`).
+    ///
+    /// # Panics
+    /// If a length does not match `channels` or a source is out of range.
+    pub fn paired(
+        channels: usize,
+        pos: Vec<f32>,
+        pos_source: Vec<usize>,
+        neg: Vec<f32>,
+        neg_source: Vec<usize>,
+        bias: Vec<f32>,
+    ) -> Self {
+        assert_eq!(
+            pos.len(),
+            9 * channels,
+            "LabKernel: pos must be [9][{channels}]"
+        );
+        assert_eq!(
+            neg.len(),
+            9 * channels,
+            "LabKernel: neg must be [9][{channels}]"
+        );
+        assert_eq!(bias.len(), channels, "LabKernel: bias must be [{channels}]");
+        for source in [&pos_source, &neg_source] {
+            assert_eq!(
+                source.len(),
+                channels,
+                "LabKernel: sources must be [{channels}]"
+            );
+            assert!(
+                source.iter().all(|&s| s < channels),
+                "LabKernel: a source channel is not below {channels}"
+            );
+        }
+        LabKernel {
+            channels,
+            form: Form::Paired {
+                pos,
+                pos_source,
+                neg,
+                neg_source,
+                bias,
+            },
+        }
+    }
+
+    /// The number of channels, of the input and of the output.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+}
+
+/// Binarizes an NHWC float image (`height * width * lab.channels()` values) with LAB: SAME
+/// zero-padded 3x3 stride-1 depthwise comparison, thresholded and packed (see [`LabKernel`]
+/// for the exact arithmetic). Rows run in parallel on the current rayon pool.
+///
+/// The paired form first gathers its two source planes (`x[p][pos_source[c]]` and
+/// `x[p][neg_source[c]]`) into scratch buffers kept for later calls.
+///
+/// # Panics
+/// If `x` does not hold `height * width * lab.channels()` values.
+pub fn lab_pack(x: &[f32], height: usize, width: usize, lab: &LabKernel) -> PackedMap {
+    lab_pack_with(Variant::selected(), x, height, width, lab)
+}
+
+/// [`lab_pack`] with the kernels of `variant`, which must be available: the portable code, or
+/// AVX2 or AVX-512 vectors (the same arithmetic: the results are identical).
+pub(super) fn lab_pack_with(
+    variant: Variant,
+    x: &[f32],
+    height: usize,
+    width: usize,
+    lab: &LabKernel,
+) -> PackedMap {
+    let c = lab.channels;
+    assert_eq!(
+        x.len(),
+        height * width * c,
+        "lab_pack: expected {height}x{width}x{c} values"
+    );
+    let mut map = PackedMap::zeros(height, width, c);
+    if map.data.is_empty() {
+        return map;
+    }
+    let dims = [height, width, c];
+    match &lab.form {
+        Form::Folded { kernel, bias } => score_rows(variant, &mut map, [(kernel, x)], bias, dims),
+        Form::Paired {
+            pos,
+            pos_source,
+            neg,
+            neg_source,
+            bias,
+        } => {
+            let xp = gather(variant, x, c, pos_source);
+            let xn = gather(variant, x, c, neg_source);
+            score_rows(variant, &mut map, [(pos, &xp), (neg, &xn)], bias, dims);
+            let mut scratch = SCRATCH.lock().unwrap();
+            if scratch.len() < SCRATCH_BUFFERS {
+                scratch.extend([xp, xn]);
+            }
+        }
+    }
+    map
+}
+
+/// Buffers for the gathered planes of [`lab_pack`], kept to spare page faults on large images.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// The most buffers [`SCRATCH`] keeps (two per concurrent call).
+const SCRATCH_BUFFERS: usize = 8;
+
+/// `x` with channel `c` of every pixel replaced by channel `source[c]`, in a scratch buffer.
+fn gather(variant: Variant, x: &[f32], c: usize, source: &[usize]) -> Vec<f32> {
+    let mut plane = SCRATCH.lock().unwrap().pop().unwrap_or_default();
+    plane.clear();
+    plane.reserve(x.len());
+    let spare = &mut plane.spare_capacity_mut()[..x.len()];
+    let chunk = c * 256;
+    spare
+        .par_chunks_mut(chunk)
+        .zip(x.par_chunks(chunk))
+        .for_each(|(dst, src)| {
+            #[cfg(target_arch = "x86_64")]
+            if variant == Variant::Avx512 {
+                // SAFETY: the variant is available.
+                return unsafe { super::x86::gather_avx512(src, c, source, dst) };
+            }
+            for (d, s) in dst.chunks_exact_mut(c).zip(src.chunks_exact(c)) {
+                for (d, &i) in d.iter_mut().zip(source) {
+                    d.write(s[i]);
+                }
+            }
+        });
+    // SAFETY: every element was written above.
+    unsafe { plane.set_len(x.len()) };
+    plane
+}
+
+/// One product term of every tap: the kernel (`[9][c]`) and the plane it multiplies (NHWC).
+/// The first term of [`score_rows`] is added, the second subtracted.
+type Term<'a> = (&'a [f32], &'a [f32]);
+
+/// Scores and packs every row of `map` (zero) from `T` terms (1: folded, 2: paired), in
+/// parallel over rows, with the kernels of `variant`.
+fn score_rows<const T: usize>(
+    variant: Variant,
+    map: &mut PackedMap,
+    terms: [Term; T],
+    bias: &[f32],
+    dims: [usize; 3],
+) {
+    let row_words = dims[1] * map.words;
+    map.data
+        .par_chunks_mut(row_words)
+        .enumerate()
+        .for_each(|(y, out)| match variant {
+            Variant::Portable => score_row::<8, T>(&terms, bias, dims, y, out),
+            // SAFETY: the variant is available; `lab_pack` checked the sizes.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2 => unsafe { super::x86::lab_row_avx2(&terms, bias, dims, y, out) },
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => unsafe { super::x86::lab_row_avx512(&terms, bias, dims, y, out) },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("x86 kernels on another architecture"),
+        });
+}
+
+/// `N` floats from `src`, zeros past `src.len()`.
+#[inline(always)]
+fn lanes<const N: usize>(src: &[f32]) -> [f32; N] {
+    match src.get(..N) {
+        Some(v) => v.try_into().unwrap(),
+        None => std::array::from_fn(|i| src.get(i).copied().unwrap_or(0.0)),
+    }
+}
+
+/// Scores row `y` and ORs its bits into `out` (the row's words, zero), `N` channels at a time
+/// (`N` divides 64) with the kernel of those channels held in registers, pixel by pixel, in
+/// the order [`LabKernel`] documents: taps in row-major order, skipping those outside the
+/// image, then the bias.
+#[inline(always)]
+fn score_row<const N: usize, const T: usize>(
+    terms: &[Term; T],
+    bias: &[f32],
+    [h, w, c]: [usize; 3],
+    y: usize,
+    out: &mut [u64],
+) {
+    let words = super::words_for(c);
+    let rows: [Option<usize>; 3] =
+        std::array::from_fn(|ky| (y + ky).checked_sub(1).filter(|&iy| iy < h));
+    for c0 in (0..c).step_by(N) {
+        let n = N.min(c - c0);
+        let k: [[[f32; N]; 9]; T] =
+            std::array::from_fn(|i| std::array::from_fn(|t| lanes(&terms[i].0[t * c + c0..])));
+        let b: [f32; N] = lanes(&bias[c0..]);
+        let lane_mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let pixel = |x: usize| -> u64 {
+            let mut acc = [0f32; N];
+            for (ky, iy) in rows.iter().enumerate() {
+                let Some(iy) = *iy else { continue };
+                for kx in 0..3 {
+                    let Some(ix) = (x + kx).checked_sub(1).filter(|&ix| ix < w) else {
+                        continue;
+                    };
+                    let at = (iy * w + ix) * c + c0;
+                    for (i, (_, plane)) in terms.iter().enumerate() {
+                        let v: [f32; N] = lanes(&plane[at..]);
+                        let k = &k[i][3 * ky + kx];
+                        if i == 0 {
+                            for l in 0..N {
+                                acc[l] += k[l] * v[l];
+                            }
+                        } else {
+                            for l in 0..N {
+                                acc[l] -= k[l] * v[l];
+                            }
+                        }
+                    }
+                }
+            }
+            let mut bits = 0u64;
+            for l in 0..N {
+                // Not `d > 0`: ties and NaN give -1.
+                let positive = acc[l] + b[l] > 0.0;
+                bits |= u64::from(!positive) << l;
+            }
+            bits & lane_mask
+        };
+        let (word, shift) = (c0 / 64, c0 % 64);
+        for x in 0..w {
+            out[x * words + word] |= pixel(x) << shift;
+        }
+    }
+}

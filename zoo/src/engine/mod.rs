@@ -1,0 +1,868 @@
+//! The inference engine: bit-packed XNOR-popcount execution of any spec, without candle.
+//!
+//! A model is first exported to a `.zoo` file ([`export`], `zoo export`): batch norm and kernel
+//! scales folded into per-channel multipliers, binary kernels packed to bits, LAB folded into
+//! one kernel and threshold per channel. The [`Engine`] walks the same spec IR as the candle
+//! models and runs each node on one image at a time in NHWC layout:
+//!
+//! - a binarized convolution packs its input's signs into 64-channel words (or takes the words
+//!   LAB or the previous layer produced) and computes exact `±1` dot products with XOR and
+//!   popcount ([`zoo_kernels::packed`]: AVX2 or portable, chosen at run time), zero padding
+//!   exact through a border correction, one padding as `+1` bits;
+//! - the batch norm, scale, bias, ReLU, PReLU and residual addition that follow a layer run in
+//!   its output transform ([`float::Epilogue`]) while the values are in registers; when the next
+//!   layer only needs signs, the transform emits packed bits instead of floats;
+//! - LAB runs as one fused depthwise-threshold-pack pass;
+//! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM).
+//!
+//! Work inside each layer is split over the engine's own thread pool.
+
+pub mod bench;
+mod export;
+pub mod float;
+mod format;
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use zoo_kernels::packed::{self, ConvGeometry, LabKernel, PackedConvWeights, PackedMap, PadValue};
+
+use crate::spec::{self, Activation, LabPairing, ModelConfig, Node, Op, Padding, Spec};
+use crate::Error;
+
+pub use export::export;
+pub use float::FloatMap;
+pub use format::{Stored, ZooModel, FORMAT};
+
+use float::{ChannelOp, Epilogue, Window};
+
+/// A model ready to run: its layers compiled from a [`ZooModel`] and a thread pool.
+pub struct Engine {
+    spec: Spec,
+    config: ModelConfig,
+    steps: Vec<Step>,
+    ops: Vec<OpInfo>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+/// What a profiled layer is.
+#[derive(Clone, Debug)]
+struct OpInfo {
+    name: String,
+    kind: &'static str,
+    output: String,
+}
+
+/// Time spent in one layer, from [`Engine::profile`].
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpTime {
+    /// The spec node (the first node of a fused group).
+    pub name: String,
+    /// What ran: `binary_conv`, `lab+binary_conv`, `conv`, `depthwise_conv`, ...
+    pub kind: &'static str,
+    /// Output shape `HxWxC`.
+    pub output: String,
+    /// Median milliseconds per image.
+    pub ms: f64,
+    /// Fraction of the summed medians.
+    pub share: f64,
+}
+
+/// A feature map between layers: floats, or packed signs.
+enum Value {
+    Float(FloatMap),
+    Packed(PackedMap),
+}
+
+impl Value {
+    /// The map as floats (`±1` for packed signs).
+    fn to_float(&self) -> std::borrow::Cow<'_, FloatMap> {
+        match self {
+            Value::Float(m) => std::borrow::Cow::Borrowed(m),
+            Value::Packed(p) => std::borrow::Cow::Owned(FloatMap {
+                height: p.height,
+                width: p.width,
+                channels: p.channels,
+                data: p.to_signs(),
+            }),
+        }
+    }
+}
+
+/// How a binarized layer gets its input signs.
+enum Signs {
+    /// `sign(x)`, `+1` for `x >= 0`.
+    Sign,
+    /// LAB's fused depthwise comparison.
+    Lab(LabKernel),
+}
+
+impl Signs {
+    fn apply<'a>(&self, x: &'a Value) -> std::borrow::Cow<'a, PackedMap> {
+        use std::borrow::Cow;
+        match (self, x) {
+            (Signs::Sign, Value::Packed(p)) => Cow::Borrowed(p),
+            (Signs::Sign, Value::Float(m)) => {
+                Cow::Owned(PackedMap::from_signs(&m.data, m.height, m.width, m.channels))
+            }
+            (Signs::Lab(lab), x) => {
+                let m = x.to_float();
+                Cow::Owned(packed::lab_pack(&m.data, m.height, m.width, lab))
+            }
+        }
+    }
+}
+
+/// One compiled layer (or a fused group of a layer and its per-channel transforms).
+enum Step {
+    FloatConv {
+        op: usize,
+        weight: Vec<f32>,
+        out: usize,
+        window: Window,
+        pad_value: f32,
+        epilogue: Epilogue,
+    },
+    BinaryConv {
+        op: usize,
+        signs: Signs,
+        weights: PackedConvWeights,
+        geometry: ConvGeometry,
+        epilogue: Epilogue,
+        /// Emit the signs of the transformed output, packed, for a binarized next layer.
+        pack_output: bool,
+    },
+    Depthwise {
+        op: usize,
+        weight: Vec<f32>,
+        multiplier: usize,
+        window: Window,
+        epilogue: Epilogue,
+    },
+    Channel {
+        op: usize,
+        epilogue: Epilogue,
+    },
+    Binarize {
+        op: usize,
+        signs: Signs,
+    },
+    MaxPool {
+        op: usize,
+        window: Window,
+    },
+    AvgPool {
+        op: usize,
+        window: Window,
+    },
+    Blur {
+        op: usize,
+        stride: usize,
+    },
+    GlobalAvgPool {
+        op: usize,
+    },
+    Flatten {
+        op: usize,
+    },
+    Dense {
+        op: usize,
+        weight: Vec<f32>,
+        units: usize,
+        epilogue: Epilogue,
+    },
+    Duplicate {
+        op: usize,
+    },
+    Residual {
+        body: Vec<Step>,
+        shortcut: Vec<Step>,
+    },
+    Concat {
+        branches: Vec<Vec<Step>>,
+    },
+}
+
+impl Step {
+    /// The output transform later per-channel layers can join, if any.
+    fn epilogue_mut(&mut self) -> Option<&mut Epilogue> {
+        match self {
+            Step::FloatConv { epilogue, .. }
+            | Step::Depthwise { epilogue, .. }
+            | Step::Channel { epilogue, .. }
+            | Step::Dense { epilogue, .. } => Some(epilogue),
+            Step::BinaryConv {
+                epilogue,
+                pack_output: false,
+                ..
+            } => Some(epilogue),
+            _ => None,
+        }
+    }
+
+    /// True when the step adds a residual inside its output transform.
+    fn fuses_residual(&self) -> bool {
+        matches!(
+            self,
+            Step::FloatConv { .. }
+                | Step::Depthwise { .. }
+                | Step::Channel { .. }
+                | Step::BinaryConv {
+                    pack_output: false,
+                    ..
+                }
+        )
+    }
+}
+
+impl Engine {
+    /// Reads a `.zoo` file and compiles it for `threads` threads.
+    pub fn load(path: &Path, threads: usize) -> Result<Engine, Error> {
+        let model = ZooModel::load(path)?;
+        Engine::new(&model, threads).map_err(|e| match e {
+            Error::Run { message, .. } => Error::Run {
+                path: path.display().to_string(),
+                message,
+            },
+            e => e,
+        })
+    }
+
+    /// Compiles `model` for `threads` threads (at least 1).
+    pub fn new(model: &ZooModel, threads: usize) -> Result<Engine, Error> {
+        let analysis = spec::analyze(&model.spec, &model.config)?;
+        let mut compiler = Compiler {
+            model,
+            analysis: &analysis,
+            ops: Vec::new(),
+        };
+        let steps = compiler.sequence(&model.spec.nodes)?;
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("zoo-engine-{i}"))
+            .build()
+            .map_err(|e| Error::Train(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Engine {
+            spec: model.spec.clone(),
+            config: model.config,
+            ops: compiler.ops,
+            steps,
+            pool,
+            threads,
+        })
+    }
+
+    /// The spec the model was exported from.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The input shape and class count.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Threads used inside each layer.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The binary convolution kernel in use (`avx2`, `portable`, ...).
+    pub fn kernel(&self) -> &'static str {
+        packed::kernel_name()
+    }
+
+    /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as the candle
+    /// models take them.
+    pub fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
+        let per_image = self.image_len();
+        if images.len() != batch * per_image {
+            return Err(Error::Train(format!(
+                "expected {batch} images of {} ({} values), found {} values",
+                self.config.input,
+                batch * per_image,
+                images.len()
+            )));
+        }
+        let logits = self.pool.install(|| {
+            use rayon::prelude::*;
+            images
+                .par_chunks(per_image)
+                .map(|image| self.run_image(image, None))
+                .collect::<Vec<_>>()
+        });
+        Ok(logits.concat())
+    }
+
+    /// Runs one image `runs` times (after one warm-up) and reports the median time per layer.
+    pub fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
+        if image.len() != self.image_len() {
+            return Err(Error::Train(format!(
+                "expected one {} image ({} values), found {} values",
+                self.config.input,
+                self.image_len(),
+                image.len()
+            )));
+        }
+        let times = Mutex::new(vec![Vec::new(); self.ops.len()]);
+        self.pool.install(|| {
+            self.run_image(image, None);
+            for _ in 0..runs.max(1) {
+                self.run_image(image, Some(&times));
+            }
+        });
+        let times = times.into_inner().expect("no panics while profiling");
+        let medians: Vec<Option<f64>> = times
+            .into_iter()
+            .map(|mut t| {
+                (!t.is_empty()).then(|| {
+                    t.sort();
+                    t[t.len() / 2].as_secs_f64() * 1e3
+                })
+            })
+            .collect();
+        let total: f64 = medians.iter().flatten().sum();
+        Ok(self
+            .ops
+            .iter()
+            .zip(medians)
+            .filter_map(|(info, ms)| {
+                ms.map(|ms| OpTime {
+                    name: info.name.clone(),
+                    kind: info.kind,
+                    output: info.output.clone(),
+                    ms,
+                    share: if total > 0.0 { ms / total } else { 0.0 },
+                })
+            })
+            .collect())
+    }
+
+    fn image_len(&self) -> usize {
+        let i = self.config.input;
+        i.height * i.width * i.channels
+    }
+
+    fn run_image(&self, image: &[f32], times: Option<&Mutex<Vec<Vec<Duration>>>>) -> Vec<f32> {
+        let i = self.config.input;
+        let (h, w, c) = (i.height, i.width, i.channels);
+        let mut nhwc = vec![0.0; h * w * c];
+        for ch in 0..c {
+            for p in 0..h * w {
+                nhwc[p * c + ch] = image[ch * h * w + p];
+            }
+        }
+        let x = Value::Float(FloatMap {
+            height: h,
+            width: w,
+            channels: c,
+            data: nhwc,
+        });
+        let run = Run { times };
+        match run.sequence(&self.steps, &x, None) {
+            Value::Float(m) => m.data,
+            p => p.to_float().data.clone(),
+        }
+    }
+}
+
+/// One execution, optionally timing each step.
+struct Run<'a> {
+    times: Option<&'a Mutex<Vec<Vec<Duration>>>>,
+}
+
+impl Run<'_> {
+    fn sequence(&self, steps: &[Step], x: &Value, residual: Option<&FloatMap>) -> Value {
+        let mut current: Option<Value> = None;
+        let mut residual = residual;
+        for (i, step) in steps.iter().enumerate() {
+            let input = current.as_ref().unwrap_or(x);
+            let fused = if i + 1 == steps.len() && step.fuses_residual() {
+                residual.take()
+            } else {
+                None
+            };
+            current = Some(self.step(step, input, fused));
+        }
+        let out = current.unwrap_or_else(|| match x {
+            Value::Float(m) => Value::Float(m.clone()),
+            Value::Packed(p) => Value::Packed(p.clone()),
+        });
+        match residual {
+            None => out,
+            Some(r) => {
+                let mut m = out.to_float().into_owned();
+                m.data.iter_mut().zip(&r.data).for_each(|(v, r)| *v += r);
+                Value::Float(m)
+            }
+        }
+    }
+
+    fn timed(&self, op: usize, f: impl FnOnce() -> Value) -> Value {
+        match self.times {
+            None => f(),
+            Some(times) => {
+                let start = Instant::now();
+                let out = f();
+                times.lock().expect("no panics while profiling")[op].push(start.elapsed());
+                out
+            }
+        }
+    }
+
+    fn step(&self, step: &Step, x: &Value, residual: Option<&FloatMap>) -> Value {
+        let r = residual.map(|r| r.data.as_slice());
+        match step {
+            Step::FloatConv {
+                op,
+                weight,
+                out,
+                window,
+                pad_value,
+                epilogue,
+            } => self.timed(*op, || {
+                let m = x.to_float();
+                Value::Float(float::conv(&m, weight, *out, *window, *pad_value, epilogue, r))
+            }),
+            Step::BinaryConv {
+                op,
+                signs,
+                weights,
+                geometry,
+                epilogue,
+                pack_output,
+            } => self.timed(*op, || {
+                let input = signs.apply(x);
+                binary_conv(&input, weights, geometry, epilogue, *pack_output, r)
+            }),
+            Step::Depthwise {
+                op,
+                weight,
+                multiplier,
+                window,
+                epilogue,
+            } => self.timed(*op, || {
+                let m = x.to_float();
+                Value::Float(float::depthwise(&m, weight, *multiplier, *window, epilogue, r))
+            }),
+            Step::Channel { op, epilogue } => self.timed(*op, || {
+                let mut m = x.to_float().into_owned();
+                epilogue.apply_map(&mut m.data, m.channels, r);
+                Value::Float(m)
+            }),
+            Step::Binarize { op, signs } => {
+                self.timed(*op, || Value::Packed(signs.apply(x).into_owned()))
+            }
+            Step::MaxPool { op, window } => self.timed(*op, || match x {
+                Value::Packed(p) => {
+                    Value::Packed(packed::max_pool(p, window.kernel, window.stride, window.pads))
+                }
+                Value::Float(m) => Value::Float(float::max_pool(m, *window)),
+            }),
+            Step::AvgPool { op, window } => {
+                self.timed(*op, || Value::Float(float::avg_pool(&x.to_float(), *window)))
+            }
+            Step::Blur { op, stride } => {
+                self.timed(*op, || Value::Float(float::blur(&x.to_float(), *stride)))
+            }
+            Step::GlobalAvgPool { op } => {
+                self.timed(*op, || Value::Float(float::global_avg_pool(&x.to_float())))
+            }
+            Step::Flatten { op } => self.timed(*op, || {
+                let m = x.to_float();
+                Value::Float(FloatMap {
+                    height: 1,
+                    width: 1,
+                    channels: m.data.len(),
+                    data: m.data.clone(),
+                })
+            }),
+            Step::Dense {
+                op,
+                weight,
+                units,
+                epilogue,
+            } => self.timed(*op, || {
+                Value::Float(float::dense(&x.to_float(), weight, *units, epilogue))
+            }),
+            Step::Duplicate { op } => self.timed(*op, || {
+                let m = x.to_float();
+                Value::Float(float::concat(&[m.as_ref().clone(), m.into_owned()]))
+            }),
+            Step::Residual { body, shortcut } => {
+                let short = self.sequence(shortcut, x, None);
+                let short = short.to_float();
+                self.sequence(body, x, Some(&short))
+            }
+            Step::Concat { branches } => {
+                let outs: Vec<FloatMap> = branches
+                    .iter()
+                    .map(|b| self.sequence(b, x, None).to_float().into_owned())
+                    .collect();
+                Value::Float(float::concat(&outs))
+            }
+        }
+    }
+}
+
+/// A binary convolution with its output transform; floats (plus `residual`) or packed signs.
+fn binary_conv(
+    input: &PackedMap,
+    weights: &PackedConvWeights,
+    geometry: &ConvGeometry,
+    epilogue: &Epilogue,
+    pack_output: bool,
+    residual: Option<&[f32]>,
+) -> Value {
+    let (oh, ow) = geometry.output_size(input.height, input.width, weights.kernel);
+    let co = weights.out_channels;
+    if pack_output {
+        let words = co.div_ceil(64);
+        let mut data = vec![0u64; oh * ow * words];
+        packed::binary_conv(input, weights, geometry, &mut data, |_, dots, row| {
+            let mut values = vec![0.0f32; co];
+            for (ox, out) in row.chunks_mut(words).enumerate() {
+                for (v, &d) in values.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
+                    *v = d as f32;
+                }
+                epilogue.apply(&mut values, None);
+                out.fill(0);
+                for (c, v) in values.iter().enumerate() {
+                    out[c / 64] |= u64::from(*v < 0.0) << (c % 64);
+                }
+            }
+        });
+        return Value::Packed(PackedMap {
+            height: oh,
+            width: ow,
+            channels: co,
+            words,
+            data,
+        });
+    }
+    let mut data = vec![0.0f32; oh * ow * co];
+    packed::binary_conv(input, weights, geometry, &mut data, |oy, dots, row| {
+        for (ox, px) in row.chunks_mut(co).enumerate() {
+            for (v, &d) in px.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
+                *v = d as f32;
+            }
+            let at = (oy * ow + ox) * co;
+            epilogue.apply(px, residual.map(|r| &r[at..at + co]));
+        }
+    });
+    Value::Float(FloatMap {
+        height: oh,
+        width: ow,
+        channels: co,
+        data,
+    })
+}
+
+/// Builds steps from the spec's nodes and the model's tensors.
+struct Compiler<'a> {
+    model: &'a ZooModel,
+    analysis: &'a spec::Analysis,
+    ops: Vec<OpInfo>,
+}
+
+impl Compiler<'_> {
+    fn missing(&self, message: String) -> Error {
+        Error::Run {
+            path: format!("model `{}`", self.model.spec.name),
+            message,
+        }
+    }
+
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<&Stored, Error> {
+        let t = self.model.tensors.get(name).ok_or_else(|| {
+            self.missing(format!("the tensor `{name}` is missing; re-export the model"))
+        })?;
+        if t.shape() != shape {
+            return Err(self.missing(format!(
+                "`{name}` has shape {:?}; expected {shape:?}",
+                t.shape()
+            )));
+        }
+        Ok(t)
+    }
+
+    fn floats(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, Error> {
+        match self.tensor(name, shape)? {
+            Stored::F32(_, d) => Ok(d.clone()),
+            _ => Err(self.missing(format!("`{name}` must be F32"))),
+        }
+    }
+
+    fn indices(&self, name: &str, shape: &[usize]) -> Result<Vec<usize>, Error> {
+        match self.tensor(name, shape)? {
+            Stored::U32(_, d) => Ok(d.iter().map(|&i| i as usize).collect()),
+            _ => Err(self.missing(format!("`{name}` must be U32"))),
+        }
+    }
+
+    fn op(&mut self, node: &Node, kind: &'static str) -> usize {
+        let output = self
+            .analysis
+            .layers
+            .iter()
+            .find(|l| l.name == node.name)
+            .map(|l| l.output.to_string())
+            .unwrap_or_default();
+        self.ops.push(OpInfo {
+            name: node.name.clone(),
+            kind,
+            output,
+        });
+        self.ops.len() - 1
+    }
+
+    fn window(
+        &self,
+        input: spec::FeatureShape,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: Padding,
+    ) -> Window {
+        let pads = match padding {
+            Padding::Valid => [0; 4],
+            Padding::Same => {
+                let (t, b) = spec::same_padding(input.height, kernel[0], stride[0]);
+                let (l, r) = spec::same_padding(input.width, kernel[1], stride[1]);
+                [t, b, l, r]
+            }
+        };
+        Window {
+            kernel,
+            stride,
+            pads,
+        }
+    }
+
+    fn lab(&self, prefix: &str, pairing: LabPairing, c: usize) -> Result<LabKernel, Error> {
+        let bias = self.floats(&format!("{prefix}.bias"), &[c])?;
+        Ok(match pairing {
+            LabPairing::Channel => {
+                LabKernel::folded(c, self.floats(&format!("{prefix}.kernel"), &[3, 3, c])?, bias)
+            }
+            LabPairing::Official => LabKernel::paired(
+                c,
+                self.floats(&format!("{prefix}.pos"), &[3, 3, c])?,
+                self.indices(&format!("{prefix}.pos_source"), &[c])?,
+                self.floats(&format!("{prefix}.neg"), &[3, 3, c])?,
+                self.indices(&format!("{prefix}.neg_source"), &[c])?,
+                bias,
+            ),
+        })
+    }
+
+    /// Compiles a node sequence, joining per-channel layers to the layer before them and
+    /// letting a binary convolution emit packed signs when the next layer only reads signs.
+    fn sequence(&mut self, nodes: &[Node]) -> Result<Vec<Step>, Error> {
+        let mut steps: Vec<Step> = Vec::new();
+        for node in nodes {
+            let c = self.analysis.input_of(&node.name).channels;
+            let channel_op = match &node.op {
+                Op::Relu => Some(ChannelOp::Relu),
+                Op::BatchNorm(_) => Some(ChannelOp::Affine {
+                    mul: self.floats(&format!("{}.mul", node.name), &[c])?,
+                    add: self.floats(&format!("{}.add", node.name), &[c])?,
+                }),
+                Op::Bias => Some(ChannelOp::Add(
+                    self.floats(&format!("{}.add", node.name), &[c])?,
+                )),
+                Op::PRelu(_) => Some(ChannelOp::PRelu(
+                    self.floats(&format!("{}.alpha", node.name), &[c])?,
+                )),
+                _ => None,
+            };
+            match channel_op {
+                Some(op) => match steps.last_mut().and_then(Step::epilogue_mut) {
+                    Some(epilogue) => epilogue.push(op),
+                    None => {
+                        let id = self.op(node, node.op.kind());
+                        let mut epilogue = Epilogue::default();
+                        epilogue.push(op);
+                        steps.push(Step::Channel { op: id, epilogue });
+                    }
+                },
+                None => self.node(node, &mut steps)?,
+            }
+        }
+        // A binary convolution whose output only feeds sign(): emit packed signs.
+        for i in 1..steps.len() {
+            let next_reads_signs = matches!(
+                &steps[i],
+                Step::BinaryConv {
+                    signs: Signs::Sign,
+                    ..
+                } | Step::Binarize {
+                    signs: Signs::Sign,
+                    ..
+                }
+            );
+            if let (true, Step::BinaryConv { pack_output, .. }) = (next_reads_signs, &mut steps[i - 1]) {
+                *pack_output = true;
+            }
+        }
+        Ok(steps)
+    }
+
+    fn node(&mut self, node: &Node, steps: &mut Vec<Step>) -> Result<(), Error> {
+        let input = self.analysis.input_of(&node.name);
+        let name = &node.name;
+        let step = match &node.op {
+            Op::Conv(conv) => {
+                let window = self.window(input, conv.kernel, conv.stride, conv.padding);
+                let [kh, kw] = conv.kernel;
+                let (o, c) = (conv.filters, input.channels);
+                let mut epilogue = Epilogue::default();
+                if export::runs_binary(conv, input) {
+                    let signs = match conv.input {
+                        Activation::Lab(pairing) => Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?),
+                        _ => Signs::Sign,
+                    };
+                    let words = c.div_ceil(64);
+                    let bits = match self.tensor(&format!("{name}.bits"), &[o, kh, kw, words])? {
+                        Stored::U64(_, d) => d.clone(),
+                        _ => return Err(self.missing(format!("`{name}.bits` must be U64"))),
+                    };
+                    let weights = PackedConvWeights::from_words(o, c, conv.kernel, bits)
+                        .map_err(|e| self.missing(format!("`{name}.bits`: {e}")))?;
+                    if matches!(
+                        conv.kernel_quantizer,
+                        spec::KernelQuantizer::MagnitudeAwareSign { .. }
+                            | spec::KernelQuantizer::XnorWeightScale
+                    ) {
+                        epilogue.push(ChannelOp::Scale(self.floats(&format!("{name}.scale"), &[o])?));
+                    }
+                    if conv.bias {
+                        epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
+                    }
+                    let kind = match signs {
+                        Signs::Lab(_) => "lab+binary_conv",
+                        Signs::Sign => "binary_conv",
+                    };
+                    Step::BinaryConv {
+                        op: self.op(node, kind),
+                        signs,
+                        weights,
+                        geometry: ConvGeometry {
+                            stride: conv.stride,
+                            pads: window.pads,
+                            pad_value: if conv.pad_value == 0.0 {
+                                PadValue::Zero
+                            } else {
+                                PadValue::One
+                            },
+                        },
+                        epilogue,
+                        pack_output: false,
+                    }
+                } else {
+                    if conv.input.is_binary() {
+                        let signs = match conv.input {
+                            Activation::Lab(pairing) => Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?),
+                            _ => Signs::Sign,
+                        };
+                        let id = self.op(node, "binarize");
+                        steps.push(Step::Binarize { op: id, signs });
+                    }
+                    if conv.bias {
+                        epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
+                    }
+                    Step::FloatConv {
+                        op: self.op(node, "conv"),
+                        weight: self.floats(&format!("{name}.weight"), &[kh, kw, c, o])?,
+                        out: o,
+                        window,
+                        pad_value: conv.pad_value as f32,
+                        epilogue,
+                    }
+                }
+            }
+            Op::DepthwiseConv(dw) => {
+                let [kh, kw] = dw.kernel;
+                let co = input.channels * dw.multiplier;
+                let mut epilogue = Epilogue::default();
+                if dw.bias {
+                    epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[co])?));
+                }
+                Step::Depthwise {
+                    op: self.op(node, "depthwise_conv"),
+                    weight: self.floats(&format!("{name}.weight"), &[kh, kw, co])?,
+                    multiplier: dw.multiplier,
+                    window: self.window(input, dw.kernel, dw.stride, dw.padding),
+                    epilogue,
+                }
+            }
+            Op::Binarize(act) => {
+                let signs = match act {
+                    Activation::None => return Ok(()),
+                    Activation::Lab(pairing) => Signs::Lab(self.lab(name, *pairing, input.channels)?),
+                    _ => Signs::Sign,
+                };
+                let kind = match signs {
+                    Signs::Lab(_) => "lab",
+                    Signs::Sign => "sign",
+                };
+                Step::Binarize {
+                    op: self.op(node, kind),
+                    signs,
+                }
+            }
+            Op::MaxPool(p) => Step::MaxPool {
+                op: self.op(node, if input.binary { "max_pool (bits)" } else { "max_pool" }),
+                window: self.window(input, p.size, p.stride, p.padding),
+            },
+            Op::AvgPool(p) => Step::AvgPool {
+                op: self.op(node, "avg_pool"),
+                window: self.window(input, p.size, p.stride, p.padding),
+            },
+            Op::BlurPool(b) => Step::Blur {
+                op: self.op(node, "blur_pool"),
+                stride: b.stride,
+            },
+            Op::GlobalAvgPool => Step::GlobalAvgPool {
+                op: self.op(node, "global_avg_pool"),
+            },
+            Op::Flatten => Step::Flatten {
+                op: self.op(node, "flatten"),
+            },
+            Op::Dense(d) => {
+                let units = d.units.resolve(self.model.config.classes);
+                let features = input.channels * input.height * input.width;
+                let mut epilogue = Epilogue::default();
+                if d.bias {
+                    epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[units])?));
+                }
+                Step::Dense {
+                    op: self.op(node, "dense"),
+                    weight: self.floats(&format!("{name}.weight"), &[features, units])?,
+                    units,
+                    epilogue,
+                }
+            }
+            Op::Duplicate => Step::Duplicate {
+                op: self.op(node, "duplicate"),
+            },
+            Op::Residual(r) => Step::Residual {
+                shortcut: self.sequence(&r.shortcut)?,
+                body: self.sequence(&r.body)?,
+            },
+            Op::Concat(branches) => Step::Concat {
+                branches: branches
+                    .iter()
+                    .map(|b| self.sequence(b))
+                    .collect::<Result<_, _>>()?,
+            },
+            Op::Relu | Op::BatchNorm(_) | Op::Bias | Op::PRelu(_) => {
+                unreachable!("per-channel layers are compiled by `sequence`")
+            }
+        };
+        steps.push(step);
+        Ok(())
+    }
+}
