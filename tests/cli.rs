@@ -155,7 +155,10 @@ fn export_bench_and_predict_a_model() {
         &path("profile"),
     ]);
     assert!(ok, "{err}");
-    assert!(out.contains("median") && out.contains("stage4.block4.conv"), "{out}");
+    assert!(
+        out.contains("median") && out.contains("stage4.block4.conv"),
+        "{out}"
+    );
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path("bench.json")).unwrap()).unwrap();
     assert_eq!(report["threads"], 2);
@@ -165,22 +168,34 @@ fn export_bench_and_predict_a_model() {
     assert!(std::fs::metadata(path("profile.json")).is_ok());
 
     // A 28x28 gray image, as Fashion-MNIST's.
-    let image = image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]));
+    let image =
+        image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]));
     image.save(path("shirt.png")).unwrap();
     let (ok, out, err) = zoo(&["predict", &path("m.zoo"), &path("shirt.png")]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().count(), 5, "{out}");
     // The candle model on the same pixels ranks the same class first.
-    let pixels = zoo::data::fashion_mnist::eval_image(std::path::Path::new(&path("shirt.png")), 32)
-        .unwrap();
+    let pixels =
+        zoo::data::fashion_mnist::eval_image(std::path::Path::new(&path("shirt.png")), 32).unwrap();
     let weights: std::collections::HashMap<_, _> = tensors.into_iter().collect();
     let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
     let model = zoo::build("quicknet-lab", vb, &config).unwrap();
     let xs = Tensor::from_vec(pixels, (1, 1, 32, 32), &Device::Cpu).unwrap();
-    let logits: Vec<f32> = model.forward(&xs, false).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let best = (0..10).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap();
+    let logits: Vec<f32> = model
+        .forward(&xs, false)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let best = (0..10)
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap();
     assert!(
-        out.lines().next().unwrap().starts_with(&format!("1. class {best} thing{best}:")),
+        out.lines()
+            .next()
+            .unwrap()
+            .starts_with(&format!("1. class {best} thing{best}:")),
         "{out}"
     );
 

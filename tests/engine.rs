@@ -63,8 +63,8 @@ fn candle_logits(
     let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
     let model = zoo::Network::new(spec.clone(), vb, config).unwrap();
     let i = config.input;
-    let xs = Tensor::from_slice(images, (batch, i.channels, i.height, i.width), &Device::Cpu)
-        .unwrap();
+    let xs =
+        Tensor::from_slice(images, (batch, i.channels, i.height, i.width), &Device::Cpu).unwrap();
     use zoo::Model;
     model
         .forward(&xs, false)
@@ -130,9 +130,10 @@ fn every_shipped_spec_matches_candle() {
 
 #[test]
 fn official_lab_pairing_matches_candle() {
-    let text = zoo::spec_text("quicknet-lab")
-        .unwrap()
-        .replace("activation: lab}", "activation: {lab: {pairing: official}}}");
+    let text = zoo::spec_text("quicknet-lab").unwrap().replace(
+        "activation: lab}",
+        "activation: {lab: {pairing: official}}}",
+    );
     assert!(text.contains("pairing: official"));
     let spec = zoo::spec::parse_str(&text, "quicknet-lab-official").unwrap();
     check(&text, &spec, shipped_config("quicknet"), 7, 2);
@@ -142,7 +143,13 @@ fn official_lab_pairing_matches_candle() {
 fn a_saved_model_runs_identically_and_is_compact() {
     let spec = zoo::spec("quicknet").unwrap();
     let config = shipped_config("quicknet");
-    let model = check(zoo::spec_text("quicknet").unwrap().as_str(), &spec, config, 3, 1);
+    let model = check(
+        zoo::spec_text("quicknet").unwrap().as_str(),
+        &spec,
+        config,
+        3,
+        1,
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("quicknet.zoo");
     model.save(&path).unwrap();
@@ -152,7 +159,10 @@ fn a_saved_model_runs_identically_and_is_compact() {
     let images = random_images(&config, 3, 9);
     let a = Engine::new(&model, 1).unwrap().run(&images, 3).unwrap();
     let b = Engine::load(&path, 3).unwrap().run(&images, 3).unwrap();
-    assert_eq!(a, b, "thread count and a save/load round trip change nothing");
+    assert_eq!(
+        a, b,
+        "thread count and a save/load round trip change nothing"
+    );
     // Binary kernels take one bit each: the file is far smaller than f32 weights.
     let totals = zoo::spec::analyze(&spec, &config).unwrap().totals();
     let size = std::fs::metadata(&path).unwrap().len() as f64;
@@ -170,7 +180,10 @@ fn loading_a_file_that_is_not_a_zoo_model_names_it() {
     let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
     zoo::io::save_safetensors(&[("a".into(), t)], None, &path).unwrap();
     let err = ZooModel::load(&path).unwrap_err().to_string();
-    assert!(err.contains("weights.safetensors") && err.contains("not a .zoo model"), "{err}");
+    assert!(
+        err.contains("weights.safetensors") && err.contains("not a .zoo model"),
+        "{err}"
+    );
 }
 
 /// A one-layer spec (plus `flatten`, so that the output is the whole map in H, W, C order):
@@ -202,20 +215,34 @@ fn random_binary_convolutions_match_candle() {
         let (h, w) = (rng.random_range(1..12), rng.random_range(1..12));
         let kernel = [1, 3, 5][rng.random_range(0..3)].min(h.min(w).max(1));
         let stride = rng.random_range(1..3);
-        let padding = if rng.random_bool(0.7) { Padding::Same } else { Padding::Valid };
+        let padding = if rng.random_bool(0.7) {
+            Padding::Same
+        } else {
+            Padding::Valid
+        };
         let activation = activations[case % activations.len()];
         let quantizer = ["ste_sign", "magnitude_aware_sign", "xnor_weight_scale"][case % 3];
         let pad_value = (case / 2 % 2) as u8;
         if padding == Padding::Valid && (kernel > h || kernel > w) {
             continue;
         }
-        let name = if padding == Padding::Same { "same" } else { "valid" };
+        let name = if padding == Padding::Same {
+            "same"
+        } else {
+            "valid"
+        };
         let layer = format!(
             "quant_conv: {{filters: {filters}, kernel: {kernel}, stride: {stride}, padding: {name}, activation: {activation}, kernel_quantizer: {quantizer}}}"
         );
         let window = ([kernel; 2], [stride; 2], padding, filters);
         let (text, spec) = layer_spec([h, w, channels], &layer, pad_value, window);
-        check(&text, &spec, spec.default_config(), case as u64, 1 + case % 3);
+        check(
+            &text,
+            &spec,
+            spec.default_config(),
+            case as u64,
+            1 + case % 3,
+        );
     }
 }
 
@@ -223,12 +250,48 @@ fn random_binary_convolutions_match_candle() {
 fn float_layers_and_pools_match_candle() {
     use Padding::{Same, Valid};
     let layers = [
-        ("conv: {filters: 5, kernel: 3, stride: 2}", [3, 3], [2, 2], Same, 5),
-        ("conv: {filters: 9, kernel: [3, 1], padding: valid, bias: true}", [3, 1], [1, 1], Valid, 9),
-        ("depthwise_conv: {kernel: 3, stride: 2}", [3, 3], [2, 2], Same, 6),
-        ("depthwise_conv: {kernel: 3, multiplier: 2, bias: true}", [3, 3], [1, 1], Same, 12),
-        ("max_pool: {size: 3, stride: 2, padding: same}", [3, 3], [2, 2], Same, 6),
-        ("avg_pool: {size: 3, stride: 2, padding: same}", [3, 3], [2, 2], Same, 6),
+        (
+            "conv: {filters: 5, kernel: 3, stride: 2}",
+            [3, 3],
+            [2, 2],
+            Same,
+            5,
+        ),
+        (
+            "conv: {filters: 9, kernel: [3, 1], padding: valid, bias: true}",
+            [3, 1],
+            [1, 1],
+            Valid,
+            9,
+        ),
+        (
+            "depthwise_conv: {kernel: 3, stride: 2}",
+            [3, 3],
+            [2, 2],
+            Same,
+            6,
+        ),
+        (
+            "depthwise_conv: {kernel: 3, multiplier: 2, bias: true}",
+            [3, 3],
+            [1, 1],
+            Same,
+            12,
+        ),
+        (
+            "max_pool: {size: 3, stride: 2, padding: same}",
+            [3, 3],
+            [2, 2],
+            Same,
+            6,
+        ),
+        (
+            "avg_pool: {size: 3, stride: 2, padding: same}",
+            [3, 3],
+            [2, 2],
+            Same,
+            6,
+        ),
         ("avg_pool: {size: 2, stride: 2}", [2, 2], [2, 2], Valid, 6),
         ("blur_pool: {stride: 2}", [3, 3], [2, 2], Same, 6),
         ("prelu: {alpha: 0.25}", [1, 1], [1, 1], Valid, 6),
@@ -261,8 +324,13 @@ fn quicknet_file_is_as_small_as_larqs_model_size() {
     let spec = zoo::spec("quicknet").unwrap();
     let config = spec.default_config();
     let weights = random_weights(&spec, &config, 1);
-    let model = zoo::engine::export(&zoo::spec_text("quicknet").unwrap(), &spec, &config, &weights)
-        .unwrap();
+    let model = zoo::engine::export(
+        &zoo::spec_text("quicknet").unwrap(),
+        &spec,
+        &config,
+        &weights,
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("quicknet.zoo");
     model.save(&path).unwrap();

@@ -2479,3 +2479,166 @@ fn lab_fused_op_timing() -> Result {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------------------------------
+// QuantConv2d on the fused binary convolution (`zoo_kernels::binary_conv2d`)
+// ------------------------------------------------------------------------------------------
+
+/// The general path the fused op replaces: binarize, pad, quantize the kernel, convolve.
+fn quant_conv_composed(x: &Tensor, w: &Tensor, b: &Tensor, cfg: &Conv) -> Result<Tensor> {
+    let xs = match cfg.input {
+        Activation::Sign { clip } => ste_sign(x, clip)?,
+        Activation::ApproxSign => approx_sign(x)?,
+        Activation::SwishSign { beta } => swish_sign(x, beta)?,
+        other => panic!("no composed reference for {other:?} here"),
+    };
+    let (_, _, h, wd) = x.dims4()?;
+    let pads = tf_pads(h, wd, cfg.kernel, cfg.stride, cfg.padding);
+    let xs = layers::pad2d(&xs, pads, cfg.pad_value)?;
+    let kernel = layers::quantize_kernel(w, &cfg.kernel_quantizer)?;
+    zoo_kernels::conv2d_gemm(&xs, &kernel, cfg.stride)?.broadcast_add(&b.reshape((1, (), 1, 1))?)
+}
+
+#[test]
+fn quant_conv_on_the_binary_conv_op_matches_the_composed_path() -> Result {
+    use KernelQuantizer as K;
+    let mut r = rng(91);
+    let inputs = [
+        Activation::Sign { clip: 0.9 },
+        Activation::ApproxSign,
+        Activation::SwishSign { beta: 5.0 },
+    ];
+    let kernels = [
+        K::SteSign { clip: 0.8 },
+        K::MagnitudeAwareSign { clip: 1.1 },
+    ];
+    let shapes = [
+        ((2, 3, 7, 6), 4, [3, 3]),
+        ((2, 65, 5, 5), 3, [3, 3]),
+        ((3, 5, 6, 7), 6, [1, 1]),
+    ];
+    let mut cases = Vec::new();
+    for shape in shapes {
+        for input in inputs {
+            for quantizer in kernels {
+                cases.push((shape, input, quantizer));
+            }
+        }
+    }
+    for (i, ((d, filters, kernel), input, quantizer)) in cases.into_iter().enumerate() {
+        for (stride, pad_value) in [(1, 1.0), (2, 0.0), (1, 0.0), (2, 1.0)] {
+            let padding = if i % 2 == 0 {
+                Padding::Same
+            } else {
+                Padding::Valid
+            };
+            let cfg = conv_config(
+                filters, kernel, stride, padding, pad_value, input, quantizer,
+            );
+            let what = format!("binary conv op {d:?} {cfg:?}");
+            let (_, c, h, w) = d;
+            let wd = (filters, c, kernel[0], kernel[1]);
+            let mut xs = uniform(&mut r, numel(d), -1.5, 1.5);
+            plant(&mut xs, &[0.0, -0.0, 0.9, -0.9]);
+            let mut ws = uniform(&mut r, numel(wd), -1.5, 1.5);
+            plant(&mut ws, &[0.0, 0.8, -0.8, 1.1, -1.1]);
+            let bs = uniform(&mut r, filters, -0.5, 0.5);
+            let weights = Weights::new();
+            let wv = weights.set("weight", &ws, wd);
+            let bv = weights.set("bias", &bs, filters);
+            let layer = QuantConv2d::new(weights.vb(), feature(c, h, w), &cfg)?;
+            let x = var(&xs, d);
+            let y = layer.forward(x.as_tensor())?;
+            let y_ref = quant_conv_composed(x.as_tensor(), wv.as_tensor(), bv.as_tensor(), &cfg)?;
+            assert_eq!(y.dims(), y_ref.dims(), "{what}: shape");
+            assert_close(
+                &values(&y),
+                &values(&y_ref),
+                EXACT,
+                1e-12,
+                &format!("{what}: forward"),
+            );
+            let gy = uniform(&mut r, y.elem_count(), -1.0, 1.0);
+            let (grads, grads_ref) = (backward(&y, &gy)?, backward(&y_ref, &gy)?);
+            for (name, v) in [("x", &x), ("w", &wv), ("b", &bv)] {
+                assert_close(
+                    &grad(&grads, v),
+                    &grad(&grads_ref, v),
+                    1e-10,
+                    1e-12,
+                    &format!("{what}: d/d{name}"),
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The binary convolutions of QuickNet on 32x32 inputs (batch 64, f32, 2 threads) through
+/// `QuantConv2d`: the fused op against the composed path, forward + backward, medians of 11.
+/// Run with `cargo test -p zoo --release --test layers binary_conv_op_timing -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "timing, not a check"]
+fn binary_conv_op_timing() -> Result {
+    use std::time::Instant;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a thread pool");
+    let mut r = rng(92);
+    let cfg = |c| {
+        let mut cfg = conv_config(
+            c,
+            [3, 3],
+            1,
+            Padding::Same,
+            1.0,
+            Activation::Sign { clip: 1.25 },
+            KernelQuantizer::SteSign { clip: 1.25 },
+        );
+        cfg.bias = false;
+        cfg
+    };
+    for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
+        let d = (64, c, hw, hw);
+        let x = Var::from_tensor(
+            &tensor(&uniform(&mut r, numel(d), -2.0, 2.0), d).to_dtype(DType::F32)?,
+        )?;
+        let g = tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?;
+        let w = Var::from_tensor(
+            &tensor(&uniform(&mut r, c * c * 9, -1.5, 1.5), (c, c, 3, 3)).to_dtype(DType::F32)?,
+        )?;
+        let varmap = VarMap::new();
+        varmap
+            .data()
+            .lock()
+            .unwrap()
+            .insert("weight".into(), w.clone());
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let layer = QuantConv2d::new(vb, feature(c, hw, hw), &cfg(c))?;
+        let b = Tensor::zeros(c, DType::F32, &Device::Cpu)?;
+        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
+            let mut times: Vec<f64> = (0..11)
+                .map(|_| {
+                    let start = Instant::now();
+                    let grads = f()?.mul(&g)?.sum_all()?.backward()?;
+                    assert!(grads.get(w.as_tensor()).is_some());
+                    Ok(start.elapsed().as_secs_f64() * 1e3)
+                })
+                .collect::<Result<_>>()?;
+            times.sort_by(f64::total_cmp);
+            Ok(times[5])
+        };
+        let (fused, composed) = pool.install(|| -> Result<(f64, f64)> {
+            Ok((
+                time(&|| layer.forward(x.as_tensor()))?,
+                time(&|| quant_conv_composed(x.as_tensor(), w.as_tensor(), &b, &cfg(c)))?,
+            ))
+        })?;
+        println!(
+            "binary conv fwd+bwd 64x{c}x{hw}x{hw}: fused {fused:.2} ms, composed {composed:.2} ms"
+        );
+    }
+    Ok(())
+}

@@ -20,7 +20,7 @@ Steps (the default does all three; see --no-time, --time-only, --floor, --report
     (--lab-form folded) converts the inference form that `zoo export` also uses: LAB's two
     depthwise kernels, two biases and beta folded into one depthwise 3x3 kernel and bias per
     channel, d = beta*(y1 - y0), followed by Larq's sign, which LCE binarizes. (Ties: d == 0
-    gives +1 there, -1 in LAB; irrelevant to latency and absent with these float weights.)
+    gives +1 there, -1 in LAB; irrelevant to latency, and float weights practically never tie.)
     --lab-form unfolded keeps the trained depthwise-by-2 convolution and computes
     d = beta*y1 - beta*y0 in the graph before the sign. Checks: LCE's logits against Keras' on
     one seeded input (at full size a few binarizer inputs lie within float rounding of zero,

@@ -280,11 +280,28 @@ impl CustomOp3 for BinaryConvBackward {
 trait Float: WithDType {
     /// The values as f32 with the same [`sign`] (the packing reads f32).
     fn signs(data: &[Self]) -> Cow<'_, [f32]>;
+
+    /// The largest value not above `bound` (so that `v <= at_most(b)` iff `v as f64 <= b`).
+    fn at_most(bound: f64) -> Self;
 }
 
 impl Float for f32 {
     fn signs(data: &[f32]) -> Cow<'_, [f32]> {
         Cow::Borrowed(data)
+    }
+
+    fn at_most(bound: f64) -> f32 {
+        let nearest = bound as f32;
+        if nearest as f64 > bound {
+            // One step towards minus infinity (the bound is finite here).
+            match nearest {
+                0.0 => -f32::from_bits(1),
+                v if v > 0.0 => f32::from_bits(v.to_bits() - 1),
+                v => f32::from_bits(v.to_bits() + 1),
+            }
+        } else {
+            nearest
+        }
     }
 }
 
@@ -292,6 +309,10 @@ impl Float for f64 {
     fn signs(data: &[f64]) -> Cow<'_, [f32]> {
         // Not `as f32`: a tiny negative f64 would round to -0.0, whose sign is +1.
         Cow::Owned(data.iter().map(|&v| sign(v) as f32).collect())
+    }
+
+    fn at_most(bound: f64) -> f64 {
+        bound
     }
 }
 
@@ -543,19 +564,27 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
     let mut sw = vec![T::zero(); o * sw_row];
     let mask_words = (c * kt).div_ceil(64);
     let mut keep = vec![0u64; o * mask_words];
+    let used_taps: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter_map(|(t, s)| s.map(|s| (t, s)))
+        .collect();
+    let kernel_clip = T::at_most(conv.kernel_clip);
     if c * kt > 0 {
         sw.par_chunks_mut(sw_row)
             .zip(keep.par_chunks_mut(mask_words))
             .zip(w.par_chunks(c * kt))
             .for_each(|((sw, keep), w)| {
-                for (ci, w) in w.chunks_exact(kt).enumerate() {
-                    for (t, &v) in w.iter().enumerate() {
-                        if let Some(s) = slots[t] {
-                            sw[s * c + ci] = sign(v);
-                        }
-                        let i = ci * kt + t;
-                        keep[i / 64] |= ((v.to_f64().abs() <= conv.kernel_clip) as u64) << (i % 64);
+                for &(t, s) in &used_taps {
+                    for (ci, d) in sw[s * c..(s + 1) * c].iter_mut().enumerate() {
+                        *d = sign(w[ci * kt + t]);
                     }
+                }
+                for (word, w) in keep.iter_mut().zip(w.chunks(64)) {
+                    *word = w.iter().enumerate().fold(0, |bits, (j, &v)| {
+                        let inside = v <= kernel_clip && T::zero() - kernel_clip <= v;
+                        bits | (inside as u64) << j
+                    });
                 }
             });
     }
@@ -628,14 +657,14 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
     // The input gradient back to NCHW, masked.
     let hw = g.h * g.w;
     if hw * c > 0 {
-        let clip = conv.input_clip;
+        let clip = conv.input_clip.map(T::at_most);
         gx.par_chunks_mut(c * hw)
             .zip(dx.par_chunks(c * hw))
             .zip(x.par_chunks(c * hw))
             .for_each(|((gx, dx), x)| {
                 for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
                     for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
-                        let keep = clip.is_none_or(|clip| x.to_f64().abs() <= clip);
+                        let keep = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
                         gx.write(if keep { dx[p * c + ci] } else { T::zero() });
                     }
                 }
@@ -646,20 +675,31 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
         gw.par_chunks_mut(c * kt)
             .zip(keep.par_chunks(mask_words))
             .enumerate()
-            .for_each(|(oo, (gw, keep))| {
-                for (ci, gw) in gw.chunks_exact_mut(kt).enumerate() {
-                    for (t, gw) in gw.iter_mut().enumerate() {
-                        let i = ci * kt + t;
-                        let v = if keep[i / 64] >> (i % 64) & 1 == 0 {
-                            T::zero()
-                        } else {
-                            let product = slots[t].map_or(T::zero(), |s| dw[(s * o + oo) * c + ci]);
-                            product + padding[t * o + oo]
-                        };
-                        gw.write(v);
+            .for_each_init(
+                || (Vec::new(), Vec::new()),
+                |(base, products), (oo, (gw, keep))| {
+                    // Per tap: the padding's share and this filter's products (if any).
+                    base.clear();
+                    base.extend((0..kt).map(|t| padding[t * o + oo]));
+                    products.clear();
+                    products.extend(
+                        slots
+                            .iter()
+                            .map(|s| s.map(|s| &dw[(s * o + oo) * c..][..c])),
+                    );
+                    let (mut ci, mut t) = (0, 0);
+                    for (&word, gw) in keep.iter().zip(gw.chunks_mut(64)) {
+                        for (j, gw) in gw.iter_mut().enumerate() {
+                            let value = base[t] + products[t].map_or(T::zero(), |p| p[ci]);
+                            gw.write(if word >> j & 1 == 1 { value } else { T::zero() });
+                            t += 1;
+                            if t == kt {
+                                (ci, t) = (ci + 1, 0);
+                            }
+                        }
                     }
-                }
-            });
+                },
+            );
     }
     // SAFETY: the two passes above wrote all `len` elements (`x.len() = n * c * hw` in
     // chunks of `c * hw`, `w.len() = o * c * kt` in chunks of `c * kt`).
@@ -809,6 +849,39 @@ mod tests {
     }
 
     #[test]
+    fn clip_thresholds_compare_like_f64() {
+        let bounds = [
+            0.8,
+            1.25,
+            1.0,
+            0.0,
+            -0.0,
+            -0.3,
+            1e-40,
+            -1e-40,
+            3.4e38,
+            1e39,
+            f64::INFINITY,
+        ];
+        for bound in bounds {
+            let t = f32::at_most(bound);
+            assert!(t as f64 <= bound || bound.is_nan(), "{bound}: {t}");
+            for v in [
+                t,
+                f32::from_bits(t.to_bits().wrapping_add(1)),
+                -t,
+                0.0,
+                -0.0,
+                0.8,
+                1.25,
+            ] {
+                assert_eq!(v <= t, v as f64 <= bound, "{v} against {bound}");
+            }
+            assert_eq!(f64::at_most(bound), bound);
+        }
+    }
+
+    #[test]
     fn rejects_bad_geometry() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 2, 3, 3), DType::F32, &dev).expect("x");
@@ -847,7 +920,11 @@ mod bench {
             .expect("a pool");
         pool.install(|| {
             let dev = Device::Cpu;
+            let only = std::env::var("BENCH_CHANNELS").ok();
             for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
+                if only.as_ref().is_some_and(|only| *only != c.to_string()) {
+                    continue;
+                }
                 let conv = BinaryConv2d {
                     stride: [1, 1],
                     pads: [1; 4],
@@ -859,7 +936,7 @@ mod bench {
                 let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (c, c, 3, 3), &dev)?)?;
                 let r = Tensor::randn(0f32, 1.0, (64, c, hw, hw), &dev)?;
                 let (mut fwd, mut bwd) = (f64::MAX, f64::MAX);
-                let runs = 20;
+                let runs = 50;
                 for _ in 0..runs {
                     let t = Instant::now();
                     let y = binary_conv2d(&x, &w, &conv)?;

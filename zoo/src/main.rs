@@ -581,10 +581,17 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
                 }
                 let csv = prefix.with_extension("csv");
                 let json_path = prefix.with_extension("json");
-                zoo::io::write_bytes_atomically(&csv, zoo::engine::bench::profile_csv(ops).as_bytes())?;
+                zoo::io::write_bytes_atomically(
+                    &csv,
+                    zoo::engine::bench::profile_csv(ops).as_bytes(),
+                )?;
                 let body = serde_json::to_string_pretty(ops).expect("profile serialises");
                 zoo::io::write_bytes_atomically(&json_path, body.as_bytes())?;
-                println!("profile written to {} and {}", csv.display(), json_path.display());
+                println!(
+                    "profile written to {} and {}",
+                    csv.display(),
+                    json_path.display()
+                );
             }
             if let Some(path) = json {
                 let body = serde_json::to_string_pretty(&report).expect("report serialises");
@@ -748,7 +755,12 @@ fn export(
             .config
             .as_ref()
             .filter(|c| zoo::train::is_fashion_mnist(&c.data))
-            .map(|_| zoo::data::fashion_mnist::CLASSES.iter().map(|c| c.to_string()).collect()),
+            .map(|_| {
+                zoo::data::fashion_mnist::CLASSES
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            }),
     };
     if let Some(l) = &model.labels {
         if l.len() != config.classes {

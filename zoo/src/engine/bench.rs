@@ -141,7 +141,10 @@ pub fn render_profile(ops: &[OpTime]) -> String {
         );
     }
     let total: f64 = ops.iter().map(|o| o.ms).sum();
-    s += &format!("{:<36} {:<18} {:>14} {:>9.3} {:>6.1}%\n", "total", "", "", total, 100.0);
+    s += &format!(
+        "{:<36} {:<18} {:>14} {:>9.3} {:>6.1}%\n",
+        "total", "", "", total, 100.0
+    );
     s
 }
 
@@ -159,7 +162,11 @@ pub fn profile_csv(ops: &[OpTime]) -> String {
 
 /// A model of `name_or_path` at `config` with Keras-initialised random weights and random
 /// batch-norm statistics, exported: what `zoo bench` runs when given a name instead of a file.
-pub fn random_model(name_or_path: &str, config: &ModelConfig, seed: u64) -> Result<ZooModel, Error> {
+pub fn random_model(
+    name_or_path: &str,
+    config: &ModelConfig,
+    seed: u64,
+) -> Result<ZooModel, Error> {
     let spec = crate::spec(name_or_path)?;
     let text = crate::spec_text(name_or_path)?;
     let analysis = spec::analyze(&spec, config)?;
@@ -168,9 +175,13 @@ pub fn random_model(name_or_path: &str, config: &ModelConfig, seed: u64) -> Resu
     for param in analysis.params() {
         let mut values = crate::init::draw(param, &mut rng);
         if param.name.ends_with(".running_var") {
-            values.iter_mut().for_each(|v| *v = rng.random_range(0.5..2.0));
+            values
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(0.5..2.0));
         } else if param.name.ends_with(".running_mean") {
-            values.iter_mut().for_each(|v| *v = rng.random_range(-0.5..0.5));
+            values
+                .iter_mut()
+                .for_each(|v| *v = rng.random_range(-0.5..0.5));
         }
         let t = Tensor::from_vec(values, param.shape.clone(), &Device::Cpu)?;
         weights.insert(param.name.clone(), t);

@@ -212,8 +212,7 @@ impl Exporter<'_> {
             LabPairing::Official => {
                 for (side, pick) in [("pos", 1), ("neg", 0)] {
                     let select = |k: usize| if pick == 1 { pair(k).1 } else { pair(k).0 };
-                    let kernel: Vec<f64> =
-                        (0..9 * c).map(|i| taps(select(i % c), i / c)).collect();
+                    let kernel: Vec<f64> = (0..9 * c).map(|i| taps(select(i % c), i / c)).collect();
                     self.put_f32(format!("{prefix}.{side}"), vec![3, 3, c], &kernel);
                     let source = (0..c).map(|k| (select(k) / 2) as u32).collect();
                     self.tensors.insert(
@@ -230,7 +229,11 @@ impl Exporter<'_> {
 /// The signs (±1, `sign(0) = +1`) of a kernel and its per-output-channel scale, if the
 /// quantizer has one (`per_out` weights per output channel). Full-precision kernels come back
 /// unchanged with no scale.
-fn quantize(w: &[f64], per_out: usize, quantizer: &KernelQuantizer) -> (Vec<f64>, Option<Vec<f64>>) {
+fn quantize(
+    w: &[f64],
+    per_out: usize,
+    quantizer: &KernelQuantizer,
+) -> (Vec<f64>, Option<Vec<f64>>) {
     let sign = |v: f64| if v >= 0.0 { 1.0 } else { -1.0 };
     let mean_abs = |w: &[f64]| -> Vec<f64> {
         w.chunks(per_out)
@@ -245,7 +248,10 @@ fn quantize(w: &[f64], per_out: usize, quantizer: &KernelQuantizer) -> (Vec<f64>
         }
         KernelQuantizer::XnorWeightScale => {
             let clipped: Vec<f64> = w.iter().map(|v| v.clamp(-1.0, 1.0)).collect();
-            (clipped.iter().map(|&v| sign(v)).collect(), Some(mean_abs(&clipped)))
+            (
+                clipped.iter().map(|&v| sign(v)).collect(),
+                Some(mean_abs(&clipped)),
+            )
         }
     }
 }

@@ -61,10 +61,12 @@ impl Epilogue {
     /// (the merged form rounds once instead of twice).
     pub fn push(&mut self, op: ChannelOp) {
         let merged = match (self.ops.last(), &op) {
-            (Some(ChannelOp::Scale(m1)), ChannelOp::Affine { mul, add }) => Some(ChannelOp::Affine {
-                mul: m1.iter().zip(mul).map(|(a, b)| a * b).collect(),
-                add: add.clone(),
-            }),
+            (Some(ChannelOp::Scale(m1)), ChannelOp::Affine { mul, add }) => {
+                Some(ChannelOp::Affine {
+                    mul: m1.iter().zip(mul).map(|(a, b)| a * b).collect(),
+                    add: add.clone(),
+                })
+            }
             (Some(ChannelOp::Scale(m)), ChannelOp::Add(a)) => Some(ChannelOp::Affine {
                 mul: m.clone(),
                 add: a.clone(),
@@ -149,7 +151,15 @@ impl Window {
 
     /// The input row and column of tap `(ky, kx)` for output `(oy, ox)`, if inside the image.
     #[inline]
-    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize, h: usize, w: usize) -> Option<(usize, usize)> {
+    fn source(
+        &self,
+        oy: usize,
+        ox: usize,
+        ky: usize,
+        kx: usize,
+        h: usize,
+        w: usize,
+    ) -> Option<(usize, usize)> {
         let y = (oy * self.stride[0] + ky).checked_sub(self.pads[0])?;
         let x = (ox * self.stride[1] + kx).checked_sub(self.pads[2])?;
         (y < h && x < w).then_some((y, x))
@@ -250,31 +260,34 @@ pub fn depthwise(
     let c = x.channels;
     let co = c * multiplier;
     let mut out = FloatMap::zeros(oh, ow, co);
-    out.data.par_chunks_mut(ow * co).enumerate().for_each(|(oy, row)| {
-        for ox in 0..ow {
-            let px = &mut row[ox * co..(ox + 1) * co];
-            for ky in 0..kh {
-                for kx in 0..kw {
-                    let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) else {
-                        continue;
-                    };
-                    let input = &x.data[(y * x.width + xx) * c..][..c];
-                    let taps = &weight[(ky * kw + kx) * co..][..co];
-                    if multiplier == 1 {
-                        for ((o, &v), &t) in px.iter_mut().zip(input).zip(taps) {
-                            *o += v * t;
-                        }
-                    } else {
-                        for (j, (o, &t)) in px.iter_mut().zip(taps).enumerate() {
-                            *o += input[j / multiplier] * t;
+    out.data
+        .par_chunks_mut(ow * co)
+        .enumerate()
+        .for_each(|(oy, row)| {
+            for ox in 0..ow {
+                let px = &mut row[ox * co..(ox + 1) * co];
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) else {
+                            continue;
+                        };
+                        let input = &x.data[(y * x.width + xx) * c..][..c];
+                        let taps = &weight[(ky * kw + kx) * co..][..co];
+                        if multiplier == 1 {
+                            for ((o, &v), &t) in px.iter_mut().zip(input).zip(taps) {
+                                *o += v * t;
+                            }
+                        } else {
+                            for (j, (o, &t)) in px.iter_mut().zip(taps).enumerate() {
+                                *o += input[j / multiplier] * t;
+                            }
                         }
                     }
                 }
+                let at = (oy * ow + ox) * co;
+                epilogue.apply(px, residual.map(|r| &r[at..at + co]));
             }
-            let at = (oy * ow + ox) * co;
-            epilogue.apply(px, residual.map(|r| &r[at..at + co]));
-        }
-    });
+        });
     out
 }
 
@@ -316,23 +329,28 @@ fn pool(
     let (oh, ow) = window.output(x.height, x.width);
     let c = x.channels;
     let mut out = FloatMap::zeros(oh, ow, c);
-    out.data.par_chunks_mut(ow * c).enumerate().for_each(|(oy, row)| {
-        for ox in 0..ow {
-            let px = &mut row[ox * c..(ox + 1) * c];
-            px.fill(init);
-            let mut count = 0;
-            for ky in 0..window.kernel[0] {
-                for kx in 0..window.kernel[1] {
-                    if let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) {
-                        count += 1;
-                        let input = &x.data[(y * x.width + xx) * c..][..c];
-                        px.iter_mut().zip(input).for_each(|(o, &v)| *o = combine(*o, v));
+    out.data
+        .par_chunks_mut(ow * c)
+        .enumerate()
+        .for_each(|(oy, row)| {
+            for ox in 0..ow {
+                let px = &mut row[ox * c..(ox + 1) * c];
+                px.fill(init);
+                let mut count = 0;
+                for ky in 0..window.kernel[0] {
+                    for kx in 0..window.kernel[1] {
+                        if let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) {
+                            count += 1;
+                            let input = &x.data[(y * x.width + xx) * c..][..c];
+                            px.iter_mut()
+                                .zip(input)
+                                .for_each(|(o, &v)| *o = combine(*o, v));
+                        }
                     }
                 }
+                px.iter_mut().for_each(|o| *o = finish(*o, count));
             }
-            px.iter_mut().for_each(|o| *o = finish(*o, count));
-        }
-    });
+        });
     out
 }
 

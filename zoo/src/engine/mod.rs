@@ -104,9 +104,9 @@ impl Signs {
         use std::borrow::Cow;
         match (self, x) {
             (Signs::Sign, Value::Packed(p)) => Cow::Borrowed(p),
-            (Signs::Sign, Value::Float(m)) => {
-                Cow::Owned(PackedMap::from_signs(&m.data, m.height, m.width, m.channels))
-            }
+            (Signs::Sign, Value::Float(m)) => Cow::Owned(PackedMap::from_signs(
+                &m.data, m.height, m.width, m.channels,
+            )),
             (Signs::Lab(lab), x) => {
                 let m = x.to_float();
                 Cow::Owned(packed::lab_pack(&m.data, m.height, m.width, lab))
@@ -425,7 +425,9 @@ impl Run<'_> {
                 epilogue,
             } => self.timed(*op, || {
                 let m = x.to_float();
-                Value::Float(float::conv(&m, weight, *out, *window, *pad_value, epilogue, r))
+                Value::Float(float::conv(
+                    &m, weight, *out, *window, *pad_value, epilogue, r,
+                ))
             }),
             Step::BinaryConv {
                 op,
@@ -446,7 +448,14 @@ impl Run<'_> {
                 epilogue,
             } => self.timed(*op, || {
                 let m = x.to_float();
-                Value::Float(float::depthwise(&m, weight, *multiplier, *window, epilogue, r))
+                Value::Float(float::depthwise(
+                    &m,
+                    weight,
+                    *multiplier,
+                    *window,
+                    epilogue,
+                    r,
+                ))
             }),
             Step::Channel { op, epilogue } => self.timed(*op, || {
                 let mut m = x.to_float().into_owned();
@@ -457,14 +466,17 @@ impl Run<'_> {
                 self.timed(*op, || Value::Packed(signs.apply(x).into_owned()))
             }
             Step::MaxPool { op, window } => self.timed(*op, || match x {
-                Value::Packed(p) => {
-                    Value::Packed(packed::max_pool(p, window.kernel, window.stride, window.pads))
-                }
+                Value::Packed(p) => Value::Packed(packed::max_pool(
+                    p,
+                    window.kernel,
+                    window.stride,
+                    window.pads,
+                )),
                 Value::Float(m) => Value::Float(float::max_pool(m, *window)),
             }),
-            Step::AvgPool { op, window } => {
-                self.timed(*op, || Value::Float(float::avg_pool(&x.to_float(), *window)))
-            }
+            Step::AvgPool { op, window } => self.timed(*op, || {
+                Value::Float(float::avg_pool(&x.to_float(), *window))
+            }),
             Step::Blur { op, stride } => {
                 self.timed(*op, || Value::Float(float::blur(&x.to_float(), *stride)))
             }
@@ -578,7 +590,9 @@ impl Compiler<'_> {
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<&Stored, Error> {
         let t = self.model.tensors.get(name).ok_or_else(|| {
-            self.missing(format!("the tensor `{name}` is missing; re-export the model"))
+            self.missing(format!(
+                "the tensor `{name}` is missing; re-export the model"
+            ))
         })?;
         if t.shape() != shape {
             return Err(self.missing(format!(
@@ -644,9 +658,11 @@ impl Compiler<'_> {
     fn lab(&self, prefix: &str, pairing: LabPairing, c: usize) -> Result<LabKernel, Error> {
         let bias = self.floats(&format!("{prefix}.bias"), &[c])?;
         Ok(match pairing {
-            LabPairing::Channel => {
-                LabKernel::folded(c, self.floats(&format!("{prefix}.kernel"), &[3, 3, c])?, bias)
-            }
+            LabPairing::Channel => LabKernel::folded(
+                c,
+                self.floats(&format!("{prefix}.kernel"), &[3, 3, c])?,
+                bias,
+            ),
             LabPairing::Official => LabKernel::paired(
                 c,
                 self.floats(&format!("{prefix}.pos"), &[3, 3, c])?,
@@ -703,7 +719,9 @@ impl Compiler<'_> {
                     ..
                 }
             );
-            if let (true, Step::BinaryConv { pack_output, .. }) = (next_reads_signs, &mut steps[i - 1]) {
+            if let (true, Step::BinaryConv { pack_output, .. }) =
+                (next_reads_signs, &mut steps[i - 1])
+            {
                 *pack_output = true;
             }
         }
@@ -721,7 +739,9 @@ impl Compiler<'_> {
                 let mut epilogue = Epilogue::default();
                 if export::runs_binary(conv, input) {
                     let signs = match conv.input {
-                        Activation::Lab(pairing) => Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?),
+                        Activation::Lab(pairing) => {
+                            Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?)
+                        }
                         _ => Signs::Sign,
                     };
                     let words = c.div_ceil(64);
@@ -736,7 +756,9 @@ impl Compiler<'_> {
                         spec::KernelQuantizer::MagnitudeAwareSign { .. }
                             | spec::KernelQuantizer::XnorWeightScale
                     ) {
-                        epilogue.push(ChannelOp::Scale(self.floats(&format!("{name}.scale"), &[o])?));
+                        epilogue.push(ChannelOp::Scale(
+                            self.floats(&format!("{name}.scale"), &[o])?,
+                        ));
                     }
                     if conv.bias {
                         epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
@@ -764,7 +786,9 @@ impl Compiler<'_> {
                 } else {
                     if conv.input.is_binary() {
                         let signs = match conv.input {
-                            Activation::Lab(pairing) => Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?),
+                            Activation::Lab(pairing) => {
+                                Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?)
+                            }
                             _ => Signs::Sign,
                         };
                         let id = self.op(node, "binarize");
@@ -801,7 +825,9 @@ impl Compiler<'_> {
             Op::Binarize(act) => {
                 let signs = match act {
                     Activation::None => return Ok(()),
-                    Activation::Lab(pairing) => Signs::Lab(self.lab(name, *pairing, input.channels)?),
+                    Activation::Lab(pairing) => {
+                        Signs::Lab(self.lab(name, *pairing, input.channels)?)
+                    }
                     _ => Signs::Sign,
                 };
                 let kind = match signs {
@@ -814,7 +840,14 @@ impl Compiler<'_> {
                 }
             }
             Op::MaxPool(p) => Step::MaxPool {
-                op: self.op(node, if input.binary { "max_pool (bits)" } else { "max_pool" }),
+                op: self.op(
+                    node,
+                    if input.binary {
+                        "max_pool (bits)"
+                    } else {
+                        "max_pool"
+                    },
+                ),
                 window: self.window(input, p.size, p.stride, p.padding),
             },
             Op::AvgPool(p) => Step::AvgPool {
@@ -836,7 +869,9 @@ impl Compiler<'_> {
                 let features = input.channels * input.height * input.width;
                 let mut epilogue = Epilogue::default();
                 if d.bias {
-                    epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[units])?));
+                    epilogue.push(ChannelOp::Add(
+                        self.floats(&format!("{name}.bias"), &[units])?,
+                    ));
                 }
                 Step::Dense {
                     op: self.op(node, "dense"),
