@@ -1,12 +1,17 @@
 //! The training-time binary convolution: `conv(pad(sign(x)), sign(w))` as one custom op.
 //!
-//! Forward: the exact integer convolution of the signs, by XNOR-popcount on bit-packed maps
-//! ([`crate::packed`]). Backward: both products on GEMMs, one tap of the kernel at a time and
-//! only over the output positions whose window puts that tap inside the image. Positions where
-//! a tap reads padding give no input gradient, and their (constant) contribution to the kernel
-//! gradient is a column sum of the output gradient, so the GEMMs never multiply padding. The
-//! straight-through masks `1{|x| <= clip}` and `1{|w| <= clip}` are applied in the passes that
-//! write the gradients.
+//! Forward: the exact integer convolution of the signs by XNOR-popcount on bit-packed maps
+//! ([`crate::packed::binary_conv`], images in parallel).
+//!
+//! Backward: both products on GEMMs (the `gemm` crate), one kernel tap at a time and only over
+//! the output positions whose window puts that tap inside the image, so that no GEMM multiplies
+//! padding: per tap `t`, `dX_t = dY_t sign(W_t)` (added back to the input rows it came from)
+//! and `dW_t = dY_t^T sign(X_t)`, with `dY_t`, `X_t` the rows of those positions (channels
+//! last). Positions where the tap reads padding give no input gradient, and add
+//! `pad_value * sum(dY over them)` to every weight of the tap. The straight-through masks
+//! `1{|x| <= clip}` and `1{|w| <= clip}` are applied in the passes that write the two
+//! gradients (the kernel's read as bits from one pass over the kernel, which also takes the
+//! signs), and both gradients come out of one op.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -39,7 +44,8 @@ pub struct BinaryConv2d {
 /// (`N x O x OH x OW`, integers) is exact; the gradients are Larq's straight-through ones:
 /// `x` gets the convolution's input gradient, without the padded positions, masked by
 /// `1{|x| <= input_clip}` (unmasked when `input_clip` is `None`), and `weight` gets the kernel
-/// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64, CPU.
+/// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64, CPU; both gradients come from one
+/// backward op. (A NaN input or weight counts as `+1`, as in [`crate::packed`].)
 pub fn binary_conv2d(x: &Tensor, weight: &Tensor, conv: &BinaryConv2d) -> Result<Tensor> {
     let geometry = Geometry::new(x.dims4()?, weight.dims4()?, conv)?;
     x.contiguous()?.apply_op2(
@@ -316,11 +322,12 @@ impl Float for f64 {
     }
 }
 
+/// `-1` where `v < 0`, `+1` elsewhere (NaN included, as in the packing).
 fn sign<T: Float>(v: T) -> T {
-    if v >= T::zero() {
-        T::one()
-    } else {
+    if v < T::zero() {
         T::zero() - T::one()
+    } else {
+        T::one()
     }
 }
 
@@ -364,46 +371,29 @@ impl<'a, T> Mat<'a, T> {
     }
 }
 
-/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`.
+/// `dst = a * b` (or `dst += a * b` when `accumulate`), `dst` row-major `a.rows x b.cols`, on
+/// the `gemm` crate (candle's CPU GEMM), parallel on the current rayon pool.
 fn matmul<T: Float>(dst: &mut [T], accumulate: bool, a: Mat<T>, b: Mat<T>) {
-    matmul_strided(dst, (b.cols, 1), accumulate, a, b)
-}
-
-/// [`matmul`] into a `dst` with row and column strides `(rs, cs)`.
-fn matmul_strided<T: Float>(
-    dst: &mut [T],
-    (rs, cs): (usize, usize),
-    accumulate: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
-    let d = Mat {
-        data: &[] as &[T],
-        rows: m,
-        cols: n,
-        row_stride: rs,
-        col_stride: cs,
-    };
-    assert!(b.rows == k && d.fits(dst.len()) && a.fits(a.data.len()) && b.fits(b.data.len()));
+    assert!(b.rows == k && dst.len() >= m * n && a.fits(a.data.len()) && b.fits(b.data.len()));
     if m == 0 || n == 0 || (k == 0 && accumulate) {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = match threads {
+    let parallelism = match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+        threads => gemm::Parallelism::Rayon(threads),
     };
-    // SAFETY: the asserts above keep every index the GEMM touches inside the three slices,
-    // and dst (borrowed mutably) does not alias a or b.
+    // SAFETY: the assert above keeps every index the GEMM touches inside the three slices
+    // (dst row-major m x n; a and b within their strides), and dst, borrowed mutably, aliases
+    // neither a nor b.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
             dst.as_mut_ptr(),
-            cs as isize,
-            rs as isize,
+            1,
+            n as isize,
             accumulate,
             a.data.as_ptr(),
             a.col_stride as isize,
@@ -664,8 +654,8 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
             .for_each(|((gx, dx), x)| {
                 for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
                     for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
-                        let keep = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
-                        gx.write(if keep { dx[p * c + ci] } else { T::zero() });
+                        let inside = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
+                        gx.write(if inside { dx[p * c + ci] } else { T::zero() });
                     }
                 }
             });
@@ -903,7 +893,8 @@ mod tests {
     }
 }
 
-/// Timings at QuickNet's shapes on 32x32 inputs (batch 64, 2 threads):
+/// Timings of the op at the shapes of QuickNet's binary convolutions on 32x32 inputs (batch 64,
+/// f32, 2 threads; `BENCH_CHANNELS=512` keeps one stage):
 /// `cargo test -p zoo-kernels --release binary_conv::bench -- --ignored --nocapture`.
 #[cfg(test)]
 mod bench {
@@ -912,7 +903,7 @@ mod bench {
     use std::time::Instant;
 
     #[test]
-    #[ignore]
+    #[ignore = "timing, not a check"]
     fn bench() -> Result<()> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
