@@ -181,11 +181,7 @@ impl ZooModel {
             labels,
         })
     }
-
-    /// The file size the model takes when saved, in bytes (tensor data only).
-    pub fn tensor_bytes(&self) -> usize {
-        self.tensors.values().map(|t| t.bytes().len()).sum()
-    }
+}
 }
 
 fn le_words<T, const N: usize>(data: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
