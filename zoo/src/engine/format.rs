@@ -182,7 +182,6 @@ impl ZooModel {
         })
     }
 }
-}
 
 fn le_words<T, const N: usize>(data: &[u8], from: fn([u8; N]) -> T) -> Vec<T> {
     data.chunks_exact(N)
