@@ -57,41 +57,51 @@ impl Adam {
             let Some(grad) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let w = slot.var.as_tensor();
-            let (shape, dtype) = (w.shape().clone(), w.dtype());
-            let mut w = w.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let g = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let mut m = slot
-                .m
-                .flatten_all()?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
-            let mut v = slot
-                .v
-                .flatten_all()?
-                .to_dtype(DType::F64)?
-                .to_vec1::<f64>()?;
-            let (l2, clip) = (slot.l2, slot.clip.unwrap_or(f64::INFINITY));
-            const CHUNK: usize = 1 << 14;
-            w.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((w, m), v), g)| {
-                    for i in 0..w.len() {
-                        let g = g[i] + 2.0 * l2 * w[i];
-                        m[i] = BETA1 * m[i] + (1.0 - BETA1) * g;
-                        v[i] = BETA2 * v[i] + (1.0 - BETA2) * g * g;
-                        let updated = w[i] * decay - alpha * m[i] / (v[i].sqrt() + EPSILON);
-                        w[i] = updated.clamp(-clip, clip);
-                    }
-                });
-            let dev = slot.var.device().clone();
-            let back = |x: Vec<f64>| Tensor::from_vec(x, shape.clone(), &dev)?.to_dtype(dtype);
-            slot.var.set(&back(w)?)?;
-            slot.m = back(m)?;
-            slot.v = back(v)?;
+            match slot.var.dtype() {
+                DType::F32 => update::<f32>(slot, grad, alpha, decay)?,
+                DType::F64 => update::<f64>(slot, grad, alpha, decay)?,
+                other => candle_core::bail!("adam: expected f32 or f64 weights, found {other:?}"),
+            }
         }
         Ok(())
     }
+}
+
+/// One slot's update in the tensors' own dtype, each element computed in f64 (the values and
+/// roundings are those of converting to f64 and back, without the converted copies).
+fn update<T: candle_core::WithDType>(
+    slot: &mut Slot,
+    grad: &Tensor,
+    alpha: f64,
+    decay: f64,
+) -> candle_core::Result<()> {
+    let read = |t: &Tensor| t.flatten_all()?.to_vec1::<T>();
+    let shape = slot.var.shape().clone();
+    let mut w = read(slot.var.as_tensor())?;
+    let g = read(&grad.to_dtype(T::DTYPE)?)?;
+    let mut m = read(&slot.m)?;
+    let mut v = read(&slot.v)?;
+    let (l2, clip) = (slot.l2, slot.clip.unwrap_or(f64::INFINITY));
+    const CHUNK: usize = 1 << 14;
+    w.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .zip(g.par_chunks(CHUNK))
+        .for_each(|(((w, m), v), g)| {
+            for i in 0..w.len() {
+                let wi = w[i].to_f64();
+                let g = g[i].to_f64() + 2.0 * l2 * wi;
+                let mi = BETA1 * m[i].to_f64() + (1.0 - BETA1) * g;
+                let vi = BETA2 * v[i].to_f64() + (1.0 - BETA2) * g * g;
+                let updated = wi * decay - alpha * mi / (vi.sqrt() + EPSILON);
+                m[i] = T::from_f64(mi);
+                v[i] = T::from_f64(vi);
+                w[i] = T::from_f64(updated.clamp(-clip, clip));
+            }
+        });
+    let dev = slot.var.device().clone();
+    slot.var.set(&Tensor::from_vec(w, shape.clone(), &dev)?)?;
+    slot.m = Tensor::from_vec(m, shape.clone(), &dev)?;
+    slot.v = Tensor::from_vec(v, shape, &dev)?;
+    Ok(())
 }
