@@ -674,6 +674,21 @@ impl Compiler<'_> {
         })
     }
 
+    /// How `activation` turns a map into signs (LAB's tensors under `prefix`); `None` for
+    /// full precision.
+    fn signs(
+        &self,
+        prefix: &str,
+        activation: &Activation,
+        c: usize,
+    ) -> Result<Option<Signs>, Error> {
+        Ok(match *activation {
+            Activation::None => None,
+            Activation::Lab(pairing) => Some(Signs::Lab(self.lab(prefix, pairing, c)?)),
+            _ => Some(Signs::Sign),
+        })
+    }
+
     /// Compiles a node sequence, joining per-channel layers to the layer before them and
     /// letting a binary convolution emit packed signs when the next layer only reads signs.
     fn sequence(&mut self, nodes: &[Node]) -> Result<Vec<Step>, Error> {
@@ -737,13 +752,9 @@ impl Compiler<'_> {
                 let [kh, kw] = conv.kernel;
                 let (o, c) = (conv.filters, input.channels);
                 let mut epilogue = Epilogue::default();
+                let signs = self.signs(&format!("{name}.lab"), &conv.input, c)?;
                 if export::runs_binary(conv, input) {
-                    let signs = match conv.input {
-                        Activation::Lab(pairing) => {
-                            Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?)
-                        }
-                        _ => Signs::Sign,
-                    };
+                    let signs = signs.unwrap_or(Signs::Sign);
                     let words = c.div_ceil(64);
                     let bits = match self.tensor(&format!("{name}.bits"), &[o, kh, kw, words])? {
                         Stored::U64(_, d) => d.clone(),
@@ -784,13 +795,7 @@ impl Compiler<'_> {
                         pack_output: false,
                     }
                 } else {
-                    if conv.input.is_binary() {
-                        let signs = match conv.input {
-                            Activation::Lab(pairing) => {
-                                Signs::Lab(self.lab(&format!("{name}.lab"), pairing, c)?)
-                            }
-                            _ => Signs::Sign,
-                        };
+                    if let Some(signs) = signs {
                         let id = self.op(node, "binarize");
                         steps.push(Step::Binarize { op: id, signs });
                     }
@@ -823,12 +828,8 @@ impl Compiler<'_> {
                 }
             }
             Op::Binarize(act) => {
-                let signs = match act {
-                    Activation::None => return Ok(()),
-                    Activation::Lab(pairing) => {
-                        Signs::Lab(self.lab(name, *pairing, input.channels)?)
-                    }
-                    _ => Signs::Sign,
+                let Some(signs) = self.signs(name, act, input.channels)? else {
+                    return Ok(());
                 };
                 let kind = match signs {
                     Signs::Lab(_) => "lab",
