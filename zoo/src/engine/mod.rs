@@ -505,8 +505,9 @@ impl Run<'_> {
                 Value::Float(float::concat(&[m.as_ref().clone(), m.into_owned()]))
             }),
             Step::Residual { body, shortcut } => {
-                let short = self.sequence(shortcut, x, None);
-                let short = short.to_float();
+                // An identity shortcut reads the input itself, without a copy.
+                let computed = (!shortcut.is_empty()).then(|| self.sequence(shortcut, x, None));
+                let short = computed.as_ref().unwrap_or(x).to_float();
                 self.sequence(body, x, Some(&short))
             }
             Step::Concat { branches } => {
