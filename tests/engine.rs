@@ -315,6 +315,10 @@ fn binary_max_pool_and_binarize_match_candle() {
                 - quant_conv: {filters: 65, kernel: 3}\n  - flatten\n";
     let spec = zoo::spec::parse_str(text, "<pooled>").unwrap();
     check(text, &spec, spec.default_config(), 5, 2);
+    // LAB on the pooled bits reads them as ±1 floats.
+    let text = text.replace("activation: none", "activation: lab");
+    let spec = zoo::spec::parse_str(&text, "<pooled>").unwrap();
+    check(&text, &spec, spec.default_config(), 6, 2);
 }
 
 /// The issue's size target: QuickNet at 224x224x3 with 1000 classes within 10% of Larq's

@@ -1,7 +1,7 @@
 //! The training-time binary convolution: `conv(pad(sign(x)), sign(w))` as one custom op.
 //!
 //! Forward: the exact integer convolution of the signs by XNOR-popcount on bit-packed maps
-//! ([`crate::packed::binary_conv`], images in parallel).
+//! ([`crate::packed::BinaryConv`], prepared once per call, images in parallel).
 //!
 //! Backward: both products on GEMMs (the `gemm` crate), one kernel tap at a time and only over
 //! the output positions whose window puts that tap inside the image, so that no GEMM multiplies
@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use std::borrow::Cow;
 
-use crate::packed::{self, ConvGeometry, PackedConvWeights, PackedMap, PadValue};
+use crate::packed::{self, ConvGeometry, ConvInput, PackedConvWeights, PackedMap, PadValue};
 use crate::{dispatch2, dispatch3};
 
 /// The configuration of a [`binary_conv2d`].
@@ -488,15 +488,18 @@ fn scatter_add<T: Float>(src: &[T], g: &Geometry, tap: &Tap, dst: &mut [T]) {
 /// (channels-last) and transposed to NCHW.
 fn forward<T: Float>(g: &Geometry, pad_value: f64, x: &[T], w: &[T]) -> Vec<T> {
     let weights = PackedConvWeights::from_signs(&T::signs(w), g.o, g.c, [g.kh, g.kw]);
-    let geometry = ConvGeometry {
-        stride: [g.sy, g.sx],
-        pads: g.pads,
-        pad_value: if pad_value == 0.0 {
-            PadValue::Zero
-        } else {
-            PadValue::One
+    let conv = packed::BinaryConv::new(
+        &weights,
+        ConvGeometry {
+            stride: [g.sy, g.sx],
+            pads: g.pads,
+            pad_value: if pad_value == 0.0 {
+                PadValue::Zero
+            } else {
+                PadValue::One
+            },
         },
-    };
+    );
     let (image, pixels) = (g.c * g.h * g.w, g.output_pixels());
     let mut out = vec![T::zero(); g.n * g.o * pixels];
     if image == 0 || g.o * pixels == 0 {
@@ -508,7 +511,7 @@ fn forward<T: Float>(g: &Geometry, pad_value: f64, x: &[T], w: &[T]) -> Vec<T> {
             || vec![T::zero(); pixels * g.o],
             |rows, (out, x)| {
                 let map = PackedMap::from_nchw_signs(&T::signs(x), g.c, g.h, g.w);
-                packed::binary_conv(&map, &weights, &geometry, rows, |_, dots, row| {
+                conv.run(ConvInput::Packed(&map), rows, |_, dots, row| {
                     for (r, &d) in row.iter_mut().zip(dots) {
                         *r = T::from_f64(d as f64);
                     }

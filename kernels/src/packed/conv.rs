@@ -13,7 +13,10 @@
 //! the same word of `LANES` consecutive filters (`[block][word][lane]`), XORed with the input
 //! word broadcast to every lane.
 
-use super::{ConvGeometry, PackedConvWeights, PackedMap, PadValue, Variant};
+use super::lab::LabScorer;
+use super::{
+    pack_signs, words_for, ConvGeometry, LabKernel, PackedConvWeights, PackedMap, PadValue, Variant,
+};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::ops::Range;
@@ -30,6 +33,9 @@ use std::ops::Range;
 /// particular order; where the rows are few for the pool's threads (small maps), the channels
 /// of each row are split into groups computed in parallel too, before its epilogue.
 ///
+/// This lays out the weights on every call; [`BinaryConv`] does it once for many calls and
+/// also binarizes float inputs on the fly.
+///
 /// # Panics
 /// If the input and weight channels differ, or `out.len()` is not a multiple of `oh`.
 pub fn binary_conv<T: Send>(
@@ -39,10 +45,11 @@ pub fn binary_conv<T: Send>(
     out: &mut [T],
     epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
-    conv_with(Variant::selected(), input, weights, geometry, out, epilogue)
+    BinaryConv::new(weights, *geometry).run(ConvInput::Packed(input), out, epilogue)
 }
 
 /// [`binary_conv`] with the kernel `variant`, which must be available.
+#[cfg(test)]
 pub(super) fn conv_with<T: Send>(
     variant: Variant,
     input: &PackedMap,
@@ -51,51 +58,249 @@ pub(super) fn conv_with<T: Send>(
     out: &mut [T],
     epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
 ) {
-    assert_eq!(
-        input.channels, weights.in_channels,
-        "binary_conv: the input has {} channels, the weights {}",
-        input.channels, weights.in_channels
-    );
-    debug_assert!(variant.available());
-    let (oh, ow) = geometry.output_size(input.height, input.width, weights.kernel);
-    if oh == 0 {
-        return;
+    BinaryConv::with_variant(variant, weights, *geometry).run(
+        ConvInput::Packed(input),
+        out,
+        epilogue,
+    )
+}
+
+/// What a [`BinaryConv`] convolves: signs already packed, or an NHWC float image binarized on
+/// the fly, row by row, straight into the padded input of the kernel.
+#[derive(Clone, Copy, Debug)]
+pub enum ConvInput<'a> {
+    /// Packed signs.
+    Packed(&'a PackedMap),
+    /// Floats (`height * width * in_channels`) binarized with [`PackedMap::from_signs`]'s sign.
+    Signs {
+        /// The values, NHWC.
+        x: &'a [f32],
+        /// Rows of the image.
+        height: usize,
+        /// Columns of the image.
+        width: usize,
+    },
+    /// Floats (`height * width * in_channels`) binarized with LAB, as [`super::lab_pack`].
+    Lab {
+        /// The values, NHWC.
+        x: &'a [f32],
+        /// Rows of the image.
+        height: usize,
+        /// Columns of the image.
+        width: usize,
+        /// LAB's weights, for `in_channels` channels.
+        lab: &'a LabKernel,
+    },
+}
+
+impl ConvInput<'_> {
+    /// Rows, columns and channels.
+    fn dims(&self) -> [usize; 3] {
+        match *self {
+            ConvInput::Packed(map) => [map.height, map.width, map.channels],
+            ConvInput::Signs { x, height, width } => [
+                height,
+                width,
+                x.len().checked_div(height * width).unwrap_or(0),
+            ],
+            ConvInput::Lab {
+                height, width, lab, ..
+            } => [height, width, lab.channels()],
+        }
     }
-    assert!(
-        out.len().is_multiple_of(oh),
-        "binary_conv: {} output elements do not make {oh} rows",
-        out.len()
-    );
-    let row_len = out.len() / oh;
-    let plan = Plan::new(variant, input, weights, geometry, [oh, ow]);
-    let oc = weights.out_channels;
-    let dots_len = ow * oc;
-    // Few rows (small maps, many threads): split each row's channels too.
-    let threads = rayon::current_num_threads();
-    let groups = if threads > 1 && oh < 4 * threads {
-        (4 * threads).div_ceil(oh).min(oc / GROUP_CHANNELS).max(1)
-    } else {
-        1
-    };
-    let run = |dots: &mut Vec<i32>, oy: usize, row: &mut [T]| {
-        plan.row(oy, dots, groups);
-        epilogue(oy, dots, row);
-    };
-    if row_len == 0 {
-        (0..oh)
-            .into_par_iter()
-            .for_each_init(|| vec![0; dots_len], |dots, oy| run(dots, oy, &mut []));
-    } else {
-        out.par_chunks_mut(row_len)
-            .enumerate()
-            .for_each_init(|| vec![0; dots_len], |dots, (oy, row)| run(dots, oy, row));
+}
+
+/// A binary convolution prepared for many calls: the packed weights laid out for the kernel
+/// variant in use (and, for zero padding, each filter's per-tap sums for the border
+/// correction). [`BinaryConv::run`] computes what [`binary_conv`] does.
+#[derive(Clone, Debug)]
+pub struct BinaryConv {
+    /// The kernel variant.
+    variant: Variant,
+    /// Input channels.
+    in_channels: usize,
+    /// Output channels.
+    out_channels: usize,
+    /// Kernel height and width.
+    kernel: [usize; 2],
+    /// Stride and padding.
+    geometry: ConvGeometry,
+    /// The filters, `[block][len][lanes]` (the packed layout itself for one lane), zero-padded
+    /// to whole blocks.
+    weights: Vec<u64>,
+    /// For zero padding with some pad: `sum_c w_c` per `[tap][out channel]`; else empty.
+    wsum: Vec<i32>,
+}
+
+impl BinaryConv {
+    /// Prepares `weights` with `geometry` for the kernel variant in use.
+    ///
+    /// # Panics
+    /// If a stride is 0.
+    pub fn new(weights: &PackedConvWeights, geometry: ConvGeometry) -> Self {
+        Self::with_variant(Variant::selected(), weights, geometry)
+    }
+
+    /// [`BinaryConv::new`] for `variant`, which must be available.
+    pub(super) fn with_variant(
+        variant: Variant,
+        weights: &PackedConvWeights,
+        geometry: ConvGeometry,
+    ) -> Self {
+        debug_assert!(variant.available());
+        assert!(
+            geometry.stride.iter().all(|&s| s > 0),
+            "binary_conv: strides must be at least 1"
+        );
+        let [kh, kw] = weights.kernel;
+        let (oc, words) = (weights.out_channels, weights.words);
+        let len = kh * kw * words;
+        let lanes = variant.lanes();
+        let laid = if lanes == 1 {
+            weights.data.clone()
+        } else {
+            transpose(&weights.data, oc, len, lanes)
+        };
+        let padding = geometry.pads.iter().any(|&p| p > 0);
+        let mut wsum = Vec::new();
+        if geometry.pad_value == PadValue::Zero && padding {
+            let taps = kh * kw;
+            wsum = vec![0i32; taps * oc];
+            for o in 0..oc {
+                for t in 0..taps {
+                    let bits: u32 = weights.data[(o * taps + t) * words..][..words]
+                        .iter()
+                        .map(|v| v.count_ones())
+                        .sum();
+                    wsum[t * oc + o] = weights.in_channels as i32 - 2 * bits as i32;
+                }
+            }
+        }
+        BinaryConv {
+            variant,
+            in_channels: weights.in_channels,
+            out_channels: oc,
+            kernel: weights.kernel,
+            geometry,
+            weights: laid,
+            wsum,
+        }
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// The output height and width for an input of `height x width`.
+    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        self.geometry.output_size(height, width, self.kernel)
+    }
+
+    /// The convolution of `input`, as [`binary_conv`] describes: each output row's dots handed
+    /// to `epilogue(oy, dots, row_of_out)`, rows in parallel on the current rayon pool.
+    ///
+    /// # Panics
+    /// If the input's channels are not the weights' input channels (for LAB: the kernel's
+    /// channels), a float input's length is not `height * width * channels`, or `out.len()`
+    /// is not a multiple of the output rows.
+    pub fn run<T: Send>(
+        &self,
+        input: ConvInput,
+        out: &mut [T],
+        epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
+    ) {
+        let [h, w, c] = input.dims();
+        assert_eq!(
+            c, self.in_channels,
+            "binary_conv: the input has {c} channels, the weights {}",
+            self.in_channels
+        );
+        if let ConvInput::Signs { x, .. } | ConvInput::Lab { x, .. } = input {
+            assert_eq!(
+                x.len(),
+                h * w * c,
+                "binary_conv: expected {h}x{w}x{c} input values"
+            );
+        }
+        let (oh, ow) = self.output_size(h, w);
+        if oh == 0 {
+            return;
+        }
+        assert!(
+            out.len().is_multiple_of(oh),
+            "binary_conv: {} output elements do not make {oh} rows",
+            out.len()
+        );
+        let row_len = out.len() / oh;
+        let plan = Plan::new(self, self.pad(input), [h, w], [oh, ow]);
+        let oc = self.out_channels;
+        let dots_len = ow * oc;
+        // Few rows (small maps, many threads): split each row's channels too.
+        let threads = rayon::current_num_threads();
+        let groups = if threads > 1 && oh < 4 * threads {
+            (4 * threads).div_ceil(oh).min(oc / GROUP_CHANNELS).max(1)
+        } else {
+            1
+        };
+        let run = |dots: &mut Vec<i32>, oy: usize, row: &mut [T]| {
+            plan.row(oy, dots, groups);
+            epilogue(oy, dots, row);
+        };
+        if row_len == 0 {
+            (0..oh)
+                .into_par_iter()
+                .for_each_init(|| vec![0; dots_len], |dots, oy| run(dots, oy, &mut []));
+        } else {
+            out.par_chunks_mut(row_len)
+                .enumerate()
+                .for_each_init(|| vec![0; dots_len], |dots, (oy, row)| run(dots, oy, row));
+        }
+    }
+
+    /// The input with its padding (pad bits 0), `[h + top + bottom][w + left + right][words]`,
+    /// binarizing float inputs row by row in parallel; a packed input without padding as is.
+    fn pad<'a>(&self, input: ConvInput<'a>) -> Cow<'a, [u64]> {
+        let [h, w, c] = input.dims();
+        let [top, bottom, left, right] = self.geometry.pads;
+        let words = words_for(c);
+        let (ph, pw) = (h + top + bottom, w + left + right);
+        if let ConvInput::Packed(map) = input {
+            if ph == h && pw == w {
+                return Cow::Borrowed(&map.data);
+            }
+        }
+        let mut padded = vec![0u64; ph * pw * words];
+        let row = w * words;
+        if row == 0 {
+            return Cow::Owned(padded);
+        }
+        let rows = padded
+            .par_chunks_mut(pw * words)
+            .skip(top)
+            .take(h)
+            .map(|r| &mut r[left * words..][..row])
+            .enumerate();
+        match input {
+            ConvInput::Packed(map) => rows
+                .zip(map.data.par_chunks(row))
+                .for_each(|((_, dst), src)| dst.copy_from_slice(src)),
+            ConvInput::Signs { x, .. } => rows
+                .zip(x.par_chunks(w * c))
+                .for_each(|((_, dst), src)| pack_signs(self.variant, src, c, dst)),
+            ConvInput::Lab { x, lab, .. } => {
+                let scorer = LabScorer::new(self.variant, x, h, w, lab);
+                rows.for_each(|(y, dst)| scorer.row(y, dst));
+            }
+        }
+        Cow::Owned(padded)
     }
 }
 
 /// The granularity of the channel groups of a row computed in parallel.
 const GROUP_CHANNELS: usize = 32;
 
-/// Everything a row kernel needs, prepared once per call.
+/// Everything a row kernel needs for one call.
 pub(super) struct Plan<'a> {
     /// The kernel variant.
     variant: Variant,
@@ -123,11 +328,10 @@ pub(super) struct Plan<'a> {
     pub(super) len: usize,
     /// Bits of one filter, `kh * kw * in_channels`: the dot is `total - 2 popcount`.
     pub(super) total: i32,
-    /// The filters, `[block][len][lanes]` (the packed layout itself for one lane), zero-padded
-    /// to whole blocks.
-    pub(super) weights: Cow<'a, [u64]>,
+    /// The filters as [`BinaryConv`] lays them out.
+    pub(super) weights: &'a [u64],
     /// For zero padding with some pad: `sum_c w_c` per `[tap][out channel]`; else empty.
-    wsum: Vec<i32>,
+    wsum: &'a [i32],
     /// Input height and width.
     hw: [usize; 2],
     /// Top and left pads.
@@ -135,74 +339,33 @@ pub(super) struct Plan<'a> {
 }
 
 impl<'a> Plan<'a> {
-    /// Pads the input and lays out the weights for `variant`.
+    /// The plan of `conv` over a padded input of `hw` rows and columns before padding.
     fn new(
-        variant: Variant,
-        input: &'a PackedMap,
-        weights: &'a PackedConvWeights,
-        geometry: &ConvGeometry,
+        conv: &'a BinaryConv,
+        padded: Cow<'a, [u64]>,
+        [h, w]: [usize; 2],
         [oh, ow]: [usize; 2],
     ) -> Self {
-        let [top, bottom, left, right] = geometry.pads;
-        let words = input.words;
-        let (h, w) = (input.height, input.width);
-        let (ph, pw) = (h + top + bottom, w + left + right);
-        let padded: Cow<[u64]> = if ph == h && pw == w {
-            Cow::Borrowed(&input.data)
-        } else {
-            let mut padded = vec![0u64; ph * pw * words];
-            let row = w * words;
-            if row > 0 {
-                padded
-                    .par_chunks_mut(pw * words)
-                    .skip(top)
-                    .zip(input.data.par_chunks(row))
-                    .for_each(|(dst, src)| dst[left * words..][..row].copy_from_slice(src));
-            }
-            Cow::Owned(padded)
-        };
-        let [kh, kw] = weights.kernel;
-        let (oc, seg) = (weights.out_channels, kw * words);
-        let len = kh * seg;
-        let lanes = variant.lanes();
-        let weights_laid = if lanes == 1 {
-            Cow::Borrowed(&weights.data[..])
-        } else {
-            Cow::Owned(transpose(&weights.data, oc, len, lanes))
-        };
-        let padding = geometry.pads.iter().any(|&p| p > 0);
-        let wsum = if geometry.pad_value == PadValue::Zero && padding {
-            let taps = kh * kw;
-            let mut wsum = vec![0i32; taps * oc];
-            for o in 0..oc {
-                for t in 0..taps {
-                    let bits: u32 = weights.data[(o * taps + t) * words..][..words]
-                        .iter()
-                        .map(|v| v.count_ones())
-                        .sum();
-                    wsum[t * oc + o] = input.channels as i32 - 2 * bits as i32;
-                }
-            }
-            wsum
-        } else {
-            Vec::new()
-        };
+        let [top, _, left, right] = conv.geometry.pads;
+        let words = words_for(conv.in_channels);
+        let [kh, kw] = conv.kernel;
+        let seg = kw * words;
         let plan = Plan {
-            variant,
+            variant: conv.variant,
             padded,
-            row_stride: pw * words,
+            row_stride: (w + left + right) * words,
             words,
             kh,
             kw,
-            sy: geometry.stride[0],
-            sx: geometry.stride[1],
+            sy: conv.geometry.stride[0],
+            sx: conv.geometry.stride[1],
             ow,
-            oc,
+            oc: conv.out_channels,
             seg,
-            len,
-            total: (kh * kw * input.channels) as i32,
-            weights: weights_laid,
-            wsum,
+            len: kh * seg,
+            total: (kh * kw * conv.in_channels) as i32,
+            weights: &conv.weights,
+            wsum: &conv.wsum,
             hw: [h, w],
             top_left: [top, left],
         };

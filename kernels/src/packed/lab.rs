@@ -141,29 +141,88 @@ pub(super) fn lab_pack_with(
         "lab_pack: expected {height}x{width}x{c} values"
     );
     let mut map = PackedMap::zeros(height, width, c);
-    if map.data.is_empty() {
+    let row_words = width * map.words;
+    if row_words == 0 {
         return map;
     }
-    let dims = [height, width, c];
-    match &lab.form {
-        Form::Folded { kernel, bias } => score_rows(variant, &mut map, [(kernel, x)], bias, dims),
-        Form::Paired {
-            pos,
-            pos_source,
-            neg,
-            neg_source,
-            bias,
-        } => {
-            let xp = gather(variant, x, c, pos_source);
-            let xn = gather(variant, x, c, neg_source);
-            score_rows(variant, &mut map, [(pos, &xp), (neg, &xn)], bias, dims);
+    let scorer = LabScorer::new(variant, x, height, width, lab);
+    map.data
+        .par_chunks_mut(row_words)
+        .enumerate()
+        .for_each(|(y, out)| scorer.row(y, out));
+    map
+}
+
+/// LAB ready to score the rows of one image: the paired form's two source planes gathered
+/// (into scratch buffers returned when it is dropped).
+pub(super) struct LabScorer<'a> {
+    variant: Variant,
+    lab: &'a LabKernel,
+    x: &'a [f32],
+    /// The paired form's gathered planes, `x[p][pos_source[c]]` and `x[p][neg_source[c]]`.
+    planes: Option<[Vec<f32>; 2]>,
+    dims: [usize; 3],
+}
+
+impl<'a> LabScorer<'a> {
+    /// Prepares `lab` for the `height x width` NHWC image `x`, whose size the caller checked.
+    pub(super) fn new(
+        variant: Variant,
+        x: &'a [f32],
+        height: usize,
+        width: usize,
+        lab: &'a LabKernel,
+    ) -> Self {
+        let c = lab.channels;
+        debug_assert_eq!(x.len(), height * width * c);
+        let planes = match &lab.form {
+            Form::Folded { .. } => None,
+            Form::Paired {
+                pos_source,
+                neg_source,
+                ..
+            } => Some([
+                gather(variant, x, c, pos_source),
+                gather(variant, x, c, neg_source),
+            ]),
+        };
+        LabScorer {
+            variant,
+            lab,
+            x,
+            planes,
+            dims: [height, width, c],
+        }
+    }
+
+    /// Scores row `y` and ORs its bits into `out` (`width * words`, zero).
+    pub(super) fn row(&self, y: usize, out: &mut [u64]) {
+        match (&self.lab.form, &self.planes) {
+            (Form::Folded { kernel, bias }, _) => {
+                score_row(self.variant, &[(kernel, self.x)], bias, self.dims, y, out)
+            }
+            (Form::Paired { pos, neg, bias, .. }, Some([xp, xn])) => score_row(
+                self.variant,
+                &[(pos, xp), (neg, xn)],
+                bias,
+                self.dims,
+                y,
+                out,
+            ),
+            (Form::Paired { .. }, None) => unreachable!("the paired form gathers its planes"),
+        }
+    }
+}
+
+impl Drop for LabScorer<'_> {
+    fn drop(&mut self) {
+        if let Some(planes) = self.planes.take() {
             let mut scratch = SCRATCH.lock().unwrap();
             if scratch.len() < SCRATCH_BUFFERS {
-                scratch.extend([xp, xn]);
+                scratch.extend(planes);
             }
         }
     }
-    map
 }
 
 /// Buffers for the gathered planes of [`lab_pack`], kept to spare page faults on large images.
@@ -200,32 +259,29 @@ fn gather(variant: Variant, x: &[f32], c: usize, source: &[usize]) -> Vec<f32> {
 }
 
 /// One product term of every tap: the kernel (`[9][c]`) and the plane it multiplies (NHWC).
-/// The first term of [`score_rows`] is added, the second subtracted.
+/// The first term of [`score_row`] is added, the second subtracted.
 type Term<'a> = (&'a [f32], &'a [f32]);
 
-/// Scores and packs every row of `map` (zero) from `T` terms (1: folded, 2: paired), in
-/// parallel over rows, with the kernels of `variant`.
-fn score_rows<const T: usize>(
+/// Scores row `y` from `T` terms (1: folded, 2: paired) and ORs its bits into `out` (zero),
+/// with the kernels of `variant`.
+fn score_row<const T: usize>(
     variant: Variant,
-    map: &mut PackedMap,
-    terms: [Term; T],
+    terms: &[Term; T],
     bias: &[f32],
     dims: [usize; 3],
+    y: usize,
+    out: &mut [u64],
 ) {
-    let row_words = dims[1] * map.words;
-    map.data
-        .par_chunks_mut(row_words)
-        .enumerate()
-        .for_each(|(y, out)| match variant {
-            Variant::Portable => score_row::<8, T>(&terms, bias, dims, y, out),
-            // SAFETY: the variant is available; `lab_pack` checked the sizes.
-            #[cfg(target_arch = "x86_64")]
-            Variant::Avx2 => unsafe { super::x86::lab_row_avx2(&terms, bias, dims, y, out) },
-            #[cfg(target_arch = "x86_64")]
-            Variant::Avx512 => unsafe { super::x86::lab_row_avx512(&terms, bias, dims, y, out) },
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("x86 kernels on another architecture"),
-        });
+    match variant {
+        Variant::Portable => score_row_portable::<8, T>(terms, bias, dims, y, out),
+        // SAFETY: the variant is available; `LabScorer::new`'s caller checked the sizes.
+        #[cfg(target_arch = "x86_64")]
+        Variant::Avx2 => unsafe { super::x86::lab_row_avx2(terms, bias, dims, y, out) },
+        #[cfg(target_arch = "x86_64")]
+        Variant::Avx512 => unsafe { super::x86::lab_row_avx512(terms, bias, dims, y, out) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("x86 kernels on another architecture"),
+    }
 }
 
 /// `N` floats from `src`, zeros past `src.len()`.
@@ -242,7 +298,7 @@ fn lanes<const N: usize>(src: &[f32]) -> [f32; N] {
 /// the order [`LabKernel`] documents: taps in row-major order, skipping those outside the
 /// image, then the bias.
 #[inline(always)]
-fn score_row<const N: usize, const T: usize>(
+fn score_row_portable<const N: usize, const T: usize>(
     terms: &[Term; T],
     bias: &[f32],
     [h, w, c]: [usize; 3],

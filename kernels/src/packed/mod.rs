@@ -10,7 +10,8 @@
 //!
 //! The kernels:
 //! - [`binary_conv`]: the exact integer ±1 convolution with zero or one padding, handing each
-//!   output row to a caller's epilogue;
+//!   output row to a caller's epilogue; [`BinaryConv`] prepares the weights once for many
+//!   calls and binarizes a float input (sign or LAB) on the fly into the padded input;
 //! - [`lab_pack`]: LAB's 3x3 depthwise float comparison, thresholded and packed;
 //! - [`max_pool`]: max pooling of a ±1 map (a bit AND).
 //!
@@ -28,7 +29,7 @@ mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use conv::binary_conv;
+pub use conv::{binary_conv, BinaryConv, ConvInput};
 #[cfg(test)]
 use lab::lab_pack_with;
 pub use lab::{lab_pack, LabKernel};

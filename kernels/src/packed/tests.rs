@@ -434,6 +434,87 @@ fn lab_pack_matches_reference_bit_for_bit() {
     assert_eq!(map.data, vec![0b111; 4]);
 }
 
+/// Float inputs binarized on the fly convolve as their packed maps, for every variant,
+/// padding and stride, in both the row-parallel and the small-map (channel-group) schedules.
+#[test]
+fn conv_binarizes_float_inputs_as_their_packed_maps() {
+    let mut rng = Rng(11);
+    for (case, &(h, w, c, oc)) in [
+        (7, 5, 3, 5),
+        (1, 1, 1, 1),
+        (9, 8, 65, 40),
+        (6, 11, 130, 64),
+        (2, 3, 64, 33),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x: Vec<f32> = (0..h * w * c).map(|_| rng.float()).collect();
+        let values = |rng: &mut Rng, n: usize| (0..n).map(|_| rng.float()).collect::<Vec<_>>();
+        let lab = if case % 2 == 0 {
+            LabKernel::folded(c, values(&mut rng, 9 * c), values(&mut rng, c))
+        } else {
+            LabKernel::paired(
+                c,
+                values(&mut rng, 9 * c),
+                (0..c).map(|k| (c + k) / 2).collect(),
+                values(&mut rng, 9 * c),
+                (0..c).map(|k| k / 2).collect(),
+                values(&mut rng, c),
+            )
+        };
+        let weights = PackedConvWeights::from_signs(&rng.signs(oc * c * 9), oc, c, [3, 3]);
+        for (stride, pad_value) in [([1, 1], PadValue::One), ([2, 2], PadValue::Zero)] {
+            let (t, b) = same_pads(h, 3, stride[0]);
+            let (l, r) = same_pads(w, 3, stride[1]);
+            let g = ConvGeometry {
+                stride,
+                pads: [t, b, l, r],
+                pad_value,
+            };
+            let (oh, ow) = g.output_size(h, w, [3, 3]);
+            for variant in variants() {
+                let conv = BinaryConv::with_variant(variant, &weights, g);
+                assert_eq!(conv.output_size(h, w), (oh, ow));
+                let run = |input: ConvInput| {
+                    let mut out = vec![i32::MIN; oh * ow * oc];
+                    conv.run(input, &mut out, |_, dots, row| row.copy_from_slice(dots));
+                    out
+                };
+                let signs = PackedMap::from_signs(&x, h, w, c);
+                let labs = lab_pack_with(variant, &x, h, w, &lab);
+                let what = format!("{variant:?} {h}x{w}x{c} -> {oc}, {g:?}");
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    pool.install(|| {
+                        let height = h;
+                        let width = w;
+                        assert_eq!(
+                            run(ConvInput::Signs {
+                                x: &x,
+                                height,
+                                width
+                            }),
+                            run(ConvInput::Packed(&signs)),
+                            "sign, {what}"
+                        );
+                        let input = ConvInput::Lab {
+                            x: &x,
+                            height,
+                            width,
+                            lab: &lab,
+                        };
+                        assert_eq!(run(input), run(ConvInput::Packed(&labs)), "LAB, {what}");
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn max_pool_matches_reference() {
     let mut rng = Rng(9);

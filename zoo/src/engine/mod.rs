@@ -26,7 +26,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use zoo_kernels::packed::{self, ConvGeometry, LabKernel, PackedConvWeights, PackedMap, PadValue};
+use zoo_kernels::packed::{
+    self, BinaryConv, ConvGeometry, ConvInput, LabKernel, PackedConvWeights, PackedMap, PadValue,
+};
 
 use crate::spec::{self, Activation, LabPairing, ModelConfig, Node, Op, Padding, Spec};
 use crate::Error;
@@ -100,6 +102,27 @@ enum Signs {
 }
 
 impl Signs {
+    /// The signs of `x` as a convolution's input, binarized by the convolution itself.
+    fn input<'a>(&'a self, x: &'a Value) -> ConvInput<'a> {
+        match (self, x) {
+            (Signs::Sign, Value::Packed(p)) => ConvInput::Packed(p),
+            (Signs::Sign, Value::Float(m)) => ConvInput::Signs {
+                x: &m.data,
+                height: m.height,
+                width: m.width,
+            },
+            (Signs::Lab(lab), Value::Float(m)) => ConvInput::Lab {
+                x: &m.data,
+                height: m.height,
+                width: m.width,
+                lab,
+            },
+            (Signs::Lab(_), Value::Packed(_)) => {
+                unreachable!("the caller converts packed maps to floats for LAB")
+            }
+        }
+    }
+
     fn apply<'a>(&self, x: &'a Value) -> std::borrow::Cow<'a, PackedMap> {
         use std::borrow::Cow;
         match (self, x) {
@@ -128,8 +151,7 @@ enum Step {
     BinaryConv {
         op: usize,
         signs: Signs,
-        weights: PackedConvWeights,
-        geometry: ConvGeometry,
+        conv: BinaryConv,
         epilogue: Epilogue,
         /// Emit the signs of the transformed output, packed, for a binarized next layer.
         pack_output: bool,
@@ -432,13 +454,19 @@ impl Run<'_> {
             Step::BinaryConv {
                 op,
                 signs,
-                weights,
-                geometry,
+                conv,
                 epilogue,
                 pack_output,
             } => self.timed(*op, || {
-                let input = signs.apply(x);
-                binary_conv(&input, weights, geometry, epilogue, *pack_output, r)
+                // LAB reads floats: a packed map (after a binary max-pool) as ±1.
+                let floats = match (signs, x) {
+                    (Signs::Lab(_), Value::Packed(_)) => {
+                        Some(Value::Float(x.to_float().into_owned()))
+                    }
+                    _ => None,
+                };
+                let input = signs.input(floats.as_ref().unwrap_or(x));
+                binary_conv(input, conv, epilogue, *pack_output, r)
             }),
             Step::Depthwise {
                 op,
@@ -523,19 +551,24 @@ impl Run<'_> {
 
 /// A binary convolution with its output transform; floats (plus `residual`) or packed signs.
 fn binary_conv(
-    input: &PackedMap,
-    weights: &PackedConvWeights,
-    geometry: &ConvGeometry,
+    input: ConvInput,
+    conv: &BinaryConv,
     epilogue: &Epilogue,
     pack_output: bool,
     residual: Option<&[f32]>,
 ) -> Value {
-    let (oh, ow) = geometry.output_size(input.height, input.width, weights.kernel);
-    let co = weights.out_channels;
+    let (height, width) = match input {
+        ConvInput::Packed(p) => (p.height, p.width),
+        ConvInput::Signs { height, width, .. } | ConvInput::Lab { height, width, .. } => {
+            (height, width)
+        }
+    };
+    let (oh, ow) = conv.output_size(height, width);
+    let co = conv.out_channels();
     if pack_output {
         let words = co.div_ceil(64);
         let mut data = vec![0u64; oh * ow * words];
-        packed::binary_conv(input, weights, geometry, &mut data, |_, dots, row| {
+        conv.run(input, &mut data, |_, dots, row| {
             let mut values = vec![0.0f32; co];
             for (ox, out) in row.chunks_mut(words).enumerate() {
                 for (v, &d) in values.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
@@ -557,7 +590,7 @@ fn binary_conv(
         });
     }
     let mut data = vec![0.0f32; oh * ow * co];
-    packed::binary_conv(input, weights, geometry, &mut data, |oy, dots, row| {
+    conv.run(input, &mut data, |oy, dots, row| {
         for (ox, px) in row.chunks_mut(co).enumerate() {
             for (v, &d) in px.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
                 *v = d as f32;
@@ -782,16 +815,18 @@ impl Compiler<'_> {
                     Step::BinaryConv {
                         op: self.op(node, kind),
                         signs,
-                        weights,
-                        geometry: ConvGeometry {
-                            stride: conv.stride,
-                            pads: window.pads,
-                            pad_value: if conv.pad_value == 0.0 {
-                                PadValue::Zero
-                            } else {
-                                PadValue::One
+                        conv: BinaryConv::new(
+                            &weights,
+                            ConvGeometry {
+                                stride: conv.stride,
+                                pads: window.pads,
+                                pad_value: if conv.pad_value == 0.0 {
+                                    PadValue::Zero
+                                } else {
+                                    PadValue::One
+                                },
                             },
-                        },
+                        ),
                         epilogue,
                         pack_output: false,
                     }
