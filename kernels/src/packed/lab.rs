@@ -11,11 +11,11 @@ use rayon::prelude::*;
 /// strictly (ties and NaN give `-1`).
 ///
 /// The arithmetic is `f32` in a fixed order, so that a reference can reproduce it bit for bit:
-/// `acc` starts at `+0.0`; the taps run in row-major order (`ky` then `kx`, tap
+/// `acc` starts at `bias[c]`; the taps run in row-major order (`ky` then `kx`, tap
 /// `t = 3 ky + kx`), taps outside the image are skipped (they add nothing); each tap does
-/// `acc = acc + k * x` (the product rounded to `f32`, then the sum; never fused) for the
-/// [`LabKernel::folded`] kernel, or `acc = acc + pos * xp` then `acc = acc - neg * xn` for
-/// [`LabKernel::paired`]; finally `d = acc + bias` (bias added last).
+/// `acc = k.mul_add(x, acc)` (fused: one rounding) for the [`LabKernel::folded`] kernel, or
+/// `acc = pos.mul_add(xp, acc)` then `acc = (-neg).mul_add(xn, acc)` for
+/// [`LabKernel::paired`]; `d` is the final `acc`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LabKernel {
     channels: usize,
@@ -295,8 +295,8 @@ fn lanes<const N: usize>(src: &[f32]) -> [f32; N] {
 
 /// Scores row `y` and ORs its bits into `out` (the row's words, zero), `N` channels at a time
 /// (`N` divides 64) with the kernel of those channels held in registers, pixel by pixel, in
-/// the order [`LabKernel`] documents: taps in row-major order, skipping those outside the
-/// image, then the bias.
+/// the order [`LabKernel`] documents: from the bias, taps in row-major order, skipping those
+/// outside the image.
 #[inline(always)]
 fn score_row_portable<const N: usize, const T: usize>(
     terms: &[Term; T],
@@ -315,7 +315,7 @@ fn score_row_portable<const N: usize, const T: usize>(
         let b: [f32; N] = lanes(&bias[c0..]);
         let lane_mask = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
         let pixel = |x: usize| -> u64 {
-            let mut acc = [0f32; N];
+            let mut acc = b;
             for (ky, iy) in rows.iter().enumerate() {
                 let Some(iy) = *iy else { continue };
                 for kx in 0..3 {
@@ -328,20 +328,20 @@ fn score_row_portable<const N: usize, const T: usize>(
                         let k = &k[i][3 * ky + kx];
                         if i == 0 {
                             for l in 0..N {
-                                acc[l] += k[l] * v[l];
+                                acc[l] = k[l].mul_add(v[l], acc[l]);
                             }
                         } else {
                             for l in 0..N {
-                                acc[l] -= k[l] * v[l];
+                                acc[l] = (-k[l]).mul_add(v[l], acc[l]);
                             }
                         }
                     }
                 }
             }
             let mut bits = 0u64;
-            for l in 0..N {
-                // Not `d > 0`: ties and NaN give -1.
-                let positive = acc[l] + b[l] > 0.0;
+            for (l, d) in acc.iter().enumerate() {
+                // Not `d <= 0`: ties and NaN give -1.
+                let positive = *d > 0.0;
                 bits |= u64::from(!positive) << l;
             }
             bits & lane_mask

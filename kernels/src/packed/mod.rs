@@ -344,7 +344,7 @@ impl ConvGeometry {
 enum Variant {
     /// Plain Rust with `u64::count_ones`.
     Portable,
-    /// AVX2, 4 output channels per vector with a nibble-table popcount.
+    /// AVX2 (with FMA, for LAB), 4 output channels per vector with a nibble-table popcount.
     Avx2,
     /// AVX-512 with VPOPCNTDQ, 8 output channels per vector.
     Avx512,
@@ -368,7 +368,10 @@ impl Variant {
         match self {
             Variant::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Variant::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
+            Variant::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
             #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => {
                 std::arch::is_x86_feature_detected!("avx512f")

@@ -337,7 +337,9 @@ fn reference_lab(x: &[f32], [h, w, c]: [usize; 3], lab: &LabKernel) -> PackedMap
     for y in 0..h {
         for xx in 0..w {
             for ch in 0..c {
-                let mut acc = 0f32;
+                let mut acc = match &lab.form {
+                    lab::Form::Folded { bias, .. } | lab::Form::Paired { bias, .. } => bias[ch],
+                };
                 for ky in 0..3 {
                     for kx in 0..3 {
                         let (iy, ix) = (y + ky, xx + kx);
@@ -348,7 +350,7 @@ fn reference_lab(x: &[f32], [h, w, c]: [usize; 3], lab: &LabKernel) -> PackedMap
                         let t = 3 * ky + kx;
                         match &lab.form {
                             lab::Form::Folded { kernel, .. } => {
-                                acc += kernel[t * c + ch] * px[ch];
+                                acc = kernel[t * c + ch].mul_add(px[ch], acc);
                             }
                             lab::Form::Paired {
                                 pos,
@@ -357,17 +359,13 @@ fn reference_lab(x: &[f32], [h, w, c]: [usize; 3], lab: &LabKernel) -> PackedMap
                                 neg_source,
                                 ..
                             } => {
-                                acc += pos[t * c + ch] * px[pos_source[ch]];
-                                acc -= neg[t * c + ch] * px[neg_source[ch]];
+                                acc = pos[t * c + ch].mul_add(px[pos_source[ch]], acc);
+                                acc = (-neg[t * c + ch]).mul_add(px[neg_source[ch]], acc);
                             }
                         }
                     }
                 }
-                let bias = match &lab.form {
-                    lab::Form::Folded { bias, .. } | lab::Form::Paired { bias, .. } => bias[ch],
-                };
-                let d = acc + bias;
-                signs.push(if d > 0.0 { 1.0 } else { -1.0 });
+                signs.push(if acc > 0.0 { 1.0 } else { -1.0 });
             }
         }
     }

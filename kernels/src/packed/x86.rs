@@ -278,7 +278,7 @@ impl<'a, const T: usize> LabRow<'a, T> {
     }
 }
 
-/// The scores (bias excluded) of interior pixels `x0..x0 + P` (all their taps inside the
+/// The scores (from the bias `b`) of interior pixels `x0..x0 + P` (all their taps inside the
 /// row), channels from `c0` (mask `m`): each input of a kernel row is loaded once for the
 /// three taps that read it, in the same order of operations as `lab_pixels_avx512`.
 ///
@@ -289,11 +289,12 @@ impl<'a, const T: usize> LabRow<'a, T> {
 unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m512, T>,
+    b: __m512,
     m: __mmask16,
     c0: usize,
     x0: usize,
 ) -> [__m512; P] {
-    let mut acc = [_mm512_setzero_ps(); P];
+    let mut acc = [b; P];
     for (ky, iy) in row.rows.iter().enumerate() {
         let Some(iy) = *iy else { continue };
         let base = (iy * row.w + x0 - 1) * row.c + c0;
@@ -307,11 +308,11 @@ unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
         for kx in 0..3 {
             for (p, acc) in acc.iter_mut().enumerate() {
                 for i in 0..T {
-                    let prod = _mm512_mul_ps(k[i][3 * ky + kx], xin[i][p + kx]);
+                    let (k, v) = (k[i][3 * ky + kx], xin[i][p + kx]);
                     *acc = if i == 0 {
-                        _mm512_add_ps(*acc, prod)
+                        _mm512_fmadd_ps(k, v, *acc)
                     } else {
-                        _mm512_sub_ps(*acc, prod)
+                        _mm512_fnmadd_ps(k, v, *acc)
                     };
                 }
             }
@@ -320,7 +321,7 @@ unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
     acc
 }
 
-/// The scores (bias excluded) of pixels `x0..x0 + P`, channels from `c0` (16, mask `m`).
+/// The scores (from the bias `b`) of pixels `x0..x0 + P`, channels from `c0` (16, mask `m`).
 ///
 /// # Safety
 /// AVX-512 F; `x0 + P <= w`, the masked channels lie inside the image.
@@ -329,11 +330,12 @@ unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
 unsafe fn lab_pixels_avx512<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m512, T>,
+    b: __m512,
     m: __mmask16,
     c0: usize,
     x0: usize,
 ) -> [__m512; P] {
-    let mut acc = [_mm512_setzero_ps(); P];
+    let mut acc = [b; P];
     for (ky, iy) in row.rows.iter().enumerate() {
         let Some(iy) = *iy else { continue };
         for kx in 0..3 {
@@ -346,11 +348,10 @@ unsafe fn lab_pixels_avx512<const P: usize, const T: usize>(
                 let at = (iy * row.w + ix - 1) * row.c;
                 for (i, term) in row.terms.iter().enumerate() {
                     let v = unsafe { _mm512_maskz_loadu_ps(m, term.1.as_ptr().add(at + c0)) };
-                    let prod = _mm512_mul_ps(k[i][3 * ky + kx], v);
                     *acc = if i == 0 {
-                        _mm512_add_ps(*acc, prod)
+                        _mm512_fmadd_ps(k[i][3 * ky + kx], v, *acc)
                     } else {
-                        _mm512_sub_ps(*acc, prod)
+                        _mm512_fnmadd_ps(k[i][3 * ky + kx], v, *acc)
                     };
                 }
             }
@@ -376,8 +377,7 @@ unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
 ) {
     let (w, words) = (row.w, super::words_for(row.c));
     let (word, shift) = (c0 / 64, c0 % 64);
-    let mut emit = |x: usize, acc: __m512| {
-        let d = _mm512_add_ps(acc, b);
+    let mut emit = |x: usize, d: __m512| {
         let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
         out[x * words + word] |= u64::from(bits) << shift;
     };
@@ -386,7 +386,7 @@ unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
     while x < w {
         if x >= 1 && x + P < w {
             // SAFETY: pixels x..x + P and their taps lie in the row.
-            let acc = unsafe { lab_interior_avx512::<P, T>(row, k, m, c0, x) };
+            let acc = unsafe { lab_interior_avx512::<P, T>(row, k, b, m, c0, x) };
             for (p, &a) in acc.iter().enumerate() {
                 emit(x + p, a);
             }
@@ -394,9 +394,9 @@ unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
         } else {
             // SAFETY: pixel x lies in the row.
             let [acc] = if x >= 1 && x + 1 < w {
-                unsafe { lab_interior_avx512::<1, T>(row, k, m, c0, x) }
+                unsafe { lab_interior_avx512::<1, T>(row, k, b, m, c0, x) }
             } else {
-                unsafe { lab_pixels_avx512::<1, T>(row, k, m, c0, x) }
+                unsafe { lab_pixels_avx512::<1, T>(row, k, b, m, c0, x) }
             };
             emit(x, acc);
             x += 1;
@@ -406,9 +406,9 @@ unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
 
 /// LAB's scores of row `y`, 16 channels at a time with their 9 taps (per term) in registers,
 /// 4 (folded) or 2 (paired) pixels at a time, ORing the bits into `out` (the row's words,
-/// zero). The arithmetic and its order are those `super::lab::LabKernel` documents (taps in
-/// row-major order, those outside the image skipped, products rounded then added, the second
-/// term subtracted, then the bias).
+/// zero). The arithmetic and its order are those `super::lab::LabKernel` documents (from the
+/// bias, taps in row-major order, those outside the image skipped, each a fused multiply-add,
+/// the second term's subtracted).
 ///
 /// # Safety
 /// AVX-512 F.
@@ -443,22 +443,23 @@ pub(super) unsafe fn lab_row_avx512<const T: usize>(
     }
 }
 
-/// The scores (bias excluded) of interior pixels `x0..x0 + P` (all their taps inside the
+/// The scores (from the bias `b`) of interior pixels `x0..x0 + P` (all their taps inside the
 /// row), channels from `c0` (mask `m`): each input of a kernel row is loaded once for the
 /// three taps that read it, in the same order of operations as `lab_pixels_avx2`.
 ///
 /// # Safety
-/// AVX2; `1 <= x0`, `x0 + P < w`, `P <= 6`, the masked channels lie inside the image.
+/// AVX2 and FMA; `1 <= x0`, `x0 + P < w`, `P <= 6`, the masked channels lie inside the image.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn lab_interior_avx2<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m256, T>,
+    b: __m256,
     m: __m256i,
     c0: usize,
     x0: usize,
 ) -> [__m256; P] {
-    let mut acc = [_mm256_setzero_ps(); P];
+    let mut acc = [b; P];
     for (ky, iy) in row.rows.iter().enumerate() {
         let Some(iy) = *iy else { continue };
         let base = (iy * row.w + x0 - 1) * row.c + c0;
@@ -472,11 +473,11 @@ unsafe fn lab_interior_avx2<const P: usize, const T: usize>(
         for kx in 0..3 {
             for (p, acc) in acc.iter_mut().enumerate() {
                 for i in 0..T {
-                    let prod = _mm256_mul_ps(k[i][3 * ky + kx], xin[i][p + kx]);
+                    let (k, v) = (k[i][3 * ky + kx], xin[i][p + kx]);
                     *acc = if i == 0 {
-                        _mm256_add_ps(*acc, prod)
+                        _mm256_fmadd_ps(k, v, *acc)
                     } else {
-                        _mm256_sub_ps(*acc, prod)
+                        _mm256_fnmadd_ps(k, v, *acc)
                     };
                 }
             }
@@ -488,17 +489,18 @@ unsafe fn lab_interior_avx2<const P: usize, const T: usize>(
 /// [`lab_pixels_avx512`] for AVX2: 8 channels from `c0` (mask `m`).
 ///
 /// # Safety
-/// AVX2; `x0 + P <= w`, the masked channels lie inside the image.
+/// AVX2 and FMA; `x0 + P <= w`, the masked channels lie inside the image.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn lab_pixels_avx2<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m256, T>,
+    b: __m256,
     m: __m256i,
     c0: usize,
     x0: usize,
 ) -> [__m256; P] {
-    let mut acc = [_mm256_setzero_ps(); P];
+    let mut acc = [b; P];
     for (ky, iy) in row.rows.iter().enumerate() {
         let Some(iy) = *iy else { continue };
         for kx in 0..3 {
@@ -511,11 +513,10 @@ unsafe fn lab_pixels_avx2<const P: usize, const T: usize>(
                 let at = (iy * row.w + ix - 1) * row.c;
                 for (i, term) in row.terms.iter().enumerate() {
                     let v = unsafe { _mm256_maskload_ps(term.1.as_ptr().add(at + c0), m) };
-                    let prod = _mm256_mul_ps(k[i][3 * ky + kx], v);
                     *acc = if i == 0 {
-                        _mm256_add_ps(*acc, prod)
+                        _mm256_fmadd_ps(k[i][3 * ky + kx], v, *acc)
                     } else {
-                        _mm256_sub_ps(*acc, prod)
+                        _mm256_fnmadd_ps(k[i][3 * ky + kx], v, *acc)
                     };
                 }
             }
@@ -528,9 +529,9 @@ unsafe fn lab_pixels_avx2<const P: usize, const T: usize>(
 /// into `out`: interior pixels `P` at a time, the border pixels checking their taps.
 ///
 /// # Safety
-/// AVX2; the masked channels lie inside the image, `P <= 6`.
+/// AVX2 and FMA; the masked channels lie inside the image, `P <= 6`.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m256, T>,
@@ -542,8 +543,7 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
     let (w, words) = (row.w, super::words_for(row.c));
     let (word, shift) = (c0 / 64, c0 % 64);
     let lane_mask = _mm256_movemask_ps(_mm256_castsi256_ps(m)) as u32;
-    let mut emit = |x: usize, acc: __m256| {
-        let d = _mm256_add_ps(acc, b);
+    let mut emit = |x: usize, d: __m256| {
         let not_positive = _mm256_cmp_ps::<_CMP_NGT_UQ>(d, _mm256_setzero_ps());
         let bits = _mm256_movemask_ps(not_positive) as u32 & lane_mask;
         out[x * words + word] |= u64::from(bits) << shift;
@@ -553,7 +553,7 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
     while x < w {
         if x >= 1 && x + P < w {
             // SAFETY: pixels x..x + P and their taps lie in the row.
-            let acc = unsafe { lab_interior_avx2::<P, T>(row, k, m, c0, x) };
+            let acc = unsafe { lab_interior_avx2::<P, T>(row, k, b, m, c0, x) };
             for (p, &a) in acc.iter().enumerate() {
                 emit(x + p, a);
             }
@@ -561,9 +561,9 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
         } else {
             // SAFETY: pixel x lies in the row.
             let [acc] = if x >= 1 && x + 1 < w {
-                unsafe { lab_interior_avx2::<1, T>(row, k, m, c0, x) }
+                unsafe { lab_interior_avx2::<1, T>(row, k, b, m, c0, x) }
             } else {
-                unsafe { lab_pixels_avx2::<1, T>(row, k, m, c0, x) }
+                unsafe { lab_pixels_avx2::<1, T>(row, k, b, m, c0, x) }
             };
             emit(x, acc);
             x += 1;
@@ -574,8 +574,8 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
 /// [`lab_row_avx512`] for AVX2: 8 channels at a time.
 ///
 /// # Safety
-/// AVX2.
-#[target_feature(enable = "avx2")]
+/// AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn lab_row_avx2<const T: usize>(
     terms: &[(&[f32], &[f32]); T],
     bias: &[f32],
