@@ -298,11 +298,22 @@ fn float_layers_and_pools_match_candle() {
         ("bias", [1, 1], [1, 1], Valid, 6),
         ("batch_norm", [1, 1], [1, 1], Valid, 6),
         ("duplicate", [1, 1], [1, 1], Valid, 12),
+        // Whole blocks of 16 output channels (the direct convolution's vector path).
+        ("conv: {filters: 32, kernel: 3}", [3, 3], [1, 1], Same, 32),
     ];
     for (i, (layer, kernel, stride, padding, out)) in layers.into_iter().enumerate() {
         let window = (kernel, stride, padding, out);
         let (text, spec) = layer_spec([7, 9, 6], layer, 0, window);
         check(&text, &spec, spec.default_config(), 50 + i as u64, 2);
+    }
+    // A float kernel on binarized inputs pads with +1.
+    for (i, filters) in [5, 16].into_iter().enumerate() {
+        let layer = format!(
+            "quant_conv: {{filters: {filters}, kernel: 3, stride: 2, kernel_quantizer: none}}"
+        );
+        let window = ([3, 3], [2, 2], Same, filters);
+        let (text, spec) = layer_spec([7, 9, 6], &layer, 1, window);
+        check(&text, &spec, spec.default_config(), 90 + i as u64, 2);
     }
 }
 

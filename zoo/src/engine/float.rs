@@ -1,4 +1,5 @@
-//! The engine's full-precision layers on one image in NHWC layout: convolution (im2col + GEMM),
+//! The engine's full-precision layers on one image in NHWC layout: convolution (im2col + GEMM,
+//! or direct for short windows such as a stem's),
 //! depthwise convolution, pooling, the dense head, and the per-channel output transforms that
 //! every layer applies on the fly.
 
@@ -167,7 +168,8 @@ impl Window {
 }
 
 /// A convolution: `weight` is `kh x kw x in x out`; taps in the padding read `pad_value`.
-/// Computed as im2col + one GEMM, then `epilogue` per output pixel.
+/// Computed directly where windows are short (at most [`DIRECT_MAX_TAPS`] inputs), else as
+/// im2col + one GEMM; then `epilogue` per output pixel.
 pub fn conv(
     x: &FloatMap,
     weight: &[f32],
@@ -182,6 +184,17 @@ pub fn conv(
     let c = x.channels;
     let k = kh * kw * c;
     let direct = kh == 1 && kw == 1 && window.stride == [1, 1] && window.pads == [0; 4];
+    if !direct && k <= DIRECT_MAX_TAPS {
+        return conv_direct(
+            x,
+            weight,
+            out_channels,
+            window,
+            pad_value,
+            epilogue,
+            residual,
+        );
+    }
     let patches: Vec<f32>;
     let lhs: &[f32] = if direct {
         &x.data
@@ -207,6 +220,224 @@ pub fn conv(
     matmul(lhs, weight, &mut out.data, oh * ow, k, out_channels);
     epilogue.apply_map(&mut out.data, out_channels, residual);
     out
+}
+
+/// The most inputs per output (`kh * kw * in`) a convolution computes directly rather than
+/// by im2col and GEMM: a stem over RGB or grayscale images, whose patches are too short for a
+/// GEMM to pay for copying them.
+const DIRECT_MAX_TAPS: usize = 64;
+
+/// [`conv`] computed directly, output rows in parallel: every output pixel accumulates its
+/// taps into 16 output channels at a time held in registers, then `epilogue` runs on it.
+fn conv_direct(
+    x: &FloatMap,
+    weight: &[f32],
+    out_channels: usize,
+    window: Window,
+    pad_value: f32,
+    epilogue: &Epilogue,
+    residual: Option<&[f32]>,
+) -> FloatMap {
+    let (oh, ow) = window.output(x.height, x.width);
+    let mut out = FloatMap::zeros(oh, ow, out_channels);
+    let row_len = ow * out_channels;
+    if row_len == 0 {
+        return out;
+    }
+    out.data
+        .par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(oy, row)| {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 is available.
+                unsafe { direct_row_avx2(x, weight, window, pad_value, oy, row) };
+            } else {
+                direct_row(x, weight, window, pad_value, oy, row);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            direct_row(x, weight, window, pad_value, oy, row);
+            for (ox, px) in row.chunks_exact_mut(out_channels).enumerate() {
+                let at = (oy * ow + ox) * out_channels;
+                epilogue.apply(px, residual.map(|r| &r[at..at + out_channels]));
+            }
+        });
+    out
+}
+
+/// [`direct_row`] compiled for AVX2 (its border pixels vectorized too).
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn direct_row_avx2(
+    x: &FloatMap,
+    weight: &[f32],
+    window: Window,
+    pad_value: f32,
+    oy: usize,
+    row: &mut [f32],
+) {
+    direct_row(x, weight, window, pad_value, oy, row)
+}
+
+/// Output row `oy` of a direct convolution into `row` (`ow * out` values, `out` from the
+/// weight's size), before the epilogue: `PIXELS` pixels at a time, for independent sums,
+/// reading the inputs in place where their windows lie inside the image.
+#[inline(always)]
+fn direct_row(
+    x: &FloatMap,
+    weight: &[f32],
+    window: Window,
+    pad_value: f32,
+    oy: usize,
+    row: &mut [f32],
+) {
+    const PIXELS: usize = 4;
+    let [kh, kw] = window.kernel;
+    let [sy, sx] = window.stride;
+    let [top, _, left, _] = window.pads;
+    let (h, w, c) = (x.height, x.width, x.channels);
+    let k = kh * kw * c;
+    let n = weight.len() / k;
+    let ow = row.len() / n;
+    // Offsets of a window's inputs from its top-left input, in weight order.
+    let offsets: Vec<usize> = (0..kh)
+        .flat_map(|ky| (0..kw * c).map(move |j| ky * w * c + j))
+        .collect();
+    // The first input row and column of a window, if the window lies inside the image.
+    let y0 = (oy * sy).checked_sub(top).filter(|y| y + kh <= h);
+    let inside = |ox: usize| (ox * sx).checked_sub(left).filter(|x| x + kw <= w);
+    let mut patches = vec![[0f32; PIXELS]; k];
+    let mut ox0 = 0;
+    while ox0 < ow {
+        let pixels = PIXELS.min(ow - ox0);
+        let out = &mut row[ox0 * n..(ox0 + pixels) * n];
+        match (y0, inside(ox0), inside(ox0 + PIXELS - 1)) {
+            (Some(y0), Some(x0), Some(_)) if pixels == PIXELS => {
+                let bases: [usize; PIXELS] = std::array::from_fn(|p| (y0 * w + x0 + p * sx) * c);
+                #[cfg(target_arch = "x86_64")]
+                if n.is_multiple_of(16)
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: AVX2 and FMA are available; every `bases[p] + offsets[i]` is an
+                    // input of a window inside the image.
+                    unsafe { direct_pixels_fma(&x.data, bases, &offsets, weight, out) };
+                    ox0 += pixels;
+                    continue;
+                }
+                direct_pixels(|i, p| x.data[bases[p] + offsets[i]], k, weight, out);
+            }
+            _ => {
+                // Border pixels: gather their windows, padding included.
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let tap = &mut patches[(ky * kw + kx) * c..][..c];
+                        for p in 0..PIXELS {
+                            let source = (p < pixels)
+                                .then(|| window.source(oy, ox0 + p, ky, kx, h, w))
+                                .flatten();
+                            for (ci, t) in tap.iter_mut().enumerate() {
+                                t[p] = match source {
+                                    Some((y, xx)) => x.data[(y * w + xx) * c + ci],
+                                    None => pad_value,
+                                };
+                            }
+                        }
+                    }
+                }
+                direct_pixels(|i, p| patches[i][p], k, weight, out);
+            }
+        }
+        ox0 += pixels;
+    }
+}
+
+/// [`direct_pixels`] for 4 pixels whose inputs are `x[bases[p] + offsets[i]]`, with AVX2 and FMA,
+/// for a multiple of 16 output channels.
+///
+/// # Safety
+/// AVX2 and FMA; every `bases[p] + offsets[i]` indexes `x`; `out` holds 4 pixels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_pixels_fma(
+    x: &[f32],
+    bases: [usize; 4],
+    offsets: &[usize],
+    weight: &[f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let k = offsets.len();
+    let n = weight.len() / k;
+    debug_assert!(n.is_multiple_of(16) && out.len() == 4 * n);
+    for o0 in (0..n).step_by(16) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        for (i, &offset) in offsets.iter().enumerate() {
+            let w = &weight[i * n + o0..][..16];
+            // SAFETY: `w` holds 16 values.
+            let w = unsafe {
+                [
+                    _mm256_loadu_ps(w.as_ptr()),
+                    _mm256_loadu_ps(w.as_ptr().add(8)),
+                ]
+            };
+            for (acc, base) in acc.iter_mut().zip(bases) {
+                // SAFETY: the caller guarantees the index.
+                let v = _mm256_set1_ps(unsafe { *x.get_unchecked(base + offset) });
+                acc[0] = _mm256_fmadd_ps(v, w[0], acc[0]);
+                acc[1] = _mm256_fmadd_ps(v, w[1], acc[1]);
+            }
+        }
+        for (p, acc) in acc.iter().enumerate() {
+            let dst = &mut out[p * n + o0..][..16];
+            // SAFETY: `dst` holds 16 values.
+            unsafe {
+                _mm256_storeu_ps(dst.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(8), acc[1]);
+            }
+        }
+    }
+}
+
+/// `out[p][o] = sum_i input(i, p) * weight[i][o]` for the `out.len() / n` pixels `p` of `out`
+/// (at most 4), 16 output channels at a time.
+#[inline(always)]
+fn direct_pixels(input: impl Fn(usize, usize) -> f32, k: usize, weight: &[f32], out: &mut [f32]) {
+    const BLOCK: usize = 16;
+    const PIXELS: usize = 4;
+    let n = weight.len() / k;
+    let pixels = out.len() / n;
+    for o0 in (0..n).step_by(BLOCK) {
+        let width = BLOCK.min(n - o0);
+        let mut acc = [[0f32; BLOCK]; PIXELS];
+        if width == BLOCK {
+            for i in 0..k {
+                let w: &[f32; BLOCK] = weight[i * n + o0..][..BLOCK].try_into().unwrap();
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let v = input(i, p);
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a += v * w;
+                    }
+                }
+            }
+        } else {
+            for i in 0..k {
+                let w = &weight[i * n + o0..][..width];
+                for (p, acc) in acc.iter_mut().enumerate() {
+                    let v = input(i, p);
+                    for (a, w) in acc.iter_mut().zip(w) {
+                        *a += v * w;
+                    }
+                }
+            }
+        }
+        for (p, acc) in acc.iter().take(pixels).enumerate() {
+            out[p * n + o0..][..width].copy_from_slice(&acc[..width]);
+        }
+    }
 }
 
 /// `out (m x n) = lhs (m x k) * rhs (k x n)`, row-major, on the current rayon pool.
