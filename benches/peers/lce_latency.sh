@@ -20,7 +20,9 @@
 #   OUT          output folder [target/lce-results]
 #   MODELS       models ["quicknet quicknet-lab"]
 #   THREADS      thread counts ["1 2"]
-#   RUNS         timed runs per measurement [50]
+#   RUNS         timed LCE runs per measurement [50]
+#   ZOO_RUNS     timed zoo runs per measurement [500]: a zoo run takes milliseconds, so a
+#                median over more runs costs little and resists brief interference
 #   WARMUP       untimed LCE runs before those [5]
 #   ROUNDS       alternating zoo/LCE rounds per model and thread count [1]; the table shows the
 #                median over rounds of each run's median
@@ -35,6 +37,7 @@ OUT=${OUT:-target/lce-results}
 MODELS=${MODELS:-"quicknet quicknet-lab"}
 THREADS=${THREADS:-"1 2"}
 RUNS=${RUNS:-50}
+ZOO_RUNS=${ZOO_RUNS:-500}
 WARMUP=${WARMUP:-5}
 ROUNDS=${ROUNDS:-1}
 LCE_KERNELS=${LCE_KERNELS:-"bgemm indirect-bgemm"}
@@ -113,7 +116,7 @@ for round in $(seq 1 "$ROUNDS"); do
             tag="$model-t$threads-r$round"
             if [[ $lce_only == 0 ]]; then
                 log "round $round: zoo bench $model, $threads thread(s)"
-                "$ZOO" bench "$OUT/$model.zoo" --input $INPUT --threads "$threads" --runs "$RUNS" \
+                "$ZOO" bench "$OUT/$model.zoo" --input $INPUT --threads "$threads" --runs "$ZOO_RUNS" \
                     --json "$OUT/zoo-$tag.json" >"$OUT/zoo-$tag.log" 2>&1 || {
                     echo "error: zoo bench failed; its output ($OUT/zoo-$tag.log):" >&2
                     tail -n 20 "$OUT/zoo-$tag.log" >&2
