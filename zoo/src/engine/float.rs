@@ -168,7 +168,7 @@ impl Window {
 }
 
 /// A convolution: `weight` is `kh x kw x in x out`; taps in the padding read `pad_value`.
-/// Computed directly where windows are short (at most [`DIRECT_MAX_TAPS`] inputs), else as
+/// Computed directly where windows are short (at most 64 inputs per output), else as
 /// im2col + one GEMM; then `epilogue` per output pixel.
 pub fn conv(
     x: &FloatMap,

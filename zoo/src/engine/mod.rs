@@ -5,15 +5,17 @@
 //! one kernel and threshold per channel. The [`Engine`] walks the same spec IR as the candle
 //! models and runs each node on one image at a time in NHWC layout:
 //!
-//! - a binarized convolution packs its input's signs into 64-channel words (or takes the words
-//!   LAB or the previous layer produced) and computes exact `±1` dot products with XOR and
-//!   popcount ([`zoo_kernels::packed`]: AVX2 or portable, chosen at run time), zero padding
-//!   exact through a border correction, one padding as `+1` bits;
+//! - a binarized convolution binarizes its float input (sign or LAB) straight into padded
+//!   64-channel words, or takes the words the previous layer produced, and computes exact `±1`
+//!   dot products with XOR and popcount ([`zoo_kernels::packed::BinaryConv`], weights laid out
+//!   once; AVX-512, AVX2 or portable, chosen at run time), zero padding exact through a border
+//!   correction, one padding as `+1` bits;
 //! - the batch norm, scale, bias, ReLU, PReLU and residual addition that follow a layer run in
 //!   its output transform ([`float::Epilogue`]) while the values are in registers; when the next
 //!   layer only needs signs, the transform emits packed bits instead of floats;
 //! - LAB runs as one fused depthwise-threshold-pack pass;
-//! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM).
+//! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM, or direct for
+//!   short windows such as the stem's).
 //!
 //! Work inside each layer is split over the engine's own thread pool.
 
