@@ -163,6 +163,24 @@ fn correlate<T: Real>(d: &Dims, acc: &mut [T], taps: &[T], padded: &[T]) {
     }
 }
 
+/// [`correlate`] in AVX2 vectors where the CPU has them: the same operations on each element,
+/// so the same sums.
+fn correlate_fast<T: Real>(d: &Dims, acc: &mut [T], taps: &[T], padded: &[T]) {
+    /// # Safety
+    /// AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<T: Real>(d: &Dims, acc: &mut [T], taps: &[T], padded: &[T]) {
+        correlate(d, acc, taps, padded)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available.
+        return unsafe { avx2(d, acc, taps, padded) };
+    }
+    correlate(d, acc, taps, padded)
+}
+
 /// `sum_i a[i] * b[i]` over `a.len()` entries, in eight independent lanes (vectorisable).
 #[inline(always)]
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
@@ -206,7 +224,7 @@ impl<T: Real> Planes<T> {
         let [pad0, pad1] = &mut self.pad;
         let [acc0, acc1] = &mut self.acc;
         pad_into(pad0, plane(k0), d.w);
-        correlate(d, acc0, &kernel[9 * maps[0]..][..9], pad0);
+        correlate_fast(d, acc0, &kernel[9 * maps[0]..][..9], pad0);
         let second = match k1 == k0 {
             true => &*pad0,
             false => {
@@ -214,7 +232,7 @@ impl<T: Real> Planes<T> {
                 &*pad1
             }
         };
-        correlate(d, acc1, &kernel[9 * maps[1]..][..9], second);
+        correlate_fast(d, acc1, &kernel[9 * maps[1]..][..9], second);
         maps
     }
 }
@@ -325,6 +343,7 @@ fn pair_backward<T: Real>(
 /// and `2k + 1` read: given their wide gradients `dys` and the padded input plane `padded`,
 /// writes the input gradient into `dx_plane` (through the padded scratch plane `dx_wide`) and
 /// adds the kernel gradients to `grads`.
+#[inline(always)]
 fn channel_backward<T: Real>(
     d: &Dims,
     kernel: &[T],
@@ -351,6 +370,37 @@ fn channel_backward<T: Real>(
     }
 }
 
+/// [`channel_backward`] in AVX2 vectors where the CPU has them (the same arithmetic).
+fn channel_backward_fast<T: Real>(
+    d: &Dims,
+    kernel: &[T],
+    input: (usize, &[T]),
+    dys: [&[T]; 2],
+    dx: [&mut [T]; 2],
+    grads: &mut ParamGrads,
+) {
+    /// # Safety
+    /// AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn avx2<T: Real>(
+        d: &Dims,
+        kernel: &[T],
+        input: (usize, &[T]),
+        dys: [&[T]; 2],
+        dx: [&mut [T]; 2],
+        grads: &mut ParamGrads,
+    ) {
+        channel_backward(d, kernel, input, dys, dx, grads)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is available.
+        return unsafe { avx2(d, kernel, input, dys, dx, grads) };
+    }
+    channel_backward(d, kernel, input, dys, dx, grads)
+}
+
 /// The backward pass: the input gradient (`n*c*h*w`) followed by the parameter gradients.
 fn backward<T: Real>(d: &Dims, x: &[T], params: &[T], g: &[T]) -> Vec<T> {
     let nx = d.n * d.c * d.plane();
@@ -372,7 +422,7 @@ fn backward<T: Real>(d: &Dims, x: &[T], params: &[T], g: &[T]) -> Vec<T> {
                     let [dy0, dy1] = &mut scratch.dy;
                     let dys = [dy0.as_mut_slice(), dy1.as_mut_slice()];
                     pair_backward(d, (x, params, g), p, &mut planes, dys, &mut grads);
-                    channel_backward(
+                    channel_backward_fast(
                         d,
                         kernel,
                         (p % d.c, &planes.pad[0]),
@@ -422,7 +472,7 @@ fn backward<T: Real>(d: &Dims, x: &[T], params: &[T], g: &[T]) -> Vec<T> {
                             let (ch, side) = d.pairing.owner(a, d.c);
                             &dys[((img * d.c + ch) * 2 + side) * wide..][..wide]
                         };
-                        channel_backward(
+                        channel_backward_fast(
                             d,
                             kernel,
                             (k, &padded),

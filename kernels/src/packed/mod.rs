@@ -224,15 +224,22 @@ impl PackedConvWeights {
             out_channels * in_channels * kh * kw,
             "PackedConvWeights::from_signs: expected {out_channels}x{in_channels}x{kh}x{kw} values"
         );
-        let words = words_for(in_channels);
-        let mut data = vec![0u64; out_channels * kh * kw * words];
-        for o in 0..out_channels {
-            for i in 0..in_channels {
-                for t in 0..kh * kw {
-                    let v = w[(o * in_channels + i) * kh * kw + t];
-                    data[(o * kh * kw + t) * words + i / 64] |= ((v < 0.0) as u64) << (i % 64);
-                }
-            }
+        let (words, taps) = (words_for(in_channels), kh * kw);
+        let mut data = vec![0u64; out_channels * taps * words];
+        if words * taps > 0 {
+            // One filter per task: word `k` of tap `t` gathers input channels 64k.. of the tap.
+            data.par_chunks_mut(taps * words)
+                .zip(w.par_chunks(in_channels * taps))
+                .for_each(|(filter, w)| {
+                    for (t, tap) in filter.chunks_exact_mut(words).enumerate() {
+                        for (k, word) in tap.iter_mut().enumerate() {
+                            let channels = 64 * k..in_channels.min(64 * k + 64);
+                            *word = channels.fold(0, |bits, i| {
+                                bits | u64::from(w[i * taps + t] < 0.0) << (i % 64)
+                            });
+                        }
+                    }
+                });
         }
         PackedConvWeights {
             out_channels,
