@@ -94,8 +94,8 @@ pub enum ConvInput<'a> {
 }
 
 impl ConvInput<'_> {
-    /// Rows, columns and channels.
-    fn dims(&self) -> [usize; 3] {
+    /// Rows, columns and channels of the image.
+    pub fn dims(&self) -> [usize; 3] {
         match *self {
             ConvInput::Packed(map) => [map.height, map.width, map.channels],
             ConvInput::Signs { x, height, width } => [

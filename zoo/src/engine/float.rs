@@ -244,6 +244,13 @@ fn conv_direct(
     if row_len == 0 {
         return out;
     }
+    let [kh, kw] = window.kernel;
+    let (w, c) = (x.width, x.channels);
+    // Offsets of a window's inputs from its top-left input, in weight order.
+    let offsets: Vec<usize> = (0..kh)
+        .flat_map(|ky| (0..kw * c).map(move |j| ky * w * c + j))
+        .collect();
+    let offsets = &offsets;
     out.data
         .par_chunks_mut(row_len)
         .enumerate()
@@ -251,12 +258,12 @@ fn conv_direct(
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 is available.
-                unsafe { direct_row_avx2(x, weight, window, pad_value, oy, row) };
+                unsafe { direct_row_avx2(x, weight, window, pad_value, offsets, oy, row) };
             } else {
-                direct_row(x, weight, window, pad_value, oy, row);
+                direct_row(x, weight, window, pad_value, offsets, oy, row);
             }
             #[cfg(not(target_arch = "x86_64"))]
-            direct_row(x, weight, window, pad_value, oy, row);
+            direct_row(x, weight, window, pad_value, offsets, oy, row);
             for (ox, px) in row.chunks_exact_mut(out_channels).enumerate() {
                 let at = (oy * ow + ox) * out_channels;
                 epilogue.apply(px, residual.map(|r| &r[at..at + out_channels]));
@@ -276,21 +283,24 @@ unsafe fn direct_row_avx2(
     weight: &[f32],
     window: Window,
     pad_value: f32,
+    offsets: &[usize],
     oy: usize,
     row: &mut [f32],
 ) {
-    direct_row(x, weight, window, pad_value, oy, row)
+    direct_row(x, weight, window, pad_value, offsets, oy, row)
 }
 
 /// Output row `oy` of a direct convolution into `row` (`ow * out` values, `out` from the
 /// weight's size), before the epilogue: `PIXELS` pixels at a time, for independent sums,
-/// reading the inputs in place where their windows lie inside the image.
+/// reading the inputs in place (at `offsets` from a window's top-left input, in weight order)
+/// where their windows lie inside the image.
 #[inline(always)]
 fn direct_row(
     x: &FloatMap,
     weight: &[f32],
     window: Window,
     pad_value: f32,
+    offsets: &[usize],
     oy: usize,
     row: &mut [f32],
 ) {
@@ -302,10 +312,10 @@ fn direct_row(
     let k = kh * kw * c;
     let n = weight.len() / k;
     let ow = row.len() / n;
-    // Offsets of a window's inputs from its top-left input, in weight order.
-    let offsets: Vec<usize> = (0..kh)
-        .flat_map(|ky| (0..kw * c).map(move |j| ky * w * c + j))
-        .collect();
+    #[cfg(target_arch = "x86_64")]
+    let fma = n.is_multiple_of(16)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma");
     // The first input row and column of a window, if the window lies inside the image.
     let y0 = (oy * sy).checked_sub(top).filter(|y| y + kh <= h);
     let inside = |ox: usize| (ox * sx).checked_sub(left).filter(|x| x + kw <= w);
@@ -318,13 +328,10 @@ fn direct_row(
             (Some(y0), Some(x0), Some(_)) if pixels == PIXELS => {
                 let bases: [usize; PIXELS] = std::array::from_fn(|p| (y0 * w + x0 + p * sx) * c);
                 #[cfg(target_arch = "x86_64")]
-                if n.is_multiple_of(16)
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
+                if fma {
                     // SAFETY: AVX2 and FMA are available; every `bases[p] + offsets[i]` is an
                     // input of a window inside the image.
-                    unsafe { direct_pixels_fma(&x.data, bases, &offsets, weight, out) };
+                    unsafe { direct_pixels_fma(&x.data, bases, offsets, weight, out) };
                     ox0 += pixels;
                     continue;
                 }

@@ -559,12 +559,7 @@ fn binary_conv(
     pack_output: bool,
     residual: Option<&[f32]>,
 ) -> Value {
-    let (height, width) = match input {
-        ConvInput::Packed(p) => (p.height, p.width),
-        ConvInput::Signs { height, width, .. } | ConvInput::Lab { height, width, .. } => {
-            (height, width)
-        }
-    };
+    let [height, width, _] = input.dims();
     let (oh, ow) = conv.output_size(height, width);
     let co = conv.out_channels();
     if pack_output {
