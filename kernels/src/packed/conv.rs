@@ -275,26 +275,34 @@ impl BinaryConv {
         if row == 0 {
             return Cow::Owned(padded);
         }
-        let rows = padded
-            .par_chunks_mut(pw * words)
-            .skip(top)
-            .take(h)
-            .map(|r| &mut r[left * words..][..row])
-            .enumerate();
+        let interior = &mut padded[top * pw * words..];
+        let rows = |interior| row_slices(interior, pw * words, left * words, row, h);
         match input {
-            ConvInput::Packed(map) => rows
+            ConvInput::Packed(map) => rows(interior)
                 .zip(map.data.par_chunks(row))
-                .for_each(|((_, dst), src)| dst.copy_from_slice(src)),
-            ConvInput::Signs { x, .. } => rows
+                .for_each(|(dst, src)| dst.copy_from_slice(src)),
+            ConvInput::Signs { x, .. } => rows(interior)
                 .zip(x.par_chunks(w * c))
-                .for_each(|((_, dst), src)| pack_signs(self.variant, src, c, dst)),
+                .for_each(|(dst, src)| pack_signs(self.variant, src, c, dst)),
             ConvInput::Lab { x, lab, .. } => {
-                let scorer = LabScorer::new(self.variant, x, h, w, lab);
-                rows.for_each(|(y, dst)| scorer.row(y, dst));
+                LabScorer::new(self.variant, x, h, w, lab).score(interior, pw * words, left * words)
             }
         }
         Cow::Owned(padded)
     }
+}
+
+/// The `rows` slices of `len` words at `offset` in each `stride` words of `data`, in parallel.
+fn row_slices(
+    data: &mut [u64],
+    stride: usize,
+    offset: usize,
+    len: usize,
+    rows: usize,
+) -> impl IndexedParallelIterator<Item = &mut [u64]> {
+    data.par_chunks_mut(stride)
+        .take(rows)
+        .map(move |r| &mut r[offset..][..len])
 }
 
 /// The granularity of the channel groups of a row computed in parallel.

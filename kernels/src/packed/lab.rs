@@ -145,11 +145,7 @@ pub(super) fn lab_pack_with(
     if row_words == 0 {
         return map;
     }
-    let scorer = LabScorer::new(variant, x, height, width, lab);
-    map.data
-        .par_chunks_mut(row_words)
-        .enumerate()
-        .for_each(|(y, out)| scorer.row(y, out));
+    LabScorer::new(variant, x, height, width, lab).score(&mut map.data, row_words, 0);
     map
 }
 
@@ -195,8 +191,51 @@ impl<'a> LabScorer<'a> {
         }
     }
 
+    /// Scores every row and ORs its bits into `rows` (zero), where row `y` takes the
+    /// `width * words` words from `y * stride + offset`. Rows run in parallel, in pairs where
+    /// the AVX-512 folded kernel scores two rows at once and there are at least 4 pairs per
+    /// thread.
+    pub(super) fn score(&self, rows: &mut [u64], stride: usize, offset: usize) {
+        let [h, w, c] = self.dims;
+        let row = w * super::words_for(c);
+        if h * row == 0 {
+            return;
+        }
+        let pairs = self.variant == Variant::Avx512
+            && matches!(self.lab.form, Form::Folded { .. })
+            && h >= 8 * rayon::current_num_threads();
+        let per_task = if pairs { 2 } else { 1 };
+        let last = (h - 1) * stride + offset + row;
+        rows[..last]
+            .par_chunks_mut(per_task * stride)
+            .enumerate()
+            .for_each(|(i, chunk)| {
+                let y = i * per_task;
+                let (first, rest) = chunk[offset..].split_at_mut(row);
+                match rest.get_mut(stride - row..) {
+                    Some(second) if per_task == 2 && y + 1 < h => {
+                        self.row_pair(y, [first, &mut second[..row]])
+                    }
+                    _ => self.row(y, first),
+                }
+            });
+    }
+
+    /// Scores rows `y` and `y + 1` of the folded form with the AVX-512 kernel, into `outs`.
+    fn row_pair(&self, y: usize, outs: [&mut [u64]; 2]) {
+        match &self.lab.form {
+            #[cfg(target_arch = "x86_64")]
+            Form::Folded { kernel, bias } if self.variant == Variant::Avx512 => {
+                let terms = [(kernel.as_slice(), self.x)];
+                // SAFETY: the variant is available; the caller checked the sizes.
+                unsafe { super::x86::lab_row_pair_avx512(&terms, bias, self.dims, y, outs) }
+            }
+            _ => unreachable!("rows are scored in pairs by the AVX-512 folded kernel only"),
+        }
+    }
+
     /// Scores row `y` and ORs its bits into `out` (`width * words`, zero).
-    pub(super) fn row(&self, y: usize, out: &mut [u64]) {
+    fn row(&self, y: usize, out: &mut [u64]) {
         match (&self.lab.form, &self.planes) {
             (Form::Folded { kernel, bias }, _) => {
                 score_row(self.variant, &[(kernel, self.x)], bias, self.dims, y, out)

@@ -382,6 +382,9 @@ fn lab_pack_matches_reference_bit_for_bit() {
         (4, 4, 70),
         (3, 6, 130),
         (1, 9, 16),
+        // Tall enough for the two-row kernel on one thread (even and odd heights).
+        (8, 6, 16),
+        (9, 7, 70),
     ] {
         // Coarse values make exact ties (d == 0) likely.
         let coarse = |rng: &mut Rng, n: usize| -> Vec<f32> {
@@ -419,9 +422,14 @@ fn lab_pack_matches_reference_bit_for_bit() {
                 assert_eq!(lab.channels(), c);
                 let expected = reference_lab(&x, [h, w, c], &lab);
                 assert_eq!(lab_pack(&x, h, w, &lab), expected);
-                for variant in variants() {
-                    let ours = lab_pack_with(variant, &x, h, w, &lab);
-                    assert_eq!(ours, expected, "{variant:?} {h}x{w}x{c} {lab:?}");
+                for (variant, threads) in variants().into_iter().flat_map(|v| [(v, 1), (v, 2)]) {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let ours = pool.install(|| lab_pack_with(variant, &x, h, w, &lab));
+                    let what = format!("{variant:?} on {threads} thread(s) {h}x{w}x{c} {lab:?}");
+                    assert_eq!(ours, expected, "{what}");
                 }
             }
         }
@@ -615,14 +623,21 @@ fn bench() {
     }
 }
 
-/// Prints the time of the other kernels on QuickNet's stage shapes, on 1 thread:
+/// Prints the time of the other kernels on QuickNet's stage shapes, on 1 and 2 threads:
 /// `cargo test -p zoo-kernels --release packed::tests::bench_others -- --ignored --nocapture`.
 #[test]
 #[ignore]
 fn bench_others() {
+    for threads in [1, 2] {
+        println!("{threads} thread(s):");
+        bench_others_on(threads);
+    }
+}
+
+fn bench_others_on(threads: usize) {
     let mut rng = Rng(17);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+        .num_threads(threads)
         .build()
         .unwrap();
     let time = |f: &mut dyn FnMut()| {

@@ -571,6 +571,108 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
     }
 }
 
+/// The folded scores of interior pixels `x0..x0 + P` of two consecutive output rows (`rows[0]`
+/// and `rows[1]`, the row below): each of the four input rows is loaded once for both output
+/// rows, and each score sees its taps in the order of `lab_interior_avx512`.
+///
+/// # Safety
+/// AVX-512 F; `1 <= x0`, `x0 + P < w`, `P <= 6`, the masked channels lie inside the image.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lab_interior_pair_avx512<const P: usize>(
+    rows: &[LabRow<1>; 2],
+    k: &[__m512; 9],
+    b: __m512,
+    m: __mmask16,
+    c0: usize,
+    x0: usize,
+) -> [[__m512; P]; 2] {
+    let mut acc = [[b; P]; 2];
+    let [top, bottom] = rows;
+    // Input rows y - 1 .. y + 2: kernel row `r` of the upper output row, `r - 1` of the lower.
+    let inputs = [top.rows[0], top.rows[1], top.rows[2], bottom.rows[2]];
+    for (r, iy) in inputs.into_iter().enumerate() {
+        let Some(iy) = iy else { continue };
+        let base = (iy * top.w + x0 - 1) * top.c + c0;
+        let plane = unsafe { top.terms[0].1.as_ptr().add(base) };
+        let mut xin = [_mm512_setzero_ps(); 8];
+        for (j, v) in xin.iter_mut().enumerate().take(P + 2) {
+            *v = unsafe { _mm512_maskz_loadu_ps(m, plane.add(j * top.c)) };
+        }
+        for kx in 0..3 {
+            for p in 0..P {
+                if r < 3 {
+                    acc[0][p] = _mm512_fmadd_ps(k[3 * r + kx], xin[p + kx], acc[0][p]);
+                }
+                if r > 0 {
+                    acc[1][p] = _mm512_fmadd_ps(k[3 * (r - 1) + kx], xin[p + kx], acc[1][p]);
+                }
+            }
+        }
+    }
+    acc
+}
+
+/// [`lab_row_avx512`] of the folded form for rows `y` and `y + 1` at once (into `outs`): the
+/// interior pixels 4 at a time from both rows' inputs, the others as `lab_chunk_avx512` does.
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn lab_row_pair_avx512(
+    terms: &[(&[f32], &[f32]); 1],
+    bias: &[f32],
+    dims: [usize; 3],
+    y: usize,
+    outs: [&mut [u64]; 2],
+) {
+    const P: usize = 4;
+    let [out0, out1] = outs;
+    let rows = [
+        LabRow::new(terms, bias, dims, y, out0),
+        LabRow::new(terms, bias, dims, y + 1, out1),
+    ];
+    let (w, c) = (dims[1], dims[2]);
+    let words = super::words_for(c);
+    let mut outs = [out0, out1];
+    for c0 in (0..c).step_by(16) {
+        let n = 16.min(c - c0);
+        let m: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
+        // SAFETY (loads): masked to the `n` channels from c0, inside the slices.
+        let k: LabTaps<__m512, 1> = [std::array::from_fn(|t| unsafe {
+            _mm512_maskz_loadu_ps(m, terms[0].0.as_ptr().add(t * c + c0))
+        })];
+        let b = unsafe { _mm512_maskz_loadu_ps(m, bias.as_ptr().add(c0)) };
+        let (word, shift) = (c0 / 64, c0 % 64);
+        let mut x = 0;
+        while x < w {
+            if x >= 1 && x + P < w {
+                // SAFETY: pixels x..x + P and their taps lie in the rows.
+                let acc = unsafe { lab_interior_pair_avx512::<P>(&rows, &k[0], b, m, c0, x) };
+                for (out, acc) in outs.iter_mut().zip(acc) {
+                    for (p, d) in acc.into_iter().enumerate() {
+                        let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
+                        out[(x + p) * words + word] |= u64::from(bits) << shift;
+                    }
+                }
+                x += P;
+            } else {
+                for (row, out) in rows.iter().zip(outs.iter_mut()) {
+                    // SAFETY: pixel x lies in the row.
+                    let [d] = if x >= 1 && x + 1 < w {
+                        unsafe { lab_interior_avx512::<1, 1>(row, &k, b, m, c0, x) }
+                    } else {
+                        unsafe { lab_pixels_avx512::<1, 1>(row, &k, b, m, c0, x) }
+                    };
+                    let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
+                    out[x * words + word] |= u64::from(bits) << shift;
+                }
+                x += 1;
+            }
+        }
+    }
+}
+
 /// [`lab_row_avx512`] for AVX2: 8 channels at a time.
 ///
 /// # Safety
