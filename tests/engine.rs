@@ -173,6 +173,37 @@ fn a_saved_model_runs_identically_and_is_compact() {
     );
 }
 
+/// One engine called from several threads at once (its pool shared, its helper threads
+/// spinning for more than one call, some taking up others' helpers) finishes every call with
+/// the single-threaded results.
+#[test]
+fn concurrent_calls_on_a_shared_pool_finish_with_the_same_results() {
+    let spec = zoo::spec("quicknet-lab").unwrap();
+    let config = shipped_config("quicknet-lab");
+    let text = zoo::spec_text("quicknet-lab").unwrap();
+    let model = check(text.as_str(), &spec, config, 5, 1);
+    let images = random_images(&config, 3, 11);
+    let expected = Engine::new(&model, 1).unwrap().run(&images, 3).unwrap();
+    let engine = Engine::new(&model, 3).unwrap();
+    std::thread::scope(|s| {
+        for caller in 0..4 {
+            let (engine, images, expected) = (&engine, &images, &expected);
+            s.spawn(move || {
+                for round in 0..6 {
+                    let batch = if (caller + round) % 2 == 0 { 1 } else { 3 };
+                    let n = batch * images.len() / 3;
+                    let logits = engine.run(&images[..n], batch).unwrap();
+                    assert_eq!(
+                        logits,
+                        expected[..logits.len()],
+                        "caller {caller}, round {round}"
+                    );
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn loading_a_file_that_is_not_a_zoo_model_names_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Training throughput of the zoo's trainer against the PyTorch CPU peer, side by side.
 #
-# For each model (QuickNet, QuickNet-LAB), runs `zoo train` and benches/peers/torch_quicknet.py
-# alternately for ROUNDS rounds on Fashion-MNIST (32x32x1, 10 classes), batch 64, THREADS
-# threads, and prints the median images per second of each and their ratio.
+# In each of ROUNDS rounds, runs `zoo train` and benches/peers/torch_quicknet.py on each model
+# (QuickNet, QuickNet-LAB) in turn, on Fashion-MNIST (32x32x1, 10 classes), batch 64, THREADS
+# threads; prints the median images per second of each and their ratio and, when both models
+# run, LAB's cost over sign in step time for each trainer (the median over rounds of each
+# round's ratio, so that the two models of a round see the same machine).
 #
 # Usage: benches/peers/train_throughput.sh [--pytorch-only] [--skip-build]
 #
@@ -124,27 +126,24 @@ run_torch() {
 median() { "$VPY" -c 'import statistics, sys; print(statistics.median(map(float, sys.argv[1:])))' "$@"; }
 
 # (c) Interleaved rounds, then the table of medians.
-rows=()
-for model in $MODELS; do
-    zoo_values=()
-    torch_values=()
-    for round in $(seq 1 "$ROUNDS"); do
+declare -A zoo_values torch_values
+for round in $(seq 1 "$ROUNDS"); do
+    for model in $MODELS; do
         if [[ $pytorch_only == 0 ]]; then
             value=$(run_zoo "$model" "$round")
-            zoo_values+=("$value")
+            zoo_values[$model]+="$value,"
             log "$model round $round: zoo $value img/s"
+        else
+            zoo_values[$model]+="nan,"
         fi
         value=$(run_torch "$model" "$round")
-        torch_values+=("$value")
+        torch_values[$model]+="$value,"
         log "$model round $round: pytorch $value img/s"
     done
-    torch_median=$(median "${torch_values[@]}")
-    if [[ $pytorch_only == 0 ]]; then
-        zoo_median=$(median "${zoo_values[@]}")
-    else
-        zoo_median=nan
-    fi
-    rows+=("$model $zoo_median $torch_median")
+done
+rows=()
+for model in $MODELS; do
+    rows+=("$model ${zoo_values[$model]%,} ${torch_values[$model]%,}")
 done
 
 torch_version=$("$VPY" -c 'import torch; print(torch.__version__)')
@@ -152,12 +151,21 @@ echo
 echo "Training throughput, Fashion-MNIST 32x32x1, batch $BATCH, $THREADS threads, median of $ROUNDS rounds"
 echo "(PyTorch $torch_version: $WARMUP warm-up + $STEPS timed steps; zoo: --max-steps $((ZOO_UNTIMED + STEPS)), the first $ZOO_UNTIMED untimed)"
 "$VPY" - "${rows[@]}" <<'EOF'
-import math, sys
+import math, statistics, sys
+rounds = {}
 print(f"{'model':<14} {'zoo img/s':>10} {'pytorch img/s':>14} {'zoo/pytorch':>12}")
 for row in sys.argv[1:]:
     model, zoo, torch = row.split()
-    zoo, torch = float(zoo), float(torch)
+    rounds[model] = [[float(v) for v in zoo.split(",")], [float(v) for v in torch.split(",")]]
+    zoo, torch = (statistics.median(v) for v in rounds[model])
     fmt = lambda v: "-" if math.isnan(v) else f"{v:.1f}"
     ratio = "-" if math.isnan(zoo) else f"{zoo / torch:.2f}x"
     print(f"{model:<14} {fmt(zoo):>10} {fmt(torch):>14} {ratio:>12}")
+if "quicknet" in rounds and "quicknet-lab" in rounds:
+    print("LAB over sign, step time (median over rounds of quicknet img/s / quicknet-lab img/s - 1):")
+    for name, i in [("zoo", 0), ("pytorch", 1)]:
+        ratios = [s / l - 1 for s, l in zip(rounds["quicknet"][i], rounds["quicknet-lab"][i])]
+        if not any(math.isnan(r) for r in ratios):
+            each = ", ".join(f"{100 * r:+.1f}%" for r in ratios)
+            print(f"  {name:<8} {100 * statistics.median(ratios):+.1f}% (rounds: {each})")
 EOF
