@@ -173,8 +173,7 @@ fn a_saved_model_runs_identically_and_is_compact() {
     );
 }
 
-/// One engine called from several threads at once (its pool shared, its helper threads
-/// spinning for more than one call, some taking up others' helpers) finishes every call with
+/// One engine called from several threads at once (its pool shared) finishes every call with
 /// the single-threaded results.
 #[test]
 fn concurrent_calls_on_a_shared_pool_finish_with_the_same_results() {

@@ -684,17 +684,12 @@ impl<'a, T: Real> Ctx<'a, T> {
                     dxp[o + offset] = dxv;
                 }
             }
-            let total = |g: [Lanes<T>; P]| {
-                g.into_iter()
-                    .reduce(|a, b| std::array::from_fn(|l| a[l] + b[l]))
+            let total = |g: [Lanes<T>; P]| -> Lanes<T> {
+                std::array::from_fn(|l| g.iter().fold(T::zero(), |sum, v| sum + v[l]))
             };
-            let (g0, g1) = (
-                total(g0).unwrap_or([T::zero(); L]),
-                total(g1).unwrap_or([T::zero(); L]),
-            );
             let kernel = &mut s.grads.kernel[ph];
-            add_lanes(&mut kernel[tap], &g0, lanes);
-            add_lanes(&mut kernel[9 + tap], &g1, lanes);
+            add_lanes(&mut kernel[tap], &total(g0), lanes);
+            add_lanes(&mut kernel[9 + tap], &total(g1), lanes);
         }
         scatter(d, dxp, d.pw() + 1, dx);
     }

@@ -17,8 +17,7 @@
 //! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM, or direct for
 //!   short windows such as the stem's).
 //!
-//! Work inside each layer is split over the engine's own thread pool, whose threads spin
-//! between layers while a call runs, so that short layers find them awake.
+//! Work inside each layer is split over the engine's own thread pool.
 
 pub mod bench;
 mod export;
@@ -314,12 +313,10 @@ impl Engine {
         }
         let logits = self.pool.install(|| {
             use rayon::prelude::*;
-            with_threads_awake(|| {
-                images
-                    .par_chunks(per_image)
-                    .map(|image| self.run_image(image, None))
-                    .collect::<Vec<_>>()
-            })
+            images
+                .par_chunks(per_image)
+                .map(|image| self.run_image(image, None))
+                .collect::<Vec<_>>()
         });
         Ok(logits.concat())
     }
@@ -336,12 +333,10 @@ impl Engine {
         }
         let times = Mutex::new(vec![Vec::new(); self.ops.len()]);
         self.pool.install(|| {
-            with_threads_awake(|| {
-                self.run_image(image, None);
-                for _ in 0..runs.max(1) {
-                    self.run_image(image, Some(&times));
-                }
-            })
+            self.run_image(image, None);
+            for _ in 0..runs.max(1) {
+                self.run_image(image, Some(&times));
+            }
         });
         let times = times.into_inner().expect("no panics while profiling");
         let medians: Vec<Option<f64>> = times
@@ -555,61 +550,6 @@ impl Run<'_> {
         }
     }
 }
-
-/// Runs `f` on the current rayon pool with the pool's other threads kept awake while it runs:
-/// each spins, taking the pool's pending work (`rayon::yield_now`). Rayon parks an idle thread
-/// within microseconds and waking it takes tens of microseconds, longer than many of a
-/// network's layers, whose parallel loops would then run on fewer threads for much of their
-/// time.
-///
-/// A spinning helper sits on its thread's stack above whatever that thread was doing; if that
-/// was work `f` waits for (rayon runs other jobs while a thread waits), `f` cannot finish while
-/// the helper spins. So a helper also stops after [`HELPER_IDLE`] without work: such a stall is
-/// bounded, and between layers the pool is never idle that long.
-fn with_threads_awake<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let threads = rayon::current_num_threads();
-    if threads == 1 {
-        return f();
-    }
-    let owner = rayon::current_thread_index();
-    let done = AtomicBool::new(false);
-    /// Ends the spinning when `f` returns or unwinds.
-    struct Done<'a>(&'a AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Release);
-        }
-    }
-    rayon::scope(|s| {
-        for _ in 1..threads {
-            s.spawn(|_| {
-                // The owner takes up its own helpers when it waits inside `f`: nothing to do.
-                if rayon::current_thread_index() == owner {
-                    return;
-                }
-                let mut last_work = Instant::now();
-                let mut spins = 0u32;
-                while !done.load(Ordering::Acquire) {
-                    if rayon::yield_now() == Some(rayon::Yield::Executed) {
-                        last_work = Instant::now();
-                        continue;
-                    }
-                    spins = spins.wrapping_add(1);
-                    if spins.is_multiple_of(64) && last_work.elapsed() > HELPER_IDLE {
-                        return;
-                    }
-                    std::hint::spin_loop();
-                }
-            });
-        }
-        let _done = Done(&done);
-        f()
-    })
-}
-
-/// How long a [`with_threads_awake`] helper spins without finding work before it stops.
-const HELPER_IDLE: Duration = Duration::from_millis(1);
 
 /// A binary convolution with its output transform; floats (plus `residual`) or packed signs.
 fn binary_conv(
