@@ -12,7 +12,8 @@ use rayon::prelude::*;
 ///
 /// The arithmetic is `f32` in a fixed order, so that a reference can reproduce it bit for bit:
 /// `acc` starts at `bias[c]`; the taps run in row-major order (`ky` then `kx`, tap
-/// `t = 3 ky + kx`), taps outside the image are skipped (they add nothing); each tap does
+/// `t = 3 ky + kx`), taps outside the image add nothing (skipped, or with the AVX-512 kernels a
+/// product with zero, which for finite kernels is the same); each tap does
 /// `acc = k.mul_add(x, acc)` (fused: one rounding) for the [`LabKernel::folded`] kernel, or
 /// `acc = pos.mul_add(xp, acc)` then `acc = (-neg).mul_add(xn, acc)` for
 /// [`LabKernel::paired`]; `d` is the final `acc`.
@@ -126,7 +127,7 @@ pub fn lab_pack(x: &[f32], height: usize, width: usize, lab: &LabKernel) -> Pack
 }
 
 /// [`lab_pack`] with the kernels of `variant`, which must be available: the portable code, or
-/// AVX2 or AVX-512 vectors (the same arithmetic: the results are identical).
+/// AVX2 or AVX-512 vectors (the same arithmetic: the results are identical for finite kernels).
 pub(super) fn lab_pack_with(
     variant: Variant,
     x: &[f32],

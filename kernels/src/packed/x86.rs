@@ -278,15 +278,43 @@ impl<'a, const T: usize> LabRow<'a, T> {
     }
 }
 
-/// The scores (from the bias `b`) of interior pixels `x0..x0 + P` (all their taps inside the
-/// row), channels from `c0` (mask `m`): each input of a kernel row is loaded once for the
-/// three taps that read it, in the same order of operations as `lab_pixels_avx512`.
+/// The inputs `x0 - 1 .. x0 + P + 1` of input row `iy` for each term, channels from `c0` (mask
+/// `m`): zeros for the columns outside the image.
 ///
 /// # Safety
-/// AVX512 F; `1 <= x0`, `x0 + P < w`, `P <= 6`, the masked channels lie inside the image.
+/// AVX-512 F; `x0 + P <= w`, `P <= 6`, the masked channels lie inside the image.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
+unsafe fn lab_inputs_avx512<const P: usize, const T: usize>(
+    row: &LabRow<T>,
+    iy: usize,
+    m: __mmask16,
+    c0: usize,
+    x0: usize,
+) -> [[__m512; 8]; T] {
+    let mut xin = [[_mm512_setzero_ps(); 8]; T];
+    for (xin, term) in xin.iter_mut().zip(row.terms) {
+        for (j, v) in xin.iter_mut().enumerate().take(P + 2) {
+            // Input column x0 + j - 1.
+            if (1..=row.w).contains(&(x0 + j)) {
+                let at = (iy * row.w + x0 + j - 1) * row.c + c0;
+                *v = unsafe { _mm512_maskz_loadu_ps(m, term.1.as_ptr().add(at)) };
+            }
+        }
+    }
+    xin
+}
+
+/// The scores (from the bias `b`) of pixels `x0..x0 + P` of a row, channels from `c0` (mask
+/// `m`): each input of a kernel row is loaded once for the three taps that read it. Taps
+/// outside the image multiply zeros, which for finite kernels adds nothing, as skipping them
+/// does (at most the sign of a zero score changes, which the threshold does not see).
+///
+/// # Safety
+/// AVX-512 F; `x0 + P <= w`, `P <= 6`, the masked channels lie inside the image.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lab_tile_avx512<const P: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m512, T>,
     b: __m512,
@@ -297,14 +325,8 @@ unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
     let mut acc = [b; P];
     for (ky, iy) in row.rows.iter().enumerate() {
         let Some(iy) = *iy else { continue };
-        let base = (iy * row.w + x0 - 1) * row.c + c0;
-        let mut xin = [[_mm512_setzero_ps(); 8]; T];
-        for (xin, term) in xin.iter_mut().zip(row.terms) {
-            let plane = unsafe { term.1.as_ptr().add(base) };
-            for (j, v) in xin.iter_mut().enumerate().take(P + 2) {
-                *v = unsafe { _mm512_maskz_loadu_ps(m, plane.add(j * row.c)) };
-            }
-        }
+        // SAFETY: the caller's bounds.
+        let xin = unsafe { lab_inputs_avx512::<P, T>(row, iy, m, c0, x0) };
         for kx in 0..3 {
             for (p, acc) in acc.iter_mut().enumerate() {
                 for i in 0..T {
@@ -321,53 +343,25 @@ unsafe fn lab_interior_avx512<const P: usize, const T: usize>(
     acc
 }
 
-/// The scores (from the bias `b`) of pixels `x0..x0 + P`, channels from `c0` (16, mask `m`).
-///
-/// # Safety
-/// AVX-512 F; `x0 + P <= w`, the masked channels lie inside the image.
+/// ORs the bits of scores `d` (pixels from `x`, channels from `c0`, mask `m`) into `out`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn lab_pixels_avx512<const P: usize, const T: usize>(
-    row: &LabRow<T>,
-    k: &LabTaps<__m512, T>,
-    b: __m512,
-    m: __mmask16,
-    c0: usize,
-    x0: usize,
-) -> [__m512; P] {
-    let mut acc = [b; P];
-    for (ky, iy) in row.rows.iter().enumerate() {
-        let Some(iy) = *iy else { continue };
-        for kx in 0..3 {
-            for (p, acc) in acc.iter_mut().enumerate() {
-                // Input column x0 + p + kx - 1 must lie in 0..w.
-                let ix = x0 + p + kx;
-                if ix < 1 || ix > row.w {
-                    continue;
-                }
-                let at = (iy * row.w + ix - 1) * row.c;
-                for (i, term) in row.terms.iter().enumerate() {
-                    let v = unsafe { _mm512_maskz_loadu_ps(m, term.1.as_ptr().add(at + c0)) };
-                    *acc = if i == 0 {
-                        _mm512_fmadd_ps(k[i][3 * ky + kx], v, *acc)
-                    } else {
-                        _mm512_fnmadd_ps(k[i][3 * ky + kx], v, *acc)
-                    };
-                }
-            }
-        }
+fn lab_emit_avx512(d: &[__m512], m: __mmask16, c0: usize, x: usize, words: usize, out: &mut [u64]) {
+    let (word, shift) = (c0 / 64, c0 % 64);
+    for (p, &d) in d.iter().enumerate() {
+        let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
+        out[(x + p) * words + word] |= u64::from(bits) << shift;
     }
-    acc
 }
 
 /// Scores the channels from `c0` (mask `m`, kernel `k`, bias `b`) of a row and ORs their bits
-/// into `out`: interior pixels `P` at a time, the border pixels checking their taps.
+/// into `out`, `N` pixels at a time (fewer at the end of the row).
 ///
 /// # Safety
-/// AVX-512 F; the masked channels lie inside the image, `P <= 6`.
+/// AVX-512 F; the masked channels lie inside the image; `N` is 2 or 4.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
+unsafe fn lab_chunk_avx512<const N: usize, const T: usize>(
     row: &LabRow<T>,
     k: &LabTaps<__m512, T>,
     b: __m512,
@@ -375,32 +369,21 @@ unsafe fn lab_chunk_avx512<const P: usize, const T: usize>(
     c0: usize,
     out: &mut [u64],
 ) {
-    let (w, words) = (row.w, super::words_for(row.c));
-    let (word, shift) = (c0 / 64, c0 % 64);
-    let mut emit = |x: usize, d: __m512| {
-        let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
-        out[x * words + word] |= u64::from(bits) << shift;
-    };
-    // The border pixels (first and last) check their taps, the others need not.
+    let words = super::words_for(row.c);
     let mut x = 0;
-    while x < w {
-        if x >= 1 && x + P < w {
-            // SAFETY: pixels x..x + P and their taps lie in the row.
-            let acc = unsafe { lab_interior_avx512::<P, T>(row, k, b, m, c0, x) };
-            for (p, &a) in acc.iter().enumerate() {
-                emit(x + p, a);
+    while x < row.w {
+        let n = N.min(row.w - x);
+        let emit = |d: &[__m512], out: &mut [u64]| lab_emit_avx512(d, m, c0, x, words, out);
+        // SAFETY: pixels x..x + n lie in the row.
+        unsafe {
+            match n {
+                4 => emit(&lab_tile_avx512::<4, T>(row, k, b, m, c0, x), out),
+                3 => emit(&lab_tile_avx512::<3, T>(row, k, b, m, c0, x), out),
+                2 => emit(&lab_tile_avx512::<2, T>(row, k, b, m, c0, x), out),
+                _ => emit(&lab_tile_avx512::<1, T>(row, k, b, m, c0, x), out),
             }
-            x += P;
-        } else {
-            // SAFETY: pixel x lies in the row.
-            let [acc] = if x >= 1 && x + 1 < w {
-                unsafe { lab_interior_avx512::<1, T>(row, k, b, m, c0, x) }
-            } else {
-                unsafe { lab_pixels_avx512::<1, T>(row, k, b, m, c0, x) }
-            };
-            emit(x, acc);
-            x += 1;
         }
+        x += n;
     }
 }
 
@@ -486,7 +469,8 @@ unsafe fn lab_interior_avx2<const P: usize, const T: usize>(
     acc
 }
 
-/// [`lab_pixels_avx512`] for AVX2: 8 channels from `c0` (mask `m`).
+/// The scores of pixels `x0..x0 + P` for AVX2, 8 channels from `c0` (mask `m`), skipping the
+/// taps outside the image.
 ///
 /// # Safety
 /// AVX2 and FMA; `x0 + P <= w`, the masked channels lie inside the image.
@@ -571,15 +555,15 @@ unsafe fn lab_chunk_avx2<const P: usize, const T: usize>(
     }
 }
 
-/// The folded scores of interior pixels `x0..x0 + P` of two consecutive output rows (`rows[0]`
-/// and `rows[1]`, the row below): each of the four input rows is loaded once for both output
-/// rows, and each score sees its taps in the order of `lab_interior_avx512`.
+/// The folded scores of pixels `x0..x0 + P` of two consecutive output rows (`rows[0]` and
+/// `rows[1]`, the row below): each of the four input rows is loaded once for both output rows,
+/// and each score sees its taps in the order of `lab_tile_avx512` (outside the image, zeros).
 ///
 /// # Safety
-/// AVX-512 F; `1 <= x0`, `x0 + P < w`, `P <= 6`, the masked channels lie inside the image.
+/// AVX-512 F; `x0 + P <= w`, `P <= 6`, the masked channels lie inside the image.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn lab_interior_pair_avx512<const P: usize>(
+unsafe fn lab_tile_pair_avx512<const P: usize>(
     rows: &[LabRow<1>; 2],
     k: &[__m512; 9],
     b: __m512,
@@ -593,12 +577,8 @@ unsafe fn lab_interior_pair_avx512<const P: usize>(
     let inputs = [top.rows[0], top.rows[1], top.rows[2], bottom.rows[2]];
     for (r, iy) in inputs.into_iter().enumerate() {
         let Some(iy) = iy else { continue };
-        let base = (iy * top.w + x0 - 1) * top.c + c0;
-        let plane = unsafe { top.terms[0].1.as_ptr().add(base) };
-        let mut xin = [_mm512_setzero_ps(); 8];
-        for (j, v) in xin.iter_mut().enumerate().take(P + 2) {
-            *v = unsafe { _mm512_maskz_loadu_ps(m, plane.add(j * top.c)) };
-        }
+        // SAFETY: the caller's bounds.
+        let [xin] = unsafe { lab_inputs_avx512::<P, 1>(top, iy, m, c0, x0) };
         for kx in 0..3 {
             for p in 0..P {
                 if r < 3 {
@@ -613,8 +593,8 @@ unsafe fn lab_interior_pair_avx512<const P: usize>(
     acc
 }
 
-/// [`lab_row_avx512`] of the folded form for rows `y` and `y + 1` at once (into `outs`): the
-/// interior pixels 4 at a time from both rows' inputs, the others as `lab_chunk_avx512` does.
+/// [`lab_row_avx512`] of the folded form for rows `y` and `y + 1` at once (into `outs`), 4
+/// pixels at a time (fewer at the end of the row) from both rows' inputs.
 ///
 /// # Safety
 /// AVX-512 F.
@@ -626,7 +606,6 @@ pub(super) unsafe fn lab_row_pair_avx512(
     y: usize,
     outs: [&mut [u64]; 2],
 ) {
-    const P: usize = 4;
     let [out0, out1] = outs;
     let rows = [
         LabRow::new(terms, bias, dims, y, out0),
@@ -639,37 +618,50 @@ pub(super) unsafe fn lab_row_pair_avx512(
         let n = 16.min(c - c0);
         let m: __mmask16 = if n == 16 { 0xffff } else { (1 << n) - 1 };
         // SAFETY (loads): masked to the `n` channels from c0, inside the slices.
-        let k: LabTaps<__m512, 1> = [std::array::from_fn(|t| unsafe {
+        let k: [__m512; 9] = std::array::from_fn(|t| unsafe {
             _mm512_maskz_loadu_ps(m, terms[0].0.as_ptr().add(t * c + c0))
-        })];
+        });
         let b = unsafe { _mm512_maskz_loadu_ps(m, bias.as_ptr().add(c0)) };
-        let (word, shift) = (c0 / 64, c0 % 64);
         let mut x = 0;
         while x < w {
-            if x >= 1 && x + P < w {
-                // SAFETY: pixels x..x + P and their taps lie in the rows.
-                let acc = unsafe { lab_interior_pair_avx512::<P>(&rows, &k[0], b, m, c0, x) };
-                for (out, acc) in outs.iter_mut().zip(acc) {
-                    for (p, d) in acc.into_iter().enumerate() {
-                        let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
-                        out[(x + p) * words + word] |= u64::from(bits) << shift;
-                    }
+            let n = 4.min(w - x);
+            let tile = (&rows, &k, b, m, c0, x);
+            // SAFETY: pixels x..x + n lie in the rows.
+            unsafe {
+                match n {
+                    4 => lab_pair_emit_avx512::<4>(tile, words, &mut outs),
+                    3 => lab_pair_emit_avx512::<3>(tile, words, &mut outs),
+                    2 => lab_pair_emit_avx512::<2>(tile, words, &mut outs),
+                    _ => lab_pair_emit_avx512::<1>(tile, words, &mut outs),
                 }
-                x += P;
-            } else {
-                for (row, out) in rows.iter().zip(outs.iter_mut()) {
-                    // SAFETY: pixel x lies in the row.
-                    let [d] = if x >= 1 && x + 1 < w {
-                        unsafe { lab_interior_avx512::<1, 1>(row, &k, b, m, c0, x) }
-                    } else {
-                        unsafe { lab_pixels_avx512::<1, 1>(row, &k, b, m, c0, x) }
-                    };
-                    let bits = !_mm512_cmp_ps_mask::<_CMP_GT_OQ>(d, _mm512_setzero_ps()) & m;
-                    out[x * words + word] |= u64::from(bits) << shift;
-                }
-                x += 1;
             }
+            x += n;
         }
+    }
+}
+
+/// A [`lab_tile_pair_avx512`] tile, its bits ORed into the two rows' `outs`.
+///
+/// # Safety
+/// As [`lab_tile_pair_avx512`].
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn lab_pair_emit_avx512<const P: usize>(
+    (rows, k, b, m, c0, x): (
+        &[LabRow<1>; 2],
+        &[__m512; 9],
+        __m512,
+        __mmask16,
+        usize,
+        usize,
+    ),
+    words: usize,
+    outs: &mut [&mut [u64]; 2],
+) {
+    // SAFETY: the caller's bounds.
+    let scores = unsafe { lab_tile_pair_avx512::<P>(rows, k, b, m, c0, x) };
+    for (out, d) in outs.iter_mut().zip(&scores) {
+        lab_emit_avx512(d, m, c0, x, words, out);
     }
 }
 
