@@ -34,6 +34,14 @@ impl Rng {
 }
 
 /// The variants this CPU runs.
+/// A rayon pool of `threads` threads.
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+}
+
 fn variants() -> Vec<Variant> {
     Variant::ALL.into_iter().filter(|v| v.available()).collect()
 }
@@ -279,10 +287,7 @@ fn conv_matches_reference_on_random_shapes() {
         check_conv(&mut rng, [5, 6, 256], 40, [3, 3], &g);
         // Few rows and many channels: rows split into channel groups on several threads.
         for threads in [2, 3, 8] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = pool(threads);
             pool.install(|| {
                 check_conv(&mut rng, [3, 5, 70], 200, [3, 3], &g);
                 check_conv(&mut rng, [1, 2, 64], 96, [3, 3], &g);
@@ -423,11 +428,7 @@ fn lab_pack_matches_reference_bit_for_bit() {
                 let expected = reference_lab(&x, [h, w, c], &lab);
                 assert_eq!(lab_pack(&x, h, w, &lab), expected);
                 for (variant, threads) in variants().into_iter().flat_map(|v| [(v, 1), (v, 2)]) {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
-                    let ours = pool.install(|| lab_pack_with(variant, &x, h, w, &lab));
+                    let ours = pool(threads).install(|| lab_pack_with(variant, &x, h, w, &lab));
                     let what = format!("{variant:?} on {threads} thread(s) {h}x{w}x{c} {lab:?}");
                     assert_eq!(ours, expected, "{what}");
                 }
@@ -491,10 +492,7 @@ fn conv_binarizes_float_inputs_as_their_packed_maps() {
                 let labs = lab_pack_with(variant, &x, h, w, &lab);
                 let what = format!("{variant:?} {h}x{w}x{c} -> {oc}, {g:?}");
                 for threads in [1, 2, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .build()
-                        .unwrap();
+                    let pool = pool(threads);
                     pool.install(|| {
                         let height = h;
                         let width = w;
@@ -575,10 +573,7 @@ fn bench() {
             continue;
         }
         for threads in [1, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = pool(threads);
             let mut network = 0.0;
             let mut line = format!("{:>8} {threads} thread(s):", variant.name());
             for (c, n) in [(64, 56), (128, 28), (256, 14), (512, 7)] {
@@ -636,10 +631,7 @@ fn bench_others() {
 
 fn bench_others_on(threads: usize) {
     let mut rng = Rng(17);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap();
+    let pool = pool(threads);
     let time = |f: &mut dyn FnMut()| {
         f();
         let mut best = f64::INFINITY;
