@@ -24,6 +24,7 @@ extern crate self as zoo;
 
 pub mod data;
 pub mod engine;
+pub mod hub;
 pub mod import;
 pub mod init;
 pub mod io;
@@ -90,6 +91,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The hub or a pretrained download failed, or a name is unknown.
+    #[error("{0}")]
+    Hub(String),
     /// A file cannot be written.
     #[error("cannot write `{path}`: {message}")]
     Write {
@@ -98,6 +102,23 @@ pub enum Error {
         /// Why.
         message: String,
     },
+}
+
+/// Loads a pretrained model, ready for inference: a pretrained name (`reactnet-lab`,
+/// `quicknet.larq_in1k`, see `zoo::hub::PRETRAINED`), a hub repo `org/name` in the zoo's
+/// layout, or a local directory in that layout. Downloads go to the Hugging Face cache;
+/// settings come from the environment as for Python's `huggingface_hub` (`HF_ENDPOINT`,
+/// `HF_TOKEN`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`). [`hub::Hub`] sets them in code.
+///
+/// ```no_run
+/// let pretrained = zoo::load("reactnet-lab")?;
+/// let [c, h, w] = [1, 32, 32];
+/// let images = candle_core::Tensor::zeros((1, c, h, w), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+/// let logits = pretrained.model.forward(&images, false)?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn load(name: &str) -> Result<hub::Pretrained, Error> {
+    hub::Hub::from_env().load(name)
 }
 
 /// A network built from a spec: generated or built at run time.

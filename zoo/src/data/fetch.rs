@@ -126,6 +126,63 @@ pub struct Archive {
     pub folder: String,
 }
 
+impl Archive {
+    /// The archive as a file to download.
+    pub fn remote(&self) -> RemoteFile {
+        RemoteFile {
+            url: self.url.clone(),
+            file_name: self.file_name.clone(),
+            sha256: self.sha256.clone(),
+            size: self.size,
+        }
+    }
+}
+
+/// A file to download and verify.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// Where to download it from (`http://` or `https://`).
+    pub url: String,
+    /// The file's name inside the destination folder.
+    pub file_name: String,
+    /// Expected SHA-256, 64 hexadecimal digits.
+    pub sha256: String,
+    /// Expected size in bytes, when known (checked before and after downloading).
+    pub size: Option<u64>,
+}
+
+/// Downloads `file` into `dest_dir` unless a copy matching its checksum is already there,
+/// returning `<dest_dir>/<file_name>`. A copy that does not match is deleted and downloaded
+/// again. The download goes to `<file_name>.part`, resumes an interrupted one with a `Range`
+/// request, and is renamed to its final name only after its size and SHA-256 match.
+pub fn fetch_file(
+    file: &RemoteFile,
+    dest_dir: &Path,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<PathBuf, DataError> {
+    let expected = parse_sha256(&file.sha256)?;
+    check_name(&file.file_name, "file name")?;
+    fs::create_dir_all(dest_dir).map_err(|e| file_error(dest_dir, "cannot create folder", e))?;
+    let path = dest_dir.join(&file.file_name);
+    let verified = path.is_file() && {
+        let got = hash_file(&path)?;
+        if got != expected {
+            fs::remove_file(&path).map_err(|e| {
+                file_error(
+                    &path,
+                    "does not match its checksum and cannot be removed",
+                    e,
+                )
+            })?;
+        }
+        got == expected
+    };
+    if !verified {
+        download(file, &expected, dest_dir, &path, progress)?;
+    }
+    Ok(path)
+}
+
 /// Downloads, verifies and unpacks Imagenette of the given `size` into `dest_dir`, returning
 /// the unpacked root (`<dest_dir>/imagenette2-160` and so on, holding `train/` and `val/`).
 /// `base_url` replaces [`DEFAULT_BASE_URL`] (a mirror); `progress` is called with the bytes
@@ -192,36 +249,20 @@ pub fn fetch_archive(
         };
     }
 
-    let archive_path = dest_dir.join(&archive.file_name);
-    let verified = archive_path.is_file() && {
-        let got = hash_file(&archive_path)?;
-        if got != expected {
-            fs::remove_file(&archive_path).map_err(|e| {
-                file_error(
-                    &archive_path,
-                    "does not match its checksum and cannot be removed",
-                    e,
-                )
-            })?;
-        }
-        got == expected
-    };
-    if !verified {
-        download(archive, &expected, dest_dir, &archive_path, progress)?;
-    }
+    let archive_path = fetch_file(&archive.remote(), dest_dir, progress)?;
     unpack(&archive_path, dest_dir, &archive.folder, &expected)?;
     Ok(root)
 }
 
-/// Downloads `archive` to `<file_name>.part`, verifies it and renames it to `archive_path`.
+/// Downloads `remote` to `<file_name>.part`, verifies it and renames it to `path`.
 fn download(
-    archive: &Archive,
+    remote: &RemoteFile,
     expected: &str,
     dest_dir: &Path,
-    archive_path: &Path,
+    path: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<(), DataError> {
-    let part = dest_dir.join(format!("{}.part", archive.file_name));
+    let part = dest_dir.join(format!("{}.part", remote.file_name));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_connect(Some(Duration::from_secs(30)))
@@ -233,16 +274,16 @@ fn download(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match download_once(&agent, archive, &part, progress) {
+        match download_once(&agent, remote, &part, progress) {
             Ok(hash) => {
                 let length = fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
-                if let Some(size) = archive.size.filter(|&size| size != length) {
+                if let Some(size) = remote.size.filter(|&size| size != length) {
                     discard(&part);
                     return Err(DataError::File {
                         path: part,
                         message: format!(
                             "downloaded {length} bytes from {}, expected {size}; the download was deleted",
-                            archive.url
+                            remote.url
                         ),
                     });
                 }
@@ -252,13 +293,12 @@ fn download(
                         path: part,
                         message: format!(
                             "SHA-256 mismatch for {}: expected {expected}, got {hash}; the download was deleted",
-                            archive.url
+                            remote.url
                         ),
                     });
                 }
-                return fs::rename(&part, archive_path).map_err(|e| {
-                    file_error(archive_path, "cannot rename the verified download", e)
-                });
+                return fs::rename(&part, path)
+                    .map_err(|e| file_error(path, "cannot rename the verified download", e));
             }
             Err(Failure::Retry(_)) if attempt < ATTEMPTS => continue,
             Err(Failure::Retry(e) | Failure::Fatal(e)) => {
@@ -283,7 +323,7 @@ enum Failure {
 /// of the whole part file.
 fn download_once(
     agent: &ureq::Agent,
-    archive: &Archive,
+    remote: &RemoteFile,
     part: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<String, Failure> {
@@ -299,12 +339,12 @@ fn download_once(
         .metadata()
         .map_err(|e| fatal("cannot read the download file", e))?
         .len();
-    if archive.size.is_some_and(|size| have > size) {
+    if remote.size.is_some_and(|size| have > size) {
         have = 0;
     }
-    if archive.size == Some(have) {
+    if remote.size == Some(have) {
         // A previous attempt received everything but stopped before verifying.
-        progress(have, archive.size);
+        progress(have, remote.size);
         return hash_reader(&mut file).map_err(|e| fatal("cannot read the download file", e));
     }
 
@@ -312,13 +352,13 @@ fn download_once(
         path: part.to_path_buf(),
         message,
     };
-    let mut request = agent.get(&archive.url);
+    let mut request = agent.get(&remote.url);
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
     let response = request
         .call()
-        .map_err(|e| Failure::Fatal(net(format!("downloading {}: {e}", archive.url))))?;
+        .map_err(|e| Failure::Fatal(net(format!("downloading {}: {e}", remote.url))))?;
     let status = response.status().as_u16();
     let header = |name: &str| {
         response
@@ -336,13 +376,13 @@ fn download_once(
                 Failure::Fatal(net(format!(
                     "downloading {}: the server answered a range request with an unusable \
                      Content-Range `{range}`",
-                    archive.url
+                    remote.url
                 )))
             })?;
             if first != have {
                 return Err(Failure::Fatal(net(format!(
                     "downloading {}: asked for bytes from {have}, the server sent from {first}",
-                    archive.url
+                    remote.url
                 ))));
             }
             (have, total.or(length.map(|l| l + have)))
@@ -353,29 +393,29 @@ fn download_once(
             discard(part);
             return Err(Failure::Retry(net(format!(
                 "downloading {}: the server refused to resume at byte {have}",
-                archive.url
+                remote.url
             ))));
         }
         _ => {
             return Err(Failure::Fatal(net(format!(
                 "downloading {}: HTTP status {status}",
-                archive.url
+                remote.url
             ))))
         }
     };
-    if let (Some(size), Some(total)) = (archive.size, total) {
+    if let (Some(size), Some(total)) = (remote.size, total) {
         if size != total {
             // Whatever the part file holds belongs to another file.
             drop(file);
             discard(part);
             return Err(Failure::Fatal(net(format!(
-                "the server reports {total} bytes for {}, expected {size}: the archive has \
+                "the server reports {total} bytes for {}, expected {size}: the file has \
                  changed upstream or the URL is wrong",
-                archive.url
+                remote.url
             ))));
         }
     }
-    let total = total.or(archive.size);
+    let total = total.or(remote.size);
 
     // Hash what is already there, then append the rest while hashing it.
     let mut hasher = Sha256::new();
@@ -402,7 +442,7 @@ fn download_once(
                     path: part.to_path_buf(),
                     message: format!(
                         "download of {} interrupted after {done} bytes ({e}); run again to resume",
-                        archive.url
+                        remote.url
                     ),
                 };
                 return Err(if done > start {
@@ -496,7 +536,7 @@ fn check_name(name: &str, what: &str) -> Result<(), DataError> {
     match (components.next(), components.next()) {
         (Some(std::path::Component::Normal(_)), None) => Ok(()),
         _ => Err(DataError::Invalid(format!(
-            "the archive's {what} `{name}` must be a single plain path component"
+            "the download's {what} `{name}` must be a single plain path component"
         ))),
     }
 }

@@ -1,0 +1,168 @@
+//! `zoo bench` and `zoo predict`: the inference engine on a `.zoo` file, a pretrained model or
+//! random weights.
+
+use std::path::{Path, PathBuf};
+
+use zoo::spec::InputShape;
+
+use crate::{config_of, parse_classes, parse_input};
+
+/// `zoo bench`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A `.zoo` file, a registered model name or spec file (random weights), or a pretrained
+    /// model: `<model>.<tag>`, a hub repo `org/name` or a local repo directory.
+    model: String,
+    /// Input shape HxWxC (default: the model's).
+    #[arg(long, value_parser = parse_input)]
+    input: Option<InputShape>,
+    /// Number of classes of a named model (default: the spec's).
+    #[arg(long, value_parser = parse_classes)]
+    classes: Option<usize>,
+    /// Timed batch-1 runs.
+    #[arg(long, default_value_t = 50)]
+    runs: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 5)]
+    warmup: usize,
+    /// Images per call for the throughput figure.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Also time every layer and print a table (op, shape, ms, share), written as CSV and
+    /// JSON too.
+    #[arg(long)]
+    profile: bool,
+    /// Where the profile goes: `<PREFIX>.csv` and `<PREFIX>.json` (default:
+    /// `runs/profiles/<model>-<input>-<threads>t`).
+    #[arg(long)]
+    profile_out: Option<PathBuf>,
+    /// Write the figures as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// `zoo predict`.
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// A `.zoo` file, or a pretrained model: a name (`quicknet-lab`, `quicknet.larq_in1k`), a
+    /// hub repo `org/name` or a local repo directory.
+    model: String,
+    /// A JPEG or PNG image.
+    image: PathBuf,
+    /// How many classes to print.
+    #[arg(long, default_value_t = 5)]
+    top: usize,
+}
+
+/// Times the engine.
+pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
+    let engine = engine_for(&args.model, args.input, args.classes, threads)?;
+    let report =
+        zoo::engine::bench::bench(&engine, args.runs, args.warmup, args.batch, args.profile)?;
+    let l = &report.latency_ms;
+    println!(
+        "{} at {}, {} thread(s), {} kernel: batch 1 median {:.3} ms (min {:.3}, max {:.3}, {} runs); batch {}: {:.1} images/s",
+        report.model, report.input, report.threads, report.kernel, l.median, l.min, l.max,
+        l.runs, report.throughput.batch, report.throughput.images_per_s
+    );
+    if let Some(ops) = &report.profile {
+        print!("{}", zoo::engine::bench::render_profile(ops));
+        let prefix = args.profile_out.unwrap_or_else(|| {
+            PathBuf::from("runs/profiles").join(format!(
+                "{}-{}-{}t",
+                report.model, report.input, report.threads
+            ))
+        });
+        if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| zoo::Error::Write {
+                path: dir.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        let csv = prefix.with_extension("csv");
+        let json_path = prefix.with_extension("json");
+        zoo::io::write_bytes_atomically(&csv, zoo::engine::bench::profile_csv(ops).as_bytes())?;
+        let body = serde_json::to_string_pretty(ops).expect("profile serialises");
+        zoo::io::write_bytes_atomically(&json_path, body.as_bytes())?;
+        println!(
+            "profile written to {} and {}",
+            csv.display(),
+            json_path.display()
+        );
+    }
+    if let Some(path) = args.json {
+        let body = serde_json::to_string_pretty(&report).expect("report serialises");
+        zoo::io::write_bytes_atomically(&path, body.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Classifies an image.
+pub fn predict(args: PredictArgs, threads: usize) -> Result<(), zoo::Error> {
+    let zoo_model = packed_model(&args.model)?;
+    let engine = zoo::engine::Engine::new(&zoo_model, threads)?;
+    let input = engine.config().input;
+    let pixels = if input.channels == 1 {
+        zoo::data::fashion_mnist::eval_image(&args.image, input.height)?
+    } else {
+        zoo::data::folder::eval_image(&args.image, input.height)?
+    };
+    let logits = engine.run(&pixels, 1)?;
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&l| ((l - max) as f64).exp()).collect();
+    let sum: f64 = exp.iter().sum();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    for (rank, &class) in order.iter().take(args.top).enumerate() {
+        let name = zoo_model
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(class))
+            .map_or(String::new(), |n| format!(" {n}"));
+        println!(
+            "{}. class {class}{name}: {:.2}% (logit {:.4})",
+            rank + 1,
+            100.0 * exp[class] / sum,
+            logits[class]
+        );
+    }
+    Ok(())
+}
+
+/// A `.zoo` file, else a pretrained model's packed form.
+fn packed_model(model: &str) -> Result<zoo::engine::ZooModel, zoo::Error> {
+    let path = Path::new(model);
+    if path.is_file() {
+        zoo::engine::ZooModel::load(path)
+    } else {
+        zoo::hub::Hub::from_env().load_packed(model)
+    }
+}
+
+/// An engine for a `.zoo` file, for random weights of a registered model or spec file, or for
+/// a pretrained model (a tagged name, a hub repo or a local repo directory).
+fn engine_for(
+    model: &str,
+    input: Option<InputShape>,
+    classes: Option<usize>,
+    threads: usize,
+) -> Result<zoo::engine::Engine, zoo::Error> {
+    let path = std::path::Path::new(model);
+    let zoo_model = if path.is_file() && zoo::spec(model).is_err() {
+        let mut m = zoo::engine::ZooModel::load(path)?;
+        if let Some(input) = input {
+            m.config.input = input;
+        }
+        m
+    } else if let Ok(spec) = zoo::spec(model) {
+        let config = config_of(&spec, input, classes);
+        zoo::engine::bench::random_model(model, &config, 0)?
+    } else {
+        let mut m = zoo::hub::Hub::from_env().load_packed(model)?;
+        if let Some(input) = input {
+            m.config.input = input;
+        }
+        m
+    };
+    zoo::engine::Engine::new(&zoo_model, threads)
+}
