@@ -264,15 +264,17 @@ impl Hub {
     fn explain(&self, e: HFError, id: &str, known: bool) -> Error {
         let at = &self.endpoint;
         let revision = self.revision.as_deref().unwrap_or("main");
+        // The client reports a missing repo as a missing revision when it asked for one; the
+        // hub's error code tells them apart.
+        let repo_missing = match &e {
+            HFError::RepoNotFound { .. } => true,
+            HFError::RevisionNotFound {
+                context: Some(c), ..
+            } => c.error_code.as_deref() == Some("RepoNotFound"),
+            _ => false,
+        };
         Error::Hub(match e {
-            HFError::AuthRequired { .. } | HFError::Forbidden { .. } => {
-                format!(
-                "the hub at {at} refused access to `{id}` ({}): set a token with `HF_TOKEN=...`, \
-                 or save one in `$HF_HOME/token` (`huggingface-cli login`), or pass `--token`",
-                if matches!(e, HFError::AuthRequired { .. }) { "401" } else { "403" }
-            )
-            }
-            HFError::RepoNotFound { .. } => {
+            _ if repo_missing => {
                 let hint = if known {
                     format!(
                         "; its weights have not been published there yet (pretrained names: {})",
@@ -285,6 +287,13 @@ impl Hub {
                     )
                 };
                 format!("no repo `{id}` on the hub at {at}{hint}")
+            }
+            HFError::AuthRequired { .. } | HFError::Forbidden { .. } => {
+                format!(
+                "the hub at {at} refused access to `{id}` ({}): set a token with `HF_TOKEN=...`, \
+                 or save one in `$HF_HOME/token` (`huggingface-cli login`), or pass `--token`",
+                if matches!(e, HFError::AuthRequired { .. }) { "401" } else { "403" }
+            )
             }
             HFError::RevisionNotFound { .. } => {
                 format!("`{id}` has no revision `{revision}` on the hub at {at}")

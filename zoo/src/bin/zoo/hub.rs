@@ -112,8 +112,15 @@ pub fn push(args: PushArgs) -> Result<(), zoo::Error> {
             create_pr: args.create_pr,
         },
     )?;
-    if let Some(pr) = &pushed.pull_request_url {
-        println!("opened a pull request on {repo}: {pr}");
+    if args.create_pr {
+        // hf-hub 1.0 reads the pull request's URL from `prUrl`, which the hub does not send
+        // (it sends `pullRequestUrl`), so it is usually unknown here.
+        match &pushed.pull_request_url {
+            Some(pr) => println!("opened a pull request on {repo}: {pr}"),
+            None => {
+                println!("opened a pull request on {repo} (listed under the repo's community tab)")
+            }
+        }
     }
     println!(
         "pushed {} files to {repo} in one commit: {}",
