@@ -441,6 +441,18 @@ fn truncated_and_corrupt_downloads_leave_nothing_loadable() {
     assert!(offline.is_err(), "a corrupt download loads");
     server.faults().corrupt(None);
 
+    // A regular (non-LFS) file is checked against its git blob id.
+    let fresh = hub(&server, &dir.path().join("fresh-cache"));
+    server.faults().corrupt(Some("config.json"));
+    let e = fresh.load(REPO).unwrap_err().to_string();
+    assert!(
+        e.contains("git blob id") && e.contains("config.json"),
+        "{e}"
+    );
+    assert!(fresh.clone().offline(true).load(REPO).is_err());
+    server.faults().corrupt(None);
+    fresh.load(REPO).unwrap();
+
     // Once the server behaves, the same cache completes and loads.
     h.load(REPO).unwrap();
 }
@@ -613,4 +625,18 @@ fn python_client_reads_what_zoo_pushed_and_zoo_reads_pythons_cache() {
         .unwrap();
     let x = images();
     assert_eq!(logits(&*loaded.model, &x), run_logits(&p.run, &x));
+}
+
+#[test]
+fn the_readme_lists_every_pretrained_variant() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    for v in zoo::hub::PRETRAINED {
+        let row = format!(
+            "| `{}` | {} |",
+            v.name(),
+            if v.default { "yes" } else { "no" }
+        );
+        assert!(readme.contains(&row), "README lacks {row}");
+        assert!(readme.contains(&format!("| {} | {} |", v.input, v.classes)));
+    }
 }

@@ -218,6 +218,14 @@ impl Hub {
         if path.is_dir() {
             return Ok(Target::Local(path.to_path_buf()));
         }
+        if looks_like_path(name) {
+            return Err(Error::Run {
+                path: name.to_string(),
+                message: "no such directory (a local repo), and not a pretrained name or hub \
+                          repo id"
+                    .into(),
+            });
+        }
         let id = name.strip_prefix("hf-hub:").unwrap_or(name);
         if id.contains('/') {
             check_repo_id(id)?;
@@ -249,7 +257,7 @@ impl Hub {
             .send()
             .map_err(|e| self.explain(e, id, known))?;
         if !self.offline {
-            verify_lfs_blobs(&dir)?;
+            verify_snapshot(&dir)?;
         }
         RepoDir::open(&dir).map_err(|e| match self.offline {
             true => Error::Hub(format!(
@@ -323,6 +331,18 @@ pub fn pretrained_names() -> String {
         .join(", ")
 }
 
+/// Whether `name` can only be a file system path: absolute or relative to `.`, with more than
+/// one `/`, or ending in a file extension the zoo reads (never a hub name).
+pub fn looks_like_path(name: &str) -> bool {
+    let path = Path::new(name);
+    path.is_absolute()
+        || name.starts_with('.')
+        || name.matches('/').count() > 1
+        || path.extension().is_some_and(|e| {
+            ["safetensors", "zoo", "h5", "yaml", "json"].contains(&&*e.to_string_lossy())
+        })
+}
+
 /// Accepts `org/name` with hub-legal characters.
 fn check_repo_id(id: &str) -> Result<(), Error> {
     let legal = |part: &str| {
@@ -343,39 +363,57 @@ fn check_repo_id(id: &str) -> Result<(), Error> {
     }
 }
 
-/// Checks every LFS file of a snapshot against its SHA-256, which names its blob. A blob that
-/// does not match is removed with its link, so nothing corrupt stays in the cache.
-fn verify_lfs_blobs(snapshot: &Path) -> Result<(), Error> {
+/// Checks every file of a snapshot against the hash its blob is named by: the SHA-256 of an
+/// LFS file, the git blob id (SHA-1 of `blob <len>\0` and the bytes) of a regular one. The
+/// hub client checks neither. A file that does not match is removed with its link, so nothing
+/// corrupt stays in the cache.
+fn verify_snapshot(snapshot: &Path) -> Result<(), Error> {
     let entries = std::fs::read_dir(snapshot).map_err(|e| Error::Run {
         path: snapshot.display().to_string(),
         message: format!("cannot list the snapshot: {e}"),
     })?;
     for entry in entries.flatten() {
         let link = entry.path();
+        if link.is_dir() {
+            verify_snapshot(&link)?;
+            continue;
+        }
         let Ok(blob) = std::fs::canonicalize(&link) else {
             continue;
         };
         let Some(expected) = blob.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
-            continue; // a regular (git) file, named by its git hash
-        }
-        let mut hasher = Sha256::new();
-        let mut file = std::fs::File::open(&blob).map_err(|e| Error::Run {
+        let read = |e: std::io::Error| Error::Run {
             path: blob.display().to_string(),
             message: format!("cannot read: {e}"),
-        })?;
-        std::io::copy(&mut file, &mut hasher).map_err(|e| Error::Run {
-            path: blob.display().to_string(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let got = hex(&hasher.finalize());
+        };
+        let got = match expected.len() {
+            64 => {
+                let mut hasher = Sha256::new();
+                std::io::copy(&mut std::fs::File::open(&blob).map_err(read)?, &mut hasher)
+                    .map_err(read)?;
+                hex(&hasher.finalize())
+            }
+            40 => {
+                let bytes = std::fs::read(&blob).map_err(read)?;
+                let mut hasher = sha1::Sha1::new();
+                hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
+                hasher.update(&bytes);
+                hex(&hasher.finalize())
+            }
+            _ => continue, // not named by a hash
+        };
         if !got.eq_ignore_ascii_case(expected) {
             let _ = std::fs::remove_file(&blob);
             let _ = std::fs::remove_file(&link);
+            let kind = if expected.len() == 64 {
+                "SHA-256"
+            } else {
+                "git blob id (SHA-1)"
+            };
             return Err(Error::Hub(format!(
-                "`{}` does not match its SHA-256 (expected {expected}, got {got}); the corrupt \
+                "`{}` does not match its {kind} (expected {expected}, got {got}); the corrupt \
                  download was removed from the cache: run again to download it anew",
                 link.display()
             )));
@@ -416,7 +454,8 @@ impl Pretrained {
 impl std::fmt::Debug for Pretrained {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pretrained")
-            .field("repo", &self.repo)
-            .finish()
+            .field("dir", &self.repo.dir)
+            .field("config", &self.repo.config)
+            .finish_non_exhaustive()
     }
 }

@@ -181,7 +181,8 @@ impl WeightsSource {
     pub fn resolve(arg: &str, spec: Option<String>) -> Result<WeightsSource, zoo::Error> {
         let path = Path::new(arg);
         let is_repo_dir = path.join(zoo::hub::repo::SPEC).is_file();
-        if path.exists() && !is_repo_dir {
+        let plain_path = path.exists() || zoo::hub::looks_like_path(arg);
+        if plain_path && !is_repo_dir {
             return Ok(WeightsSource {
                 path: path.to_path_buf(),
                 spec,
