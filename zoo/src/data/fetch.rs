@@ -222,9 +222,7 @@ pub fn fetch_archive(
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<PathBuf, DataError> {
     let expected = parse_sha256(&archive.sha256)?;
-    check_name(&archive.file_name, "file name")?;
     check_name(&archive.folder, "folder")?;
-    fs::create_dir_all(dest_dir).map_err(|e| file_error(dest_dir, "cannot create folder", e))?;
 
     let root = dest_dir.join(&archive.folder);
     let marker = root.join(MARKER);
