@@ -323,6 +323,29 @@ fn push_local_dir_writes_exactly_the_upload_and_refuses_a_full_dir() {
     let x = images();
     assert_eq!(logits(&*local.model, &x), run_logits(&p.run, &x));
 
+    // A `.zoo` file alone: the packed model runs, the candle model is refused by name.
+    let packed = dir.path().join("m.zoo");
+    let mut export = zoo_command(&p.server, dir.path());
+    export.arg("export").arg(&p.run).arg("-o").arg(&packed);
+    assert!(run(export).0);
+    let packed_dir = dir.path().join("packed-repo");
+    let mut push = zoo_command(&p.server, dir.path());
+    push.arg("push")
+        .arg(&packed)
+        .args(["--repo", "me/packed", "--local-dir"])
+        .arg(&packed_dir);
+    let (ok, _, err) = run(push);
+    assert!(ok, "{err}");
+    let h = hub(&p.server, dir.path());
+    let e = h
+        .load(packed_dir.to_str().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    let model = h.load_packed(packed_dir.to_str().unwrap()).unwrap();
+    assert_eq!(model.labels.unwrap()[1], "Trouser");
+    assert!(!packed_dir.join("model.safetensors").exists());
+
     let mut again = zoo_command(&p.server, dir.path());
     again
         .arg("push")

@@ -53,10 +53,7 @@ pub fn stage(
         path: dest.display().to_string(),
         message: e.to_string(),
     })?;
-    let is_packed = source.is_file()
-        && source.extension().is_some_and(|e| e == "zoo")
-        && ZooModel::load(source).is_ok();
-    let (config, spec_text) = if is_packed {
+    let (config, spec_text) = if source.extension().is_some_and(|e| e == "zoo") {
         let model = ZooModel::load(source)?;
         let config = packed_config(&model);
         model.save(&dest.join(repo::PACKED))?;
