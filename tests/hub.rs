@@ -357,7 +357,7 @@ fn push_local_dir_writes_exactly_the_upload_and_refuses_a_full_dir() {
 }
 
 #[test]
-fn push_to_a_branch_and_as_a_pull_request() {
+fn push_as_a_pull_request_and_to_a_missing_branch() {
     let p = published();
     let dir = tempfile::tempdir().unwrap();
     let mut push = zoo_command(&p.server, dir.path());
@@ -374,6 +374,12 @@ fn push_to_a_branch_and_as_a_pull_request() {
         out.contains("opened a pull request on testorg/pr-target"),
         "{out}"
     );
+    let mut push = zoo_command(&p.server, dir.path());
+    push.arg("push")
+        .arg(&p.run)
+        .args(["--repo", "testorg/pr-target", "--revision", "dev"]);
+    let (ok, _, err) = run(push);
+    assert!(!ok && err.contains("has no branch `dev`"), "{err}");
 }
 
 #[test]

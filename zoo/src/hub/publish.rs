@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use hf_hub::RepoTypeModel;
+use hf_hub::{HFError, RepoTypeModel};
 
 use super::repo::{self, Metrics, Preprocessing, RepoConfig};
 use super::Hub;
@@ -356,7 +356,6 @@ pub(super) fn push(
         ));
     }
     let client = hub.client()?;
-    let explain = |e| hub.explain(e, repo_id, false);
     client
         .create_repository()
         .repo_id(repo_id)
@@ -364,17 +363,12 @@ pub(super) fn push(
         .private(options.private)
         .exist_ok(true)
         .send()
-        .map_err(explain)?;
+        .map_err(|e| hub.explain(e, repo_id, false))?;
     let (owner, name) = hf_hub::split_id(repo_id);
-    let message = options.message.clone().unwrap_or_else(|| {
-        format!(
-            "Upload {} with zoo {}",
-            folder
-                .file_name()
-                .map_or(String::new(), |n| n.to_string_lossy().into_owned()),
-            env!("CARGO_PKG_VERSION")
-        )
-    });
+    let message = options
+        .message
+        .clone()
+        .unwrap_or_else(|| format!("Upload {repo_id} with zoo {}", env!("CARGO_PKG_VERSION")));
     let info = client
         .model(owner, name)
         .upload_folder()
@@ -383,7 +377,16 @@ pub(super) fn push(
         .commit_message(message)
         .create_pr(options.create_pr)
         .send()
-        .map_err(explain)?;
+        .map_err(|e| match e {
+            // The repo exists (created above): what is missing is the branch.
+            HFError::RepoNotFound { .. } | HFError::RevisionNotFound { .. } => Error::Hub(format!(
+                "`{repo_id}` has no branch `{}` on the hub at {}: create the branch there \
+                     first, or push to `main` (no --revision) or with --create-pr",
+                options.revision.as_deref().unwrap_or("main"),
+                hub.endpoint
+            )),
+            other => hub.explain(other, repo_id, false),
+        })?;
     Ok(Pushed {
         commit_url: info.commit_url.clone().unwrap_or_default(),
         commit: info.commit_oid.clone(),
