@@ -79,14 +79,15 @@ const fn larq(
     }
 }
 
-const fn fmnist(model: &'static str, default: bool) -> Variant {
+/// A Fashion-MNIST variant at `input` (`zoo train`'s default side for the model).
+const fn fmnist(model: &'static str, default: bool, input: &'static str) -> Variant {
     Variant {
         model,
         tag: "fmnist",
         default,
         source: Source::Hub,
         dataset: FMNIST,
-        input: "32x32x1",
+        input,
         classes: 10,
         accuracy: None,
         measured: FMNIST_MEASURED,
@@ -125,17 +126,18 @@ pub static PRETRAINED: &[Variant] = &[
         "e6ba24f785655260ae76a2ef1fab520e3528243d9c8fac430299cd81dbeabe10",
         (44.96, 69.18),
     ),
-    fmnist("quicknet", false),
-    fmnist("quicknet-lab", true),
-    fmnist("quicknet-small", false),
-    fmnist("quicknet-large", false),
-    fmnist("birealnet", false),
-    fmnist("birealnet-lab", true),
-    fmnist("labbnn", true),
-    fmnist("reactnet", true),
-    fmnist("reactnet-lab", true),
-    fmnist("xnornet", false),
-    fmnist("xnornet-lab", true),
+    fmnist("quicknet", false, "32x32x1"),
+    fmnist("quicknet-lab", true, "32x32x1"),
+    fmnist("quicknet-small", false, "32x32x1"),
+    fmnist("quicknet-large", false, "32x32x1"),
+    fmnist("birealnet", false, "32x32x1"),
+    fmnist("birealnet-lab", true, "32x32x1"),
+    fmnist("labbnn", true, "32x32x1"),
+    fmnist("reactnet", true, "32x32x1"),
+    fmnist("reactnet-lab", true, "32x32x1"),
+    // AlexNet's 6x6 VALID convolution needs the spec's 224x224.
+    fmnist("xnornet", false, "224x224x1"),
+    fmnist("xnornet-lab", true, "224x224x1"),
 ];
 
 /// Looks up `<model>` (its default tag) or `<model>.<tag>`. An unknown name or tag is an error

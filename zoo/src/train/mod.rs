@@ -232,12 +232,22 @@ pub fn is_fashion_mnist(data: &str) -> bool {
     data == FASHION_MNIST || Path::new(data).join("train-images-idx3-ubyte.gz").is_file()
 }
 
-/// The image side `data` produces by default for a model whose spec says `spec_side`.
-pub fn default_side(data: &str, spec_side: usize) -> usize {
-    if is_fashion_mnist(data) {
+/// The image side a model of `spec` gets from `data` by default: Fashion-MNIST's 32 (its 28
+/// padded) where the network fits it, else the spec's own side (XNOR-Net's 224); an image
+/// folder's images come at the spec's side.
+pub fn default_side(data: &str, spec: &crate::Spec) -> usize {
+    let small = ModelConfig {
+        input: crate::spec::InputShape {
+            height: 32,
+            width: 32,
+            channels: 1,
+        },
+        classes: 10,
+    };
+    if is_fashion_mnist(data) && crate::spec::analyze(spec, &small).is_ok() {
         32
     } else {
-        spec_side
+        spec.input.height
     }
 }
 
@@ -581,7 +591,7 @@ pub fn train(
     // A new run may ask for an image side (`--input`); the data decides channels and classes.
     let side = match config.input.split('x').next().map(str::parse::<usize>) {
         Some(Ok(side)) if side > 0 => side,
-        _ if config.input.is_empty() => default_side(&config.data, spec.input.height),
+        _ if config.input.is_empty() => default_side(&config.data, &spec),
         _ => {
             return Err(Error::Train(format!(
                 "expected an input size HxW, found `{}`",

@@ -43,7 +43,7 @@ pub fn eval(args: EvalArgs) -> Result<(), zoo::Error> {
         .or(run.config.as_ref().map(|c| c.data.clone()))
         .or(source.dataset)
         .unwrap_or_else(|| zoo::train::FASHION_MNIST.to_string());
-    let spec_side = zoo::spec(&model)?.input.height;
+    let spec = zoo::spec(&model)?;
     let side = args
         .input
         .or(run
@@ -51,7 +51,7 @@ pub fn eval(args: EvalArgs) -> Result<(), zoo::Error> {
             .as_ref()
             .and_then(|c| c.model_config().ok())
             .map(|c| c.input.height))
-        .unwrap_or_else(|| zoo::train::default_side(&data, spec_side));
+        .unwrap_or_else(|| zoo::train::default_side(&data, &spec));
     let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, side, false)?;
     let model = run.build(&model, &dataset)?;
     let session = zoo::train::Session {

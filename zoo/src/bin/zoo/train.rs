@@ -40,7 +40,8 @@ pub struct TrainArgs {
     /// Label smoothing in [0, 1).
     #[arg(long)]
     label_smoothing: Option<f64>,
-    /// Image size HxW (default 32x32 for Fashion-MNIST, the spec's for image folders).
+    /// Image size HxW (default 32x32 for Fashion-MNIST where the network fits it, else the
+    /// spec's; the spec's for image folders).
     #[arg(long, value_parser = parse_side)]
     input: Option<usize>,
     /// Stop after this many optimizer steps (the schedule spans them).
