@@ -669,3 +669,31 @@ fn the_readme_lists_every_pretrained_variant() {
         assert!(readme.contains(&format!("| {} | {} |", v.input, v.classes)));
     }
 }
+
+/// A run evaluated on the test set carries its final accuracy into `config.json` and the card.
+#[test]
+fn staging_a_run_takes_its_final_metrics() {
+    let p = published();
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::copy(
+        p.run.join("model.safetensors"),
+        run_dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.run.join("summary.json")).unwrap())
+            .unwrap();
+    summary["final_val"] = serde_json::json!({
+        "top1": 84.5, "top5": 99.25, "loss": 0.45, "images": 10000, "skipped": 0
+    });
+    std::fs::write(run_dir.join("summary.json"), summary.to_string()).unwrap();
+    let staged = dir.path().join("staged");
+    zoo::hub::stage(&run_dir, None, Some("org/m"), &staged).unwrap();
+    let repo = zoo::hub::RepoDir::open(&staged).unwrap();
+    let m = repo.config.metrics.unwrap();
+    assert_eq!((m.top1, m.top5, m.split.as_str()), (84.5, 99.25, "test"));
+    let card = std::fs::read_to_string(staged.join("README.md")).unwrap();
+    assert!(card.contains("      value: 84.5\n"), "{card}");
+}

@@ -125,7 +125,8 @@ fn stage_weights(
         .then(|| std::fs::read_to_string(source.join("summary.json")).ok())
         .flatten()
         .and_then(|s| serde_json::from_str::<RunSummary>(&s).ok())
-        .filter(|s| Path::new(&s.weights) == run.path);
+        // The summary's metrics are of the final weights, not of `best.safetensors`.
+        .filter(|s| Path::new(&s.weights).file_name() == run.path.file_name());
     let config = RepoConfig {
         architecture: parsed.name.clone(),
         input: model_config.input.to_string(),
