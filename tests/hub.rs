@@ -545,6 +545,11 @@ fn larq_release_weights_download_convert_and_load_once() {
         .offline(false);
     let repo = h.pull_variant(&variant).unwrap();
     assert_eq!(repo.config.metrics.as_ref().unwrap().top1, 63.3);
+    let names = repo.config.class_names.as_ref().unwrap();
+    assert_eq!(
+        (names.len(), names[386].as_str()),
+        (1000, "African elephant")
+    );
     assert!(repo
         .config
         .source

@@ -10,6 +10,10 @@ use super::Hub;
 use crate::data::fetch::{fetch_file, RemoteFile};
 use crate::Error;
 
+/// The ILSVRC-2012 class names in the standard class-index order (the order of Keras'
+/// `imagenet_class_index.json`, which Larq Zoo's `decode_predictions` reads), one per line.
+const IMAGENET_CLASSES: &str = include_str!("imagenet_classes.txt");
+
 /// `larq_zoo.preprocess_input`: the centre 224/256 of the shorter side, bicubic resize to 224,
 /// ImageNet mean and standard deviation.
 fn preprocessing() -> Preprocessing {
@@ -72,7 +76,8 @@ fn convert(variant: &Variant, h5: &Path, url: &str, dest: &Path) -> Result<(), E
         architecture: spec.name.clone(),
         input: variant.input.to_string(),
         classes: variant.classes,
-        class_names: None,
+        class_names: (variant.classes == 1000)
+            .then(|| IMAGENET_CLASSES.lines().map(String::from).collect()),
         preprocessing: preprocessing(),
         dataset: variant.dataset.to_string(),
         recipe: None,
