@@ -151,6 +151,29 @@ pub struct RemoteFile {
     pub size: Option<u64>,
 }
 
+/// A byte progress bar for a download on standard error (indicatif draws it only on a
+/// terminal), and the `progress` callback that moves it, for [`fetch_file`] and
+/// [`fetch_archive`].
+pub fn download_bar(prefix: &str) -> (indicatif::ProgressBar, impl FnMut(u64, Option<u64>)) {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:25}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    let moved = bar.clone();
+    let progress = move |done, total: Option<u64>| {
+        if let Some(total) = total {
+            moved.set_length(total);
+        }
+        moved.set_position(done);
+    };
+    (bar, progress)
+}
+
 /// Downloads `file` into `dest_dir` unless a copy matching its checksum is already there,
 /// returning `<dest_dir>/<file_name>`. A copy that does not match is deleted and downloaded
 /// again. The download goes to `<file_name>.part`, resumes an interrupted one with a `Range`

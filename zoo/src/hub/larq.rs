@@ -36,6 +36,12 @@ pub(super) fn pull(hub: &Hub, variant: &Variant) -> Result<RepoDir, Error> {
         .join("zoo")
         .join(variant.tag)
         .join(crate::spec(variant.model)?.name);
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Hub(format!(
+            "`{}`: expected a SHA-256 of 64 hexadecimal digits, found `{sha256}`",
+            variant.name()
+        )));
+    }
     let converted = home.join(&sha256[..16]);
     if converted.is_dir() {
         return RepoDir::open(&converted);
@@ -57,7 +63,9 @@ pub(super) fn pull(hub: &Hub, variant: &Variant) -> Result<RepoDir, Error> {
         sha256: sha256.to_string(),
         size: None,
     };
-    let h5 = fetch_file(&remote, &home, &mut |_, _| {})?;
+    let (bar, mut progress) = crate::data::fetch::download_bar(file_name);
+    let h5 = fetch_file(&remote, &home, &mut progress)?;
+    bar.finish_and_clear();
     convert(variant, &h5, &url, &converted)?;
     RepoDir::open(&converted)
 }
@@ -101,10 +109,17 @@ fn convert(variant: &Variant, h5: &Path, url: &str, dest: &Path) -> Result<(), E
         })?;
         crate::import::write_safetensors_atomically(&tensors, &tmp.join(repo::WEIGHTS))?;
         super::publish::write_repo_files(&tmp, &config, &spec_text, &variant.name())?;
-        std::fs::rename(&tmp, dest).map_err(|e| Error::Write {
-            path: dest.display().to_string(),
-            message: e.to_string(),
-        })
+        match std::fs::rename(&tmp, dest) {
+            // Another process converted the same file first: keep its copy.
+            Err(_) if RepoDir::open(dest).is_ok() => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Ok(())
+            }
+            result => result.map_err(|e| Error::Write {
+                path: dest.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
     };
     let result = write();
     if result.is_err() {
