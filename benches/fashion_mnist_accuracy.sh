@@ -1,51 +1,214 @@
 #!/usr/bin/env bash
-# Accuracy benchmark: QuickNet and QuickNet-LAB trained on the embedded Fashion-MNIST with the
-# same recipe and budget, then evaluated on its 10,000 test images.
+# Accuracy campaign: sign and LAB models trained on the embedded Fashion-MNIST with the same
+# recipe, budget and seeds, with and without distillation from a float teacher, evaluated on its
+# 10,000 test images. Resumable: a run with a checkpoint continues from it (checkpoints every 200
+# steps), a finished run is skipped, so the same command started again after an interruption, or
+# in a later session, carries on until every run is done.
 #
-#   benches/fashion_mnist_accuracy.sh                 # 3 epochs each, one after the other
-#   BUDGET="--max-steps 2000" THREADS=8 PARALLEL=1 benches/fashion_mnist_accuracy.sh
+#   benches/fashion_mnist_accuracy.sh                     # the default campaign (days on 2 cores)
+#   RUNS="quicknet:0 quicknet-lab:0" EPOCHS=3 benches/fashion_mnist_accuracy.sh
+#   LANES=2 THREADS=1 benches/fashion_mnist_accuracy.sh   # two runs at a time, one thread each
+#   benches/fashion_mnist_accuracy.sh report              # the table of what has finished
 #
-# Environment: BUDGET (zoo train flags fixing the length, default `--epochs 3`), THREADS
-# (compute threads per run, default 2), PARALLEL=1 (train both at once, for many-core
-# machines), ZOO (the binary, default target/release/zoo, built if missing), OUT (run folders,
-# default target/accuracy-runs). Prints a Markdown table; record it in benches/RESULTS.md with
-# the command, the machine and the date.
+# A run is `model:seed` (a registered name or a spec file), or `model:seed:kd=NAME` to distil
+# with Hinton's loss from this campaign's seed-0 run of the teacher spec NAME (`kd=NAME@T@W`:
+# temperature T, weight W), or `model:seed:kdd=NAME` with ReActNet's distributional loss. The
+# teacher must be in RUNS (`specs/teachers/quicknet_float.yaml:0`); a student waits for it.
+#
+# Environment:
+#   RUNS     the runs, in order (default: the QuickNet pair on seeds 0 and 1, its float teacher
+#            and both distilled, then one seed of every other pair; XNOR-Net's 224x224 pair last)
+#   EPOCHS   budget of every run (default 16); runs of another budget go to other folders
+#   EXTRA    more `zoo train` flags; give a TAG with them (suffix of the run folders)
+#   LANES    runs at a time (default 1); lane i takes runs i, i + LANES, ...
+#   THREADS  compute threads per run (default 2)
+#   ZOO      the binary (default target/release/zoo, built if missing)
+#   OUT      run folders (default target/accuracy-runs); `<run>.log` is each run's output,
+#            `<run>.run` how to train it again
+#   BENCH_PROCS, BENCH_THREADS   latency of the report: processes per model (5), threads (2)
+# `report` (also printed at the end) gives a Markdown table: accuracy as mean ± half-range over
+# seeds, budget, time, cost, engine latency and the command of each row. Record it in
+# benches/RESULTS.md with the machine and the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ZOO=${ZOO:-target/release/zoo}
 OUT=${OUT:-target/accuracy-runs}
 THREADS=${THREADS:-2}
-BUDGET=${BUDGET:---epochs 3}
-RECIPE="--data fashion-mnist --batch-size 64 --lr 2.5e-3 --schedule linear --seed 0"
-MODELS=(quicknet quicknet-lab)
+LANES=${LANES:-1}
+EPOCHS=${EPOCHS:-16}
+EXTRA=${EXTRA:-}
+TAG=${TAG:-}
+RECIPE="--data fashion-mnist --batch-size 64 --lr 2.5e-3 --schedule linear --checkpoint-every 200"
+RUNS=${RUNS:-quicknet:0 quicknet-lab:0 quicknet:1 quicknet-lab:1 specs/teachers/quicknet_float.yaml:0 \
+quicknet:0:kd=quicknet-float quicknet-lab:0:kd=quicknet-float birealnet:0 birealnet-lab:0 labbnn:0 \
+reactnet:0 reactnet-lab:0 xnornet:0 xnornet-lab:0}
 
-[[ -x $ZOO ]] || cargo build --release -p zoo
-mkdir -p "$OUT"
-stamp=$(date -u +%Y%m%dT%H%M%S)
-run() {
-    local model=$1
-    # shellcheck disable=SC2086
-    "$ZOO" --threads "$THREADS" train "$model" $RECIPE $BUDGET --out "$OUT/$model-$stamp" \
-        > "$OUT/$model-$stamp.log" 2>&1
+# The name of a model: a registered name, or a spec file's name with dashes.
+model_name() {
+    local name
+    name=$(basename "$1" .yaml)
+    echo "${name//_/-}"
 }
-start=$(date +%s)
-if [[ ${PARALLEL:-0} == 1 ]]; then
-    for m in "${MODELS[@]}"; do run "$m" & done
-    wait
-else
-    for m in "${MODELS[@]}"; do run "$m"; done
-fi
-echo "| model | steps | epochs | test top-1 | test top-5 | train img/s | wall s |"
-echo "|---|---|---|---|---|---|---|"
-for m in "${MODELS[@]}"; do
-    python3 - "$OUT/$m-$stamp/summary.json" "$m" <<'PY'
-import json, sys
-s = json.load(open(sys.argv[1]))
-v = s["final_val"]
-print(f"| {sys.argv[2]} | {s['steps']} | {s['epochs']:.2f} | {v['top1']:.2f}% | {v['top5']:.2f}% "
-      f"| {s['train_images_per_second']:.1f} | {s['wall_seconds']:.0f} |")
+
+# The folder of a run: model, budget, seed, teacher and tag.
+run_dir() {
+    local model seed kd
+    IFS=: read -r model seed kd <<<"$1"
+    echo "$OUT/$(model_name "$model")-e$EPOCHS-s$seed${kd:+-${kd//[=@]/-}}$TAG"
+}
+
+# Whether a run of RUNS trains into the folder $1.
+queued() {
+    local r
+    for r in $RUNS; do
+        [[ $(run_dir "$r") == "$1" ]] && return 0
+    done
+    return 1
+}
+
+# Trains one run to its end: skipped when finished, resumed when it has a checkpoint.
+train_one() {
+    local spec=$1 dir model seed kd teacher_flags=() teacher_entry=""
+    IFS=: read -r model seed kd <<<"$spec"
+    dir=$(run_dir "$spec")
+    if [[ -f $dir/summary.json ]]; then
+        echo "done:    $dir"
+        return
+    fi
+    if [[ -n $kd ]]; then
+        local teacher t w tdir
+        IFS=@ read -r teacher t w <<<"${kd#*=}"
+        tdir=$(run_dir "$teacher:0")
+        while [[ ! -f $tdir/summary.json ]]; do
+            queued "$tdir" || { echo "$spec: its teacher $tdir has not finished and is not in RUNS" >&2; return 1; }
+            [[ -f $tdir.failed ]] && { echo "$spec: its teacher $tdir failed" >&2; return 1; }
+            sleep 30
+        done
+        teacher_flags=(--teacher "$tdir")
+        teacher_entry=$(head -n 1 "$tdir.run")
+        if [[ $kd == kdd=* ]]; then
+            teacher_flags+=(--kd distributional)
+        else
+            teacher_flags+=(${t:+--kd-temperature "$t"} ${w:+--kd-weight "$w"})
+        fi
+    fi
+    mkdir -p "$OUT"
+    # How to run it again, for the report: the entry, its teacher's, and the budget.
+    printf '%s\n%s\n%s\n%s\n%s\n' "$spec" "$teacher_entry" "$EPOCHS" "$EXTRA" "$TAG" >"$dir.run"
+    if compgen -G "$dir/checkpoints/step-*.safetensors" >/dev/null; then
+        echo "resume:  $dir"
+        "$ZOO" --threads "$THREADS" train --resume "$dir" >>"$dir.log" 2>&1
+    else
+        echo "start:   $dir"
+        rm -rf "$dir"
+        # shellcheck disable=SC2086
+        "$ZOO" --threads "$THREADS" train "$model" $RECIPE --epochs "$EPOCHS" --seed "$seed" \
+            "${teacher_flags[@]}" $EXTRA --out "$dir" >"$dir.log" 2>&1
+    fi
+    echo "finished: $dir"
+}
+
+# The results table of the finished runs: accuracy (mean and half-range over seeds), budget,
+# time, cost at the input, and the engine's batch-1 latency of the exported `.zoo` (exported
+# into each run folder; BENCH_PROCS processes per model, alternating between models, at
+# BENCH_THREADS threads: median of the per-process medians, with their range). Time the latency
+# on an otherwise idle machine.
+report() {
+    ZOO=$ZOO OUT=$OUT python3 - <<'PY'
+import json, os, pathlib, re, statistics, subprocess
+zoo, out = os.environ["ZOO"], pathlib.Path(os.environ["OUT"])
+procs = int(os.environ.get("BENCH_PROCS", "5"))
+threads = os.environ.get("BENCH_THREADS", "2")
+groups = {}
+for s in sorted(out.glob("*/summary.json")):
+    m = re.fullmatch(r"(.+)-e(\d+)-s(\d+)(.*)", s.parent.name)
+    if m:
+        groups.setdefault((m[1], int(m[2]), m[4]), []).append((int(m[3]), s.parent))
+
+def figure(text, label):
+    return int(re.search(label + r"\s+([\d,]+)", text)[1].replace(",", ""))
+
+rows, latency = [], {}
+for key, runs in groups.items():
+    summaries = [json.load(open(d / "summary.json")) for _, d in runs]
+    config = summaries[0]["config"]
+    text = subprocess.run([zoo, "summary", config["model"], "--input", config["input"],
+                           "--classes", str(config["classes"])],
+                          check=True, capture_output=True, text=True).stdout
+    packed = float(re.search(r"Model size \(1-bit weights\)\s+([\d.]+) MiB", text)[1])
+    exported = runs[0][1] / "model.zoo"
+    if not exported.exists():
+        subprocess.run([zoo, "export", str(runs[0][1]), "-o", str(exported)], check=True,
+                       capture_output=True)
+    rows.append((key, runs, summaries, figure(text, "Binary MACs"), figure(text, "Float MACs"),
+                 packed, exported))
+    latency[key] = []
+# Alternate the models' processes so the machine's drift falls on all of them alike.
+for i in range(procs):
+    for key, *_, exported in rows:
+        result = exported.with_suffix(f".bench{threads}t.json")
+        subprocess.run([zoo, "bench", str(exported), "--threads", threads, "--runs", "200",
+                        "--json", str(result)], check=True, capture_output=True)
+        latency[key].append(json.load(open(result))["latency_ms"]["median"])
+
+def reproduce(dirs):
+    """The campaign command that trains these runs (and their teacher) again."""
+    entries, teacher, epochs, extra, tag = [], "", "", "", ""
+    for d in dirs:
+        lines = (pathlib.Path(f"{d}.run").read_text().split("\n") + [""] * 5)[:5]
+        entries.append(lines[0])
+        teacher, epochs, extra, tag = lines[1:5]
+    command = 'RUNS="' + " ".join(([teacher] if teacher else []) + entries) + f'" EPOCHS={epochs}'
+    command += f' EXTRA="{extra}"' if extra else ""
+    command += f" TAG={tag}" if tag else ""
+    return command + " benches/fashion_mnist_accuracy.sh"
+
+def spread(xs):
+    return f"{statistics.mean(xs):.2f} ± {(max(xs) - min(xs)) / 2:.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+print(f"| model | epochs | seeds | test top-1 % | test top-5 % | best top-1 % (epoch) | wall h | "
+      f"train img/s | binary MACs | float MACs | packed MiB | latency ms ({threads} threads) | reproduce |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for (model, epochs, rest), runs, summaries, bmacs, fmacs, packed, _ in rows:
+    top1 = [s["final_val"]["top1"] for s in summaries]
+    top5 = [s["final_val"]["top5"] for s in summaries]
+    best = ", ".join(f"{s['best'][0]:.2f} ({s['best'][1]})" for s in summaries)
+    ips = statistics.mean(s["train_images_per_second"] for s in summaries)
+    wall = statistics.mean(s["wall_seconds"] for s in summaries) / 3600
+    seeds = ",".join(str(seed) for seed, _ in runs)
+    lat = latency[(model, epochs, rest)]
+    lat_text = f"{statistics.median(lat):.3f} [{min(lat):.3f}-{max(lat):.3f}]" if lat else "-"
+    command = reproduce([d for _, d in runs])
+    print(f"| {model}{rest} | {epochs} | {seeds} | {spread(top1)} | {spread(top5)} | {best} | "
+          f"{wall:.2f} | {ips:.0f} | {bmacs / 1e6:.1f} M | {fmacs / 1e6:.2f} M | {packed:.2f} | "
+          f"{lat_text} | `{command}` |")
 PY
-done
-echo
-echo "recipe: $RECIPE $BUDGET, $THREADS thread(s) per run$([[ ${PARALLEL:-0} == 1 ]] && echo ', both runs at once'); $(($(date +%s) - start)) s in all; runs in $OUT/*-$stamp"
+}
+
+# The campaign. (All in a function, so bash has read the whole file before it starts: editing
+# the script while a campaign runs does not change the running one.)
+main() {
+    if [[ ${1:-} == report ]]; then
+        report
+        return
+    fi
+    [[ -x $ZOO ]] || cargo build --release -p zoo
+    read -ra queue <<<"$RUNS"
+    start=$(date +%s)
+    # Each lane takes every LANES-th run, in order.
+    for ((lane = 0; lane < LANES; lane++)); do
+        (
+            for ((i = lane; i < ${#queue[@]}; i += LANES)); do
+                dir=$(run_dir "${queue[$i]}")
+                rm -f "$dir.failed"
+                train_one "${queue[$i]}" || { touch "$dir.failed"; echo "failed:  ${queue[$i]} (see $dir.log)"; }
+            done
+        ) &
+    done
+    wait
+    echo "campaign: $RECIPE --epochs $EPOCHS $EXTRA, $THREADS thread(s) per run, $LANES lane(s); $(($(date +%s) - start)) s"
+    report
+}
+
+main "$@"; exit

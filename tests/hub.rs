@@ -215,7 +215,7 @@ fn the_model_card_and_config_describe_the_run() {
         images: Some(10_000),
         measured_by: None,
     });
-    let card = zoo::hub::publish::model_card("org/m.fmnist", &config);
+    let card = zoo::hub::publish::model_card("org/m.fmnist", &config, Some(&repo.spec));
     for line in [
         "model-index:",
         "- name: org/m.fmnist",
@@ -228,6 +228,21 @@ fn the_model_card_and_config_describe_the_run() {
     }
     assert!(
         card.contains("| fashion-mnist | test | 91.25% | 99.50% |"),
+        "{card}"
+    );
+    // The cost at the repo's input, and the distillation of a distilled run.
+    assert!(card.contains("## Cost") && card.contains("MiB |"), "{card}");
+    let recipe = config.recipe.as_mut().expect("a run's recipe");
+    recipe.distill = Some(zoo::train::distill::Distillation {
+        teacher: "quicknet-float-e16-s0".into(),
+        teacher_sha256: "ab".repeat(32),
+        loss: zoo::train::distill::KdLoss::Distributional,
+    });
+    let card = zoo::hub::publish::model_card("org/m.fmnist", &config, Some(&repo.spec));
+    assert!(
+        card.contains(
+            "Distilled with the distributional loss from the teacher `quicknet-float-e16-s0`"
+        ),
         "{card}"
     );
 }

@@ -54,6 +54,28 @@ fn every_shipped_spec_parses_and_fits_its_default_input() {
 }
 
 #[test]
+fn the_float_teachers_fit_fashion_mnist_and_have_no_binary_layer() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../specs/teachers");
+    for (file, input) in [
+        ("quicknet_float.yaml", "32x32x1"),
+        ("reactnet_float.yaml", "32x32x1"),
+        ("xnornet_float.yaml", "224x224x1"),
+    ] {
+        let spec = spec::load_file(format!("{dir}/{file}")).unwrap_or_else(|e| panic!("{e}"));
+        let config = zoo::ModelConfig {
+            input: input.parse().unwrap(),
+            classes: 10,
+        };
+        let totals = spec::analyze(&spec, &config)
+            .unwrap_or_else(|e| panic!("{file} at {input}: {e}"))
+            .totals();
+        assert_eq!(totals.binary_macs, 0, "{file}");
+        assert_eq!(totals.binary_params, 0, "{file}");
+        assert!(totals.float_macs > 0, "{file}");
+    }
+}
+
+#[test]
 fn a_stage_default_is_overridden_per_block() {
     let spec = parse(
         "binary: {activation: {sign: {clip: 1.25}}, kernel: magnitude_aware_sign, pad_value: 1}

@@ -451,3 +451,322 @@ fn fashion_mnist_ships_with_the_repository() {
     let background = -zoo::data::fashion_mnist::MEAN / zoo::data::fashion_mnist::STD;
     assert_eq!(image[0], background, "the 2-pixel border is background");
 }
+
+/// A small float network (no binarizer, float kernels): the teacher of the distillation tests.
+const TINY_TEACHER: &str = "
+name: tiny-float
+input: 32x32x1
+classes: 10
+binary: {activation: none, kernel: none}
+stem: [{conv: {filters: 8, kernel: 3, stride: 2}}, batch_norm, relu]
+stages: [{block: quicknet, filters: 8, blocks: 2}]
+head: [relu, global_avg_pool, dense]
+";
+
+/// `(1 - w) CE_eps(labels, s) + w T² KL(softmax(t/T) ‖ softmax(s/T))` in f64, or with `None`
+/// ReActNet's `-Σ softmax(t) log softmax(s)`, averaged over rows.
+fn kd_loss_f64(
+    student: &[Vec<f64>],
+    teacher: &[Vec<f64>],
+    labels: &[u32],
+    hinton: Option<(f64, f64, f64)>,
+) -> f64 {
+    let log_softmax = |row: &[f64], t: f64| -> Vec<f64> {
+        let scaled: Vec<f64> = row.iter().map(|x| x / t).collect();
+        let max = scaled.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = max + scaled.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        scaled.iter().map(|x| x - lse).collect()
+    };
+    let mut total = 0.0;
+    for ((s, t), &label) in student.iter().zip(teacher).zip(labels) {
+        total += match hinton {
+            Some((temperature, weight, eps)) => {
+                let log_s = log_softmax(s, 1.0);
+                let k = s.len() as f64;
+                let hard =
+                    -(1.0 - eps) * log_s[label as usize] - eps / k * log_s.iter().sum::<f64>();
+                let (log_st, log_tt) = (log_softmax(s, temperature), log_softmax(t, temperature));
+                let kl: f64 = log_tt
+                    .iter()
+                    .zip(&log_st)
+                    .map(|(lt, ls)| lt.exp() * (lt - ls))
+                    .sum();
+                (1.0 - weight) * hard + weight * temperature * temperature * kl
+            }
+            None => {
+                let (log_s, log_t) = (log_softmax(s, 1.0), log_softmax(t, 1.0));
+                -log_t
+                    .iter()
+                    .zip(&log_s)
+                    .map(|(lt, ls)| lt.exp() * ls)
+                    .sum::<f64>()
+            }
+        };
+    }
+    total / student.len() as f64
+}
+
+#[test]
+fn distillation_losses_and_gradients_match_an_f64_transcription() -> candle_core::Result<()> {
+    use rand::{Rng, SeedableRng};
+    use zoo::train::distill::KdLoss;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (n, k) = (5, 7);
+    let mut draw = |scale: f64| -> Vec<Vec<f64>> {
+        (0..n)
+            .map(|_| (0..k).map(|_| rng.random_range(-scale..scale)).collect())
+            .collect()
+    };
+    let (student, teacher) = (draw(4.0), draw(6.0));
+    let labels: Vec<u32> = (0..n as u32).map(|i| (i * 3) % k as u32).collect();
+    let cases = [
+        (
+            KdLoss::Hinton {
+                temperature: 3.0,
+                weight: 0.7,
+            },
+            Some((3.0, 0.7, 0.1)),
+            0.1,
+        ),
+        (
+            KdLoss::Hinton {
+                temperature: 1.0,
+                weight: 1.0,
+            },
+            Some((1.0, 1.0, 0.0)),
+            0.0,
+        ),
+        (KdLoss::Distributional, None, 0.0),
+    ];
+    let dev = Device::Cpu;
+    let flat = |m: &[Vec<f64>]| -> Vec<f32> { m.iter().flatten().map(|&x| x as f32).collect() };
+    for (loss, reference, eps) in cases {
+        // The f32 inputs, read back in f64, so both sides see the same numbers.
+        let as_f64 = |m: &[Vec<f64>]| -> Vec<Vec<f64>> {
+            m.iter()
+                .map(|r| r.iter().map(|&x| x as f32 as f64).collect())
+                .collect()
+        };
+        let (s64, t64) = (as_f64(&student), as_f64(&teacher));
+        let s = Var::from_tensor(&Tensor::from_vec(flat(&student), (n, k), &dev)?)?;
+        let t = Tensor::from_vec(flat(&teacher), (n, k), &dev)?;
+        let y = Tensor::new(labels.as_slice(), &dev)?;
+        let value = loss.loss(s.as_tensor(), &t, &y, eps)?;
+        let grad = value
+            .backward()?
+            .get(s.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()?;
+        let value = value.to_scalar::<f32>()? as f64;
+
+        let expected = kd_loss_f64(&s64, &t64, &labels, reference);
+        assert!(
+            (value - expected).abs() < 1e-5 * expected.abs().max(1.0),
+            "{loss:?}: {value} vs {expected}"
+        );
+        // Central differences of the f64 loss.
+        let h = 1e-6;
+        for i in 0..n {
+            for j in 0..k {
+                let mut plus = s64.clone();
+                plus[i][j] += h;
+                let mut minus = s64.clone();
+                minus[i][j] -= h;
+                let numeric = (kd_loss_f64(&plus, &t64, &labels, reference)
+                    - kd_loss_f64(&minus, &t64, &labels, reference))
+                    / (2.0 * h);
+                let got = grad[i][j] as f64;
+                assert!(
+                    (got - numeric).abs() < 1e-5,
+                    "{loss:?}: d/ds[{i}][{j}] = {got}, f64 says {numeric}"
+                );
+            }
+        }
+    }
+    // Parameters outside their ranges are refused, naming the flag.
+    let bad = KdLoss::Hinton {
+        temperature: 0.0,
+        weight: 0.5,
+    };
+    assert!(bad.check().unwrap_err().contains("--kd-temperature"));
+    let bad = KdLoss::Hinton {
+        temperature: 2.0,
+        weight: 1.5,
+    };
+    assert!(bad.check().unwrap_err().contains("--kd-weight"));
+    Ok(())
+}
+
+#[test]
+fn a_distilled_run_learns_from_its_teacher_and_resumes_only_with_it() {
+    let (dir, spec, data) = tiny_setup("distill");
+    let teacher_spec = dir.join("tiny_float.yaml");
+    std::fs::write(&teacher_spec, TINY_TEACHER).unwrap();
+    let teacher_spec = teacher_spec.display().to_string();
+    let train_teacher = |seed: u64, out: &Path| {
+        let mut config =
+            RunConfig::new(&teacher_spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
+        (config.epochs, config.batch_size, config.seed) = (2, 32, seed);
+        zoo::train::train(Some(config), out, &Session { progress: false }).unwrap();
+    };
+    let teacher = dir.join("teacher");
+    train_teacher(1, &teacher);
+    let teacher_bytes = std::fs::read(teacher.join("model.safetensors")).unwrap();
+
+    let student = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--threads",
+            "1",
+            "train",
+            &spec,
+            "--data",
+            &data,
+            "--batch-size",
+            "16",
+            "--epochs",
+            "2",
+            "--lr",
+            "0.01",
+            "--seed",
+            "5",
+            "--keep",
+            "100",
+            "--checkpoint-every",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zoo(&args)
+    };
+    let kd = [
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--kd-temperature",
+        "2",
+        "--kd-weight",
+        "0.6",
+    ];
+    let distilled = dir.join("distilled");
+    let (ok, out, err) = student(&distilled, &kd);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("distilled from") && out.contains("temperature 2"),
+        "{out}"
+    );
+    let config: RunConfig =
+        serde_json::from_str(&std::fs::read_to_string(distilled.join("config.json")).unwrap())
+            .unwrap();
+    let d = config.distill.expect("the run records its teacher");
+    assert!(Path::new(&d.teacher).is_absolute(), "{}", d.teacher);
+    assert_eq!(d.teacher_sha256.len(), 64);
+    // Staged for the hub, the run names its teacher without the local path.
+    let staged = dir.join("staged");
+    let (ok, _, err) = zoo(&[
+        "push",
+        distilled.to_str().unwrap(),
+        "--repo",
+        "org/tiny-lab",
+        "--local-dir",
+        staged.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let card = std::fs::read_to_string(staged.join("README.md")).unwrap();
+    assert!(
+        card.contains(
+            "Distilled with Hinton's loss, temperature 2, weight 0.6 from the teacher `teacher`"
+        ),
+        "{card}"
+    );
+    let repo_config = std::fs::read_to_string(staged.join("config.json")).unwrap();
+    assert!(
+        repo_config.contains("\"teacher\": \"teacher\""),
+        "{repo_config}"
+    );
+
+    // The teacher changes the student's training and is itself left untouched.
+    let plain = dir.join("plain");
+    let (ok, _, err) = student(&plain, &[]);
+    assert!(ok, "{err}");
+    let difference = max_difference(
+        &plain.join("model.safetensors"),
+        &distilled.join("model.safetensors"),
+    );
+    assert!(difference > 1e-3, "the teacher made no difference");
+    assert_eq!(
+        std::fs::read(teacher.join("model.safetensors")).unwrap(),
+        teacher_bytes
+    );
+
+    // Resuming from a mid-run checkpoint gives the same weights as the straight run.
+    let resumed = dir.join("resumed");
+    std::fs::create_dir_all(resumed.join("checkpoints")).unwrap();
+    for file in ["config.json", "metrics.jsonl"] {
+        std::fs::copy(distilled.join(file), resumed.join(file)).unwrap();
+    }
+    let mid = zoo::train::checkpoint::path(&distilled.join("checkpoints"), 20);
+    std::fs::copy(
+        &mid,
+        resumed.join("checkpoints").join(mid.file_name().unwrap()),
+    )
+    .unwrap();
+    let (ok, _, err) = zoo(&[
+        "--threads",
+        "1",
+        "train",
+        "--resume",
+        resumed.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let difference = max_difference(
+        &distilled.join("model.safetensors"),
+        &resumed.join("model.safetensors"),
+    );
+    assert!(difference < 1e-5, "resumed weights differ by {difference}");
+
+    // Another teacher in the same place is refused on resume.
+    let other = dir.join("other-teacher");
+    train_teacher(2, &other);
+    std::fs::copy(
+        other.join("model.safetensors"),
+        teacher.join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::remove_file(resumed.join("model.safetensors")).unwrap();
+    let (ok, _, err) = zoo(&["train", "--resume", resumed.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("the teacher") && err.contains("changed"),
+        "{err}"
+    );
+
+    // Bad distillation flags are clear errors.
+    for (extra, expected) in [
+        (vec!["--kd-weight", "0.5"], "--teacher"),
+        (
+            vec!["--teacher", teacher.to_str().unwrap(), "--kd-weight", "1.5"],
+            "--kd-weight",
+        ),
+        (
+            vec![
+                "--teacher",
+                teacher.to_str().unwrap(),
+                "--kd",
+                "distributional",
+                "--kd-weight",
+                "1",
+            ],
+            "--kd distributional",
+        ),
+        (
+            vec!["--teacher", dir.join("nowhere").to_str().unwrap()],
+            "nowhere",
+        ),
+        (vec!["--teacher", &spec], "not a safetensors file"),
+    ] {
+        let (ok, _, err) = student(&dir.join("refused"), &extra);
+        assert!(!ok, "{extra:?} was accepted");
+        assert!(err.contains(expected), "{extra:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

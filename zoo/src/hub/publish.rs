@@ -82,7 +82,15 @@ pub(super) fn write_repo_files(
     let json = serde_json::to_string_pretty(config).expect("a repo configuration serialises");
     crate::io::write_bytes_atomically(&dir.join(repo::CONFIG), json.as_bytes())?;
     crate::io::write_bytes_atomically(&dir.join(repo::SPEC), spec_text.as_bytes())?;
-    crate::io::write_bytes_atomically(&dir.join(repo::CARD), model_card(title, config).as_bytes())
+    crate::io::write_bytes_atomically(
+        &dir.join(repo::CARD),
+        model_card(
+            title,
+            config,
+            Some(&zoo_spec::parse_str(spec_text, repo::SPEC)?),
+        )
+        .as_bytes(),
+    )
 }
 
 /// Stages a run directory or weights file: weights, packed model; returns the configuration
@@ -92,7 +100,16 @@ fn stage_weights(
     spec: Option<&str>,
     dest: &Path,
 ) -> Result<(RepoConfig, String), Error> {
-    let run = RunWeights::open(source)?;
+    let mut run = RunWeights::open(source)?;
+    // A teacher's local path says nothing to the hub's readers: keep its last component.
+    if let Some(d) = run.config.as_mut().and_then(|c| c.distill.as_mut()) {
+        if let Some(name) = Path::new(&d.teacher)
+            .file_name()
+            .filter(|_| Path::new(&d.teacher).is_absolute())
+        {
+            d.teacher = name.to_string_lossy().into_owned();
+        }
+    }
     let model = match (spec, &run.config) {
         (Some(s), _) => s.to_string(),
         (None, Some(c)) => c.model.clone(),
@@ -234,7 +251,7 @@ fn hub_dataset(dataset: &str) -> Option<&'static str> {
 
 /// The model card: YAML metadata (library, tags, pipeline, dataset, licence, metrics in
 /// model-index form) and a page with the results table and how to use the model.
-pub fn model_card(title: &str, config: &RepoConfig) -> String {
+pub fn model_card(title: &str, config: &RepoConfig, spec: Option<&crate::Spec>) -> String {
     let uses_lab = config
         .recipe
         .as_ref()
@@ -319,6 +336,26 @@ pub fn model_card(title: &str, config: &RepoConfig) -> String {
             r.max_steps
                 .map(|s| format!(" --max-steps {s}"))
                 .unwrap_or_default()
+        );
+        if let Some(d) = &r.distill {
+            page += &format!(
+                "Distilled with {} from the teacher `{}` (weights SHA-256 `{}`).\n\n",
+                d.loss, d.teacher, d.teacher_sha256
+            );
+        }
+    }
+    if let Some(totals) = spec
+        .zip(config.model_config().ok())
+        .and_then(|(spec, c)| crate::spec::analyze(spec, &c).ok())
+        .map(|a| a.totals())
+    {
+        page += &format!(
+            "## Cost\n\n| input | binary MACs | float MACs | packed size |\n|---|---|---|---|\n\
+             | {} | {:.1} M | {:.1} M | {:.2} MiB |\n\n",
+            config.input,
+            totals.binary_macs as f64 / 1e6,
+            totals.float_macs as f64 / 1e6,
+            totals.model_size_bytes() / (1024.0 * 1024.0)
         );
     }
     if let Some(source) = &config.source {

@@ -10,14 +10,17 @@
 //!   [`crate::build`] and a `VarBuilder`), and `summary.json`.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod optim;
+mod run;
 pub mod schedule;
+
+pub use run::train;
 
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -27,9 +30,6 @@ use sha2::{Digest, Sha256};
 use crate::data::{self, Dataset, Loader, LoaderOptions, Split};
 use crate::spec::{Optimizer, Schedule, TrainRecipe};
 use crate::{Error, Model, ModelConfig};
-use checkpoint::Progress;
-use optim::{Adam, Slot};
-use schedule::LearningRate;
 
 /// The name of the embedded default dataset.
 pub const FASHION_MNIST: &str = "fashion-mnist";
@@ -82,6 +82,9 @@ pub struct RunConfig {
     pub workers: usize,
     /// Keep decoded images of a folder dataset in memory.
     pub cache: bool,
+    /// Knowledge distillation from a teacher, when the run has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<distill::Distillation>,
 }
 
 impl RunConfig {
@@ -109,6 +112,7 @@ impl RunConfig {
             eval: true,
             workers: 2,
             cache: false,
+            distill: None,
         })
     }
 
@@ -142,6 +146,9 @@ impl RunConfig {
         }
         self.optimizer.parse::<Optimizer>().map_err(Error::Train)?;
         self.schedule.parse::<Schedule>().map_err(Error::Train)?;
+        if let Some(d) = &self.distill {
+            d.loss.check().map_err(Error::Train)?;
+        }
         Ok(())
     }
 }
@@ -542,371 +549,6 @@ impl RunWeights {
 pub struct Session {
     /// Show progress bars (they draw only on a terminal).
     pub progress: bool,
-}
-
-/// Trains: starts a new run in `run_dir` from `config`, or with `resume` continues the run
-/// there from its newest checkpoint (the stored configuration then applies).
-pub fn train(
-    config: Option<RunConfig>,
-    run_dir: &Path,
-    session: &Session,
-) -> Result<RunSummary, Error> {
-    let started = Instant::now();
-    let run_error = |message: String| Error::Run {
-        path: run_dir.display().to_string(),
-        message,
-    };
-    let checkpoints = run_dir.join("checkpoints");
-    let (config, resumed) = match config {
-        Some(config) => {
-            if run_dir.join("config.json").exists() {
-                return Err(run_error(
-                    "already holds a run: pass --resume to continue it, or choose another --out"
-                        .into(),
-                ));
-            }
-            std::fs::create_dir_all(&checkpoints).map_err(|e| run_error(e.to_string()))?;
-            config.check()?;
-            (config, None)
-        }
-        None => {
-            let (_, latest) = checkpoint::list(&checkpoints).pop().ok_or_else(|| {
-                run_error(
-                    "has no checkpoint to resume from (checkpoints/step-*.safetensors)".into(),
-                )
-            })?;
-            let ckpt = checkpoint::load(&latest)?;
-            let current = spec_sha256(&ckpt.config.model)?;
-            if current != ckpt.config.spec_sha256 {
-                return Err(run_error(format!(
-                    "the spec `{}` changed since the run started (SHA-256 {} then, {} now); resuming would train a different network",
-                    ckpt.config.model, ckpt.config.spec_sha256, current
-                )));
-            }
-            (ckpt.config.clone(), Some(ckpt))
-        }
-    };
-    let mut config = config;
-    let spec = crate::spec(&config.model)?;
-    // A new run may ask for an image side (`--input`); the data decides channels and classes.
-    let side = match config.input.split('x').next().map(str::parse::<usize>) {
-        Some(Ok(side)) if side > 0 => side,
-        _ if config.input.is_empty() => default_side(&config.data, &spec),
-        _ => {
-            return Err(Error::Train(format!(
-                "expected an input size HxW, found `{}`",
-                config.input
-            )))
-        }
-    };
-    let train_set = open_dataset(&config.data, Split::Train, side, config.cache)?;
-    let val_set = if config.eval {
-        Some(open_dataset(
-            &config.data,
-            Split::Validation,
-            side,
-            config.cache,
-        )?)
-    } else {
-        None
-    };
-    let shape = train_set.shape();
-    let resolved = (
-        format!("{}x{}x{}", shape[1], shape[2], shape[0]),
-        train_set.classes().len(),
-    );
-    if resumed.is_none() {
-        (config.input, config.classes) = resolved.clone();
-    } else if (config.input.clone(), config.classes) != resolved {
-        return Err(run_error(format!(
-            "the data now gives {} images of {} classes, the run was started with {} and {}",
-            resolved.0, resolved.1, config.input, config.classes
-        )));
-    }
-    let model_config = config.model_config()?;
-    let analysis = crate::spec::analyze(&spec, &model_config)?;
-    let params: Vec<crate::spec::Param> = analysis.params().cloned().collect();
-    let names: Vec<String> = params.iter().map(|p| p.name.clone()).collect();
-
-    let varmap = VarMap::new();
-    match &resumed {
-        Some(ckpt) => load_into(&varmap, &ckpt.model, &params, run_dir)?,
-        None => crate::init::initialize(
-            &varmap,
-            &spec,
-            &model_config,
-            config.seed,
-            DType::F32,
-            &Device::Cpu,
-        )?,
-    }
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = crate::build(&config.model, vb, &model_config)?;
-
-    let mut optimizer = {
-        let data = varmap
-            .data()
-            .lock()
-            .expect("the VarMap lock is not poisoned");
-        let mut slots = Vec::new();
-        for p in params.iter().filter(|p| p.trainable) {
-            let var = data[&p.name].clone();
-            let (m, v) = match resumed.as_ref().map(|c| c.moments.get(&p.name)) {
-                Some(Some((m, v))) => (m.clone(), v.clone()),
-                Some(None) => {
-                    return Err(run_error(format!(
-                        "the checkpoint lacks Adam's moments of `{}`",
-                        p.name
-                    )));
-                }
-                None => (var.zeros_like()?, var.zeros_like()?),
-            };
-            slots.push(Slot {
-                name: p.name.clone(),
-                var,
-                clip: p.weight_clip,
-                // Keras' kernel_regularizer: conv and dense kernels only.
-                l2: if p.shape.len() >= 2 && p.name.ends_with("weight") {
-                    config.kernel_l2
-                } else {
-                    0.0
-                },
-                m,
-                v,
-            });
-        }
-        Adam {
-            kind: config.optimizer.parse().map_err(Error::Train)?,
-            weight_decay: config.weight_decay,
-            slots,
-            t: resumed.as_ref().map_or(0, |c| c.progress.step),
-        }
-    };
-
-    let steps_per_epoch = (train_set.len() / config.batch_size) as u64;
-    if steps_per_epoch == 0 {
-        return Err(Error::Train(format!(
-            "the training set has {} images, fewer than one batch of {}",
-            train_set.len(),
-            config.batch_size
-        )));
-    }
-    let total_steps = (config.epochs * steps_per_epoch).min(config.max_steps.unwrap_or(u64::MAX));
-    let rate = LearningRate {
-        peak: config.learning_rate,
-        schedule: config.schedule.parse().map_err(Error::Train)?,
-        warmup_steps: (config.warmup_epochs * steps_per_epoch as f64).round() as u64,
-        total_steps,
-        steps_per_epoch,
-    };
-    let mut progress = resumed
-        .as_ref()
-        .map(|c| c.progress.clone())
-        .unwrap_or_default();
-    if resumed.is_none() {
-        crate::io::write_bytes_atomically(
-            &run_dir.join("config.json"),
-            serde_json::to_string_pretty(&config)
-                .expect("a run config serialises")
-                .as_bytes(),
-        )?;
-    }
-    let metrics_path = run_dir.join("metrics.jsonl");
-    truncate_metrics(&metrics_path, progress.step)?;
-
-    let model = &*model;
-    let save_checkpoint = |progress: &Progress, optimizer: &Adam| -> Result<PathBuf, Error> {
-        let moments: Vec<(String, Tensor, Tensor)> = optimizer
-            .slots
-            .iter()
-            .map(|s| (s.name.clone(), s.m.clone(), s.v.clone()))
-            .collect();
-        checkpoint::save(
-            &checkpoints,
-            &config,
-            progress,
-            &named_tensors(&varmap, &names),
-            &moments,
-            config.keep,
-        )
-    };
-
-    let mut timed_images = 0u64;
-    let mut timed_seconds = 0.0f64;
-    let mut process_steps = 0u64;
-    let mut final_val = None;
-    let mut last_lr = rate.at(progress.step.saturating_sub(1));
-    while progress.step < total_steps {
-        let epoch = progress.epoch;
-        let first_batch = (progress.step - epoch * steps_per_epoch) as usize;
-        let epoch_end = ((epoch + 1) * steps_per_epoch).min(total_steps);
-        let order = data::shuffled_order(train_set.len(), config.seed, epoch);
-        let options = LoaderOptions {
-            batch_size: config.batch_size,
-            drop_last: true,
-            augment: Some((config.seed, epoch)),
-            workers: config.workers,
-            prefetch: 2 * config.workers.max(1),
-        };
-        let bar = bar(
-            session,
-            epoch_end - epoch * steps_per_epoch,
-            &format!("epoch {}/{}", epoch + 1, config.epochs),
-        );
-        bar.set_position(first_batch as u64);
-        let mut loader = Loader::new(train_set.clone(), order, first_batch, &options);
-        let mut epoch_seconds = 0.0;
-        let mut epoch_timed_images = 0u64;
-        let mut tick = Instant::now();
-        while progress.step < epoch_end {
-            let batch = loader
-                .next()
-                .ok_or_else(|| Error::Train("the data loader stopped early".into()))??;
-            for skip in &batch.skipped {
-                bar.suspend(|| eprintln!("warning: {skip}"));
-            }
-            progress.skipped += batch.skipped.len() as u64;
-            if batch.labels.is_empty() {
-                continue;
-            }
-            let (xs, ys) = batch_tensors(&batch, shape)?;
-            let logits = model.forward(&xs, true)?;
-            let loss = cross_entropy(&logits, &ys, config.label_smoothing)?;
-            let grads = loss.backward()?;
-            last_lr = rate.at(progress.step);
-            optimizer.step(&grads, last_lr)?;
-            let loss = loss.to_scalar::<f32>()? as f64;
-            if !loss.is_finite() {
-                return Err(Error::Train(format!(
-                    "the loss became {loss} at step {}: lower the learning rate",
-                    progress.step + 1
-                )));
-            }
-            let n = batch.labels.len() as u64;
-            progress.epoch_correct += ranks(&logits, &batch.labels)?
-                .iter()
-                .filter(|&&r| r == 0)
-                .count() as u64;
-            progress.epoch_images += n;
-            progress.epoch_loss_sum += loss;
-            progress.epoch_steps += 1;
-            progress.step += 1;
-            process_steps += 1;
-            let seconds = tick.elapsed().as_secs_f64();
-            tick = Instant::now();
-            if process_steps > WARMUP_STEPS {
-                timed_images += n;
-                timed_seconds += seconds;
-                epoch_timed_images += n;
-                epoch_seconds += seconds;
-            }
-            bar.set_position(progress.step - epoch * steps_per_epoch);
-            bar.set_message(format!(
-                "loss {:.3} acc {:.1}% {:.1} img/s lr {:.2e}",
-                progress.epoch_loss_sum / progress.epoch_steps as f64,
-                100.0 * progress.epoch_correct as f64 / progress.epoch_images as f64,
-                if epoch_seconds > 0.0 {
-                    epoch_timed_images as f64 / epoch_seconds
-                } else {
-                    0.0
-                },
-                last_lr
-            ));
-            if let Some(every) = config.checkpoint_every {
-                if progress.step.is_multiple_of(every) && progress.step < epoch_end {
-                    save_checkpoint(&progress, &optimizer)?;
-                    tick = Instant::now();
-                }
-            }
-        }
-        drop(loader);
-        bar.finish_and_clear();
-        // The epoch (or the step budget) is done.
-        let epochs_done = progress.step as f64 / steps_per_epoch as f64;
-        let val = match &val_set {
-            Some(v) => {
-                let eval_bar = bar_for(session, v.len() as u64, "validation");
-                let acc = evaluate(
-                    model,
-                    v.clone(),
-                    config.batch_size.max(64),
-                    config.workers,
-                    &eval_bar,
-                )?;
-                eval_bar.finish_and_clear();
-                Some(acc)
-            }
-            None => None,
-        };
-        let metrics = EpochMetrics {
-            epoch: epochs_done,
-            step: progress.step,
-            train_loss: progress.epoch_loss_sum / progress.epoch_steps.max(1) as f64,
-            train_top1: 100.0 * progress.epoch_correct as f64 / progress.epoch_images.max(1) as f64,
-            val,
-            learning_rate: last_lr,
-            images_per_second: if epoch_seconds > 0.0 {
-                epoch_timed_images as f64 / epoch_seconds
-            } else {
-                0.0
-            },
-            seconds: epoch_seconds,
-            skipped: progress.skipped,
-        };
-        println!("{}", describe_epoch(&metrics));
-        append_line(
-            &metrics_path,
-            &serde_json::to_string(&metrics).expect("metrics serialise"),
-        )?;
-        if let Some(acc) = val {
-            let epoch_number = epochs_done.ceil() as u64;
-            if progress.best.is_none_or(|(best, _)| acc.top1 > best) {
-                progress.best = Some((acc.top1, epoch_number));
-                let meta = checkpoint::metadata(&config, &progress);
-                crate::io::save_safetensors(
-                    &named_tensors(&varmap, &names),
-                    Some(meta),
-                    &run_dir.join("best.safetensors"),
-                )?;
-            }
-        }
-        final_val = val;
-        progress.epoch = epoch + 1;
-        progress.epoch_loss_sum = 0.0;
-        progress.epoch_correct = 0;
-        progress.epoch_images = 0;
-        progress.epoch_steps = 0;
-        save_checkpoint(&progress, &optimizer)?;
-    }
-
-    let weights = run_dir.join("model.safetensors");
-    crate::io::save_safetensors(
-        &named_tensors(&varmap, &names),
-        Some(checkpoint::metadata(&config, &progress)),
-        &weights,
-    )?;
-    let summary = RunSummary {
-        run_dir: run_dir.display().to_string(),
-        weights: weights.display().to_string(),
-        config: config.clone(),
-        steps: progress.step,
-        epochs: progress.step as f64 / steps_per_epoch as f64,
-        final_val,
-        best: progress.best,
-        train_images_per_second: if timed_seconds > 0.0 {
-            timed_images as f64 / timed_seconds
-        } else {
-            0.0
-        },
-        wall_seconds: started.elapsed().as_secs_f64(),
-    };
-    crate::io::write_bytes_atomically(
-        &run_dir.join("summary.json"),
-        serde_json::to_string_pretty(&summary)
-            .expect("a summary serialises")
-            .as_bytes(),
-    )?;
-    Ok(summary)
 }
 
 /// One line for the terminal about a finished epoch.

@@ -144,7 +144,7 @@ fn stage(hub: &Hub, args: &PushArgs, dir: &Path) -> Result<(Vec<PathBuf>, String
         (None, Some(tag)) => {
             let staged = RepoDir::open(dir)?;
             let repo = hub.repo_id(&staged.config.architecture, tag);
-            let card = zoo::hub::publish::model_card(&repo, &staged.config);
+            let card = zoo::hub::publish::model_card(&repo, &staged.config, Some(&staged.spec));
             zoo::io::write_bytes_atomically(&dir.join(zoo::hub::repo::CARD), card.as_bytes())?;
             repo
         }

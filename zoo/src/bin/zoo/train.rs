@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use zoo::train::distill::{self, Distillation, KdLoss};
+
 use crate::{parse_optimizer, parse_schedule, parse_side};
 
 /// `zoo train`.
@@ -71,6 +73,23 @@ pub struct TrainArgs {
     /// Skip validation after each epoch.
     #[arg(long)]
     no_eval: bool,
+    /// Distil from this trained teacher: a run directory, a weights file of a zoo run, a hub
+    /// repo directory or a hub name. It must take the same images and classes (float teachers:
+    /// `specs/teachers/`).
+    #[arg(long)]
+    teacher: Option<String>,
+    /// The distillation loss: `hinton` (soft targets at --kd-temperature, weighted by
+    /// --kd-weight against the labels' cross-entropy) or `distributional` (ReActNet's: the
+    /// teacher's distribution only).
+    #[arg(long, requires = "teacher", value_parser = ["hinton", "distributional"])]
+    kd: Option<String>,
+    /// Softmax temperature of Hinton's loss [default: 4].
+    #[arg(long, requires = "teacher")]
+    kd_temperature: Option<f64>,
+    /// Weight of Hinton's soft term, in [0, 1]; the labels' cross-entropy gets the rest
+    /// [default: 0.5].
+    #[arg(long, requires = "teacher")]
+    kd_weight: Option<f64>,
 }
 
 impl TrainArgs {
@@ -94,6 +113,10 @@ impl TrainArgs {
             ("--workers", self.workers.is_some()),
             ("--cache", self.cache),
             ("--no-eval", self.no_eval),
+            ("--teacher", self.teacher.is_some()),
+            ("--kd", self.kd.is_some()),
+            ("--kd-temperature", self.kd_temperature.is_some()),
+            ("--kd-weight", self.kd_weight.is_some()),
         ];
         given.iter().filter(|(_, g)| *g).map(|(f, _)| *f).collect()
     }
@@ -137,7 +160,33 @@ impl TrainArgs {
             .unwrap_or(if on_fashion_mnist { 1 } else { c.workers });
         c.cache = self.cache;
         c.eval = !self.no_eval;
+        c.distill = self.distillation()?;
         Ok(c)
+    }
+
+    /// The distillation flags, when a teacher is given.
+    fn distillation(&self) -> Result<Option<Distillation>, zoo::Error> {
+        let Some(teacher) = &self.teacher else {
+            return Ok(None);
+        };
+        let loss = if self.kd.as_deref() == Some("distributional") {
+            if self.kd_temperature.is_some() || self.kd_weight.is_some() {
+                return Err(zoo::Error::Train(
+                    "--kd distributional has no temperature or weight: drop --kd-temperature and --kd-weight".into(),
+                ));
+            }
+            KdLoss::Distributional
+        } else {
+            KdLoss::Hinton {
+                temperature: self.kd_temperature.unwrap_or(distill::DEFAULT_TEMPERATURE),
+                weight: self.kd_weight.unwrap_or(distill::DEFAULT_WEIGHT),
+            }
+        };
+        Ok(Some(Distillation {
+            teacher: teacher.clone(),
+            teacher_sha256: String::new(),
+            loss,
+        }))
     }
 }
 
@@ -186,7 +235,7 @@ pub fn train(args: TrainArgs) -> Result<(), zoo::Error> {
     };
     match &config {
         Some(c) => println!(
-            "training {} on {} into {} ({} epoch(s){}, batch {}, {} lr {} {}, seed {})",
+            "training {} on {} into {} ({} epoch(s){}, batch {}, {} lr {} {}, seed {}){}",
             c.model,
             c.data,
             run_dir.display(),
@@ -198,7 +247,11 @@ pub fn train(args: TrainArgs) -> Result<(), zoo::Error> {
             c.optimizer,
             c.learning_rate,
             c.schedule,
-            c.seed
+            c.seed,
+            c.distill
+                .as_ref()
+                .map(|d| format!("; distilled from {} with {}", d.teacher, d.loss))
+                .unwrap_or_default()
         ),
         None => println!("resuming the run in {}", run_dir.display()),
     }
