@@ -6,9 +6,13 @@
 #
 #   scripts/publish_fmnist.sh                          # every model, the default budget
 #   BUDGET="--epochs 8" MODELS="quicknet quicknet-lab" scripts/publish_fmnist.sh
+#   FROM=target/accuracy-runs scripts/publish_fmnist.sh   # the accuracy campaign's runs
 #   ZOO_HUB_ORG=me HF_ENDPOINT=http://127.0.0.1:8000 scripts/publish_fmnist.sh
 #
 # Environment:
+#   FROM      a folder of finished runs (benches/fashion_mnist_accuracy.sh's): each model's run
+#             with the best test top-1 (any seed, distilled or not) is published, nothing is
+#             trained, and a model without a finished run there is skipped
 #   BUDGET    zoo train flags fixing the length (default `--max-steps 700`, the quick start's)
 #   TRAIN     extra zoo train flags (for example `--no-eval`)
 #   MODELS    the models, space-separated (default: every registered one, from `zoo list`)
@@ -32,7 +36,27 @@ if [[ -z ${MODELS:-} ]]; then
     MODELS=$("$ZOO" list | awk 'NR > 1 && NF == 0 { exit } NR > 1 { print $1 }')
 fi
 mkdir -p "$RUNS"
+# The campaign run of `$1` with the best final test top-1 (its folders are `<model>-e<N>-s<seed>...`).
+best_campaign_run() {
+    python3 - "$FROM" "$1" <<'PY'
+import json, pathlib, sys
+runs = [(json.load(open(s)), s.parent) for s in pathlib.Path(sys.argv[1]).glob("*/summary.json")]
+runs = [(s["final_val"]["top1"], str(d)) for s, d in runs
+        if s["config"]["model"] == sys.argv[2] and s.get("final_val")]
+print(max(runs)[1] if runs else "")
+PY
+}
 for model in $MODELS; do
+    if [[ -n ${FROM:-} ]]; then
+        run=$(best_campaign_run "$model")
+        if [[ -z $run ]]; then
+            echo "== $model: no finished run in $FROM, skipped"
+            continue
+        fi
+        echo "== $model: publishing $run"
+        "$ZOO" push "$run" --tag fmnist --message "Publish $model.fmnist from $(basename "$run")"
+        continue
+    fi
     run="$RUNS/$model"
     if [[ -f $run/model.safetensors ]]; then
         echo "== $model: reusing $run"
