@@ -770,3 +770,85 @@ fn a_distilled_run_learns_from_its_teacher_and_resumes_only_with_it() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn inspect_reports_what_each_binarizer_gives() {
+    let (dir, _, data) = tiny_setup("inspect");
+    let spec = dir.join("tiny_mixed.yaml");
+    std::fs::write(
+        &spec,
+        TINY_SPEC
+            .replace("name: tiny-lab", "name: tiny-mixed")
+            .replace("activation: lab", "activation: [lab, sign]"),
+    )
+    .unwrap();
+    let spec = spec.display().to_string();
+    let run = dir.join("run");
+    let mut config = RunConfig::new(&spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
+    (config.epochs, config.batch_size) = (1, 32);
+    zoo::train::train(Some(config), &run, &Session { progress: false }).unwrap();
+
+    // The observed forward pass: LAB and sign give ±1, sign exactly where its input is >= 0.
+    let weights = RunWeights::open(&run).unwrap();
+    let val = zoo::train::open_dataset(&data, zoo::data::Split::Validation, 32, false).unwrap();
+    let network = weights.network(&spec, &val).unwrap();
+    let mut pixels = vec![0f32; 64 * 32 * 32];
+    for (i, out) in pixels.chunks_mut(32 * 32).enumerate() {
+        val.load(i, None, out).unwrap();
+    }
+    let xs = Tensor::from_vec(pixels, (64, 1, 32, 32), &Device::Cpu).unwrap();
+    let mut seen = Vec::new();
+    let logits = network
+        .forward_observed(&xs, false, &mut |name, binarizer, input, output| {
+            let values = output.flatten_all()?.to_vec1::<f32>()?;
+            assert!(values.iter().all(|v| v.abs() == 1.0), "{name}");
+            if let zoo::layers::Binarizer::Sign(_) = binarizer {
+                let signs = input.ge(0f32)?.to_dtype(candle_core::DType::F32)?;
+                let expected = ((signs * 2.0)? - 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(values, expected, "{name}");
+            }
+            let plus = values.iter().filter(|&&v| v > 0.0).count() as f64 / values.len() as f64;
+            seen.push((name.to_string(), plus));
+            Ok(())
+        })
+        .unwrap();
+    let plain = weights
+        .build(&spec, &val)
+        .unwrap()
+        .forward(&xs, false)
+        .unwrap();
+    assert_eq!(
+        logits.to_vec2::<f32>().unwrap(),
+        plain.to_vec2::<f32>().unwrap()
+    );
+    let names: Vec<&str> = seen.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["stage1.block1.conv", "stage1.block2.conv"]);
+
+    // `zoo inspect` reports the same shares, both binarizers and LAB's beta.
+    let json = dir.join("binarizers.json");
+    let (ok, out, err) = zoo(&[
+        "inspect",
+        run.to_str().unwrap(),
+        "--images",
+        "64",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("stage1.block2.conv") && out.contains("sign"),
+        "{out}"
+    );
+    let stats: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for ((name, plus), s) in seen.iter().zip(&stats) {
+        assert_eq!(s["layer"], name.as_str());
+        assert_eq!(s["channels"], 8);
+        assert!((s["plus"].as_f64().unwrap() - plus).abs() < 1e-9, "{s}");
+    }
+    assert_eq!(stats[0]["binarizer"], "lab");
+    assert!(stats[0]["beta"].as_f64().is_some());
+    assert_eq!(stats[1]["binarizer"], "sign");
+    assert!(stats[1]["beta"].is_null());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

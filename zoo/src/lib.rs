@@ -27,6 +27,7 @@ pub mod engine;
 pub mod hub;
 pub mod import;
 pub mod init;
+pub mod inspect;
 pub mod io;
 pub mod layers;
 pub mod models;
@@ -37,7 +38,7 @@ pub mod train;
 
 pub use candle_core;
 pub use candle_nn;
-pub use network::Network;
+pub use network::{Network, Observer};
 pub use registry::{build, list, spec, spec_text, Entry};
 pub use zoo_spec as spec;
 pub use zoo_spec::{ModelConfig, Spec};

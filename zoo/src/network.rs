@@ -18,12 +18,12 @@ pub struct Network {
 }
 
 enum Layer {
-    Conv(QuantConv2d),
+    Conv(String, QuantConv2d),
     DepthwiseConv(DepthwiseConv2d),
     BatchNorm(BatchNorm),
     PRelu(PRelu),
     Bias(Bias),
-    Binarize(Binarizer),
+    Binarize(String, Binarizer),
     Dense(Dense),
     Stateless(Op),
     Residual {
@@ -68,12 +68,12 @@ fn build(node: &Node, vb: &VarBuilder, analysis: &Analysis, config: &ModelConfig
     let parent = vb;
     let vb = vb.pp(&node.name);
     Ok(match &node.op {
-        Op::Conv(c) => Layer::Conv(QuantConv2d::new(vb, input, c)?),
+        Op::Conv(c) => Layer::Conv(node.name.clone(), QuantConv2d::new(vb, input, c)?),
         Op::DepthwiseConv(c) => Layer::DepthwiseConv(DepthwiseConv2d::new(vb, input, c)?),
         Op::BatchNorm(c) => Layer::BatchNorm(BatchNorm::new(vb, input, c)?),
         Op::PRelu(c) => Layer::PRelu(PRelu::new(vb, input, c)?),
         Op::Bias => Layer::Bias(Bias::new(vb, input)?),
-        Op::Binarize(a) => Layer::Binarize(Binarizer::new(vb, input, a)?),
+        Op::Binarize(a) => Layer::Binarize(node.name.clone(), Binarizer::new(vb, input, a)?),
         Op::Dense(c) => Layer::Dense(Dense::new(vb, input, c, config.classes)?),
         Op::Residual(r) => Layer::Residual {
             body: build_all(&r.body, parent, analysis, config)?,
@@ -89,31 +89,64 @@ fn build(node: &Node, vb: &VarBuilder, analysis: &Analysis, config: &ModelConfig
     })
 }
 
-fn forward_all(layers: &[Layer], xs: &Tensor, train: bool) -> Result<Tensor> {
+/// Sees every binarized activation of a forward pass: the layer's name, its binarizer, the
+/// real-valued input and the ±1 output.
+pub type Observer<'a> = dyn FnMut(&str, &Binarizer, &Tensor, &Tensor) -> Result<()> + 'a;
+
+impl Network {
+    /// [`Model::forward`], calling `observe` with each binarizer's input and output (of binary
+    /// convolutions and `binarize` layers, in the order they run).
+    pub fn forward_observed(
+        &self,
+        xs: &Tensor,
+        train: bool,
+        observe: &mut Observer<'_>,
+    ) -> Result<Tensor> {
+        forward_all(&self.layers, xs, train, observe)?.flatten_from(1)
+    }
+}
+
+fn forward_all(
+    layers: &[Layer],
+    xs: &Tensor,
+    train: bool,
+    observe: &mut Observer<'_>,
+) -> Result<Tensor> {
     let mut xs = xs.clone();
     for layer in layers {
-        xs = forward(layer, &xs, train)?;
+        xs = forward(layer, &xs, train, observe)?;
     }
     Ok(xs)
 }
 
-fn forward(layer: &Layer, xs: &Tensor, train: bool) -> Result<Tensor> {
+fn forward(layer: &Layer, xs: &Tensor, train: bool, observe: &mut Observer<'_>) -> Result<Tensor> {
     match layer {
-        Layer::Conv(l) => l.forward(xs),
+        Layer::Conv(name, l) => {
+            if !matches!(l.binarizer(), Binarizer::None) {
+                observe(name, l.binarizer(), xs, &l.binarizer().forward(xs)?)?;
+            }
+            l.forward(xs)
+        }
         Layer::DepthwiseConv(l) => l.forward(xs),
         Layer::BatchNorm(l) => l.forward(xs, train),
         Layer::PRelu(l) => l.forward(xs),
         Layer::Bias(l) => l.forward(xs),
-        Layer::Binarize(l) => l.forward(xs),
+        Layer::Binarize(name, l) => {
+            let ys = l.forward(xs)?;
+            if !matches!(l, Binarizer::None) {
+                observe(name, l, xs, &ys)?;
+            }
+            Ok(ys)
+        }
         Layer::Dense(l) => l.forward(xs),
         Layer::Residual { body, shortcut } => {
-            let shortcut = forward_all(shortcut, xs, train)?;
-            forward_all(body, xs, train)? + shortcut
+            let shortcut = forward_all(shortcut, xs, train, observe)?;
+            forward_all(body, xs, train, observe)? + shortcut
         }
         Layer::Concat(branches) => {
             let outs = branches
                 .iter()
-                .map(|b| forward_all(b, xs, train))
+                .map(|b| forward_all(b, xs, train, observe))
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&outs, 1)
         }
@@ -135,7 +168,7 @@ fn forward(layer: &Layer, xs: &Tensor, train: bool) -> Result<Tensor> {
 
 impl Model for Network {
     fn forward(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        forward_all(&self.layers, xs, train)?.flatten_from(1)
+        forward_all(&self.layers, xs, train, &mut |_, _, _, _| Ok(()))?.flatten_from(1)
     }
 
     fn spec(&self) -> &Spec {

@@ -119,6 +119,11 @@ impl Lab {
         ))
     }
 
+    /// The learnable scale `beta`.
+    pub fn beta(&self) -> &Tensor {
+        &self.beta
+    }
+
     /// Binarizes `xs` (`N x C x H x W`) to ±1.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let pairing = match self.pairing {

@@ -79,6 +79,11 @@ impl QuantConv2d {
         &self.weight
     }
 
+    /// The binarizer of the layer's input.
+    pub fn binarizer(&self) -> &Binarizer {
+        &self.binarizer
+    }
+
     /// Applies the layer to `N x C x H x W` input.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if let Some(ys) = self.binary_forward(xs)? {

@@ -521,6 +521,35 @@ impl RunWeights {
     /// Builds `model` (a registered name or spec file) with these weights for the images and
     /// classes of `dataset`.
     pub fn build(&self, model: &str, dataset: &Arc<dyn Dataset>) -> Result<Box<dyn Model>, Error> {
+        let (varmap, config) = self.variables(model, dataset)?;
+        crate::build(
+            model,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &config,
+        )
+    }
+
+    /// [`RunWeights::build`] through the runtime builder, whatever the model: a
+    /// [`crate::Network`] computes the same function and can show its binarized activations.
+    pub fn network(
+        &self,
+        model: &str,
+        dataset: &Arc<dyn Dataset>,
+    ) -> Result<crate::Network, Error> {
+        let (varmap, config) = self.variables(model, dataset)?;
+        crate::Network::new(
+            crate::spec(model)?,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            &config,
+        )
+    }
+
+    /// The weights as the variables of `model` for `dataset`'s images and classes.
+    fn variables(
+        &self,
+        model: &str,
+        dataset: &Arc<dyn Dataset>,
+    ) -> Result<(VarMap, ModelConfig), Error> {
         let [c, h, w] = dataset.shape();
         let config = ModelConfig {
             input: crate::spec::InputShape {
@@ -530,18 +559,13 @@ impl RunWeights {
             },
             classes: dataset.classes().len(),
         };
-        let spec = crate::spec(model)?;
-        let params: Vec<crate::spec::Param> = crate::spec::analyze(&spec, &config)?
+        let params: Vec<crate::spec::Param> = crate::spec::analyze(&crate::spec(model)?, &config)?
             .params()
             .cloned()
             .collect();
         let varmap = VarMap::new();
         load_into(&varmap, &self.tensors, &params, &self.path)?;
-        crate::build(
-            model,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            &config,
-        )
+        Ok((varmap, config))
     }
 }
 

@@ -24,35 +24,69 @@ pub struct EvalArgs {
     batch_size: usize,
 }
 
+/// Trained weights with their architecture and the validation split they are judged on.
+pub struct Judged {
+    /// The weights read.
+    pub run: zoo::train::RunWeights,
+    /// The architecture: a registered name or a spec file.
+    pub model: String,
+    /// The dataset, as named.
+    pub data: String,
+    /// Its validation split, at the model's input size.
+    pub dataset: std::sync::Arc<dyn zoo::data::Dataset>,
+}
+
+impl Judged {
+    /// Resolves `weights` (a run, weights file or pretrained model), its architecture (`spec`,
+    /// else the run's or repo's) and the validation split of `data` (else the run's, the
+    /// repo's, Fashion-MNIST) at `input` (else the run's size, else the data's usual one).
+    pub fn open(
+        weights: &str,
+        spec: Option<String>,
+        data: Option<String>,
+        input: Option<usize>,
+    ) -> Result<Judged, zoo::Error> {
+        let source = WeightsSource::resolve(weights, spec)?;
+        let run = zoo::train::RunWeights::open(&source.path)?;
+        let model = source
+            .spec
+            .or(run.config.as_ref().map(|c| c.model.clone()))
+            .ok_or_else(|| {
+                zoo::Error::Train(format!(
+                    "`{}` carries no run configuration: name its architecture with --spec",
+                    source.path.display()
+                ))
+            })?;
+        let data = data
+            .or(run.config.as_ref().map(|c| c.data.clone()))
+            .or(source.dataset)
+            .unwrap_or_else(|| zoo::train::FASHION_MNIST.to_string());
+        let spec = zoo::spec(&model)?;
+        let side = input
+            .or(run
+                .config
+                .as_ref()
+                .and_then(|c| c.model_config().ok())
+                .map(|c| c.input.height))
+            .unwrap_or_else(|| zoo::train::default_side(&data, &spec));
+        let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, side, false)?;
+        Ok(Judged {
+            run,
+            model,
+            data,
+            dataset,
+        })
+    }
+}
+
 /// Evaluates weights on a validation split.
 pub fn eval(args: EvalArgs) -> Result<(), zoo::Error> {
-    let source = WeightsSource::resolve(&args.weights, args.spec)?;
-    let weights = source.path;
-    let run = zoo::train::RunWeights::open(&weights)?;
-    let model = source
-        .spec
-        .or(run.config.as_ref().map(|c| c.model.clone()))
-        .ok_or_else(|| {
-            zoo::Error::Train(format!(
-                "`{}` carries no run configuration: name its architecture with --spec",
-                weights.display()
-            ))
-        })?;
-    let data = args
-        .data
-        .or(run.config.as_ref().map(|c| c.data.clone()))
-        .or(source.dataset)
-        .unwrap_or_else(|| zoo::train::FASHION_MNIST.to_string());
-    let spec = zoo::spec(&model)?;
-    let side = args
-        .input
-        .or(run
-            .config
-            .as_ref()
-            .and_then(|c| c.model_config().ok())
-            .map(|c| c.input.height))
-        .unwrap_or_else(|| zoo::train::default_side(&data, &spec));
-    let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, side, false)?;
+    let Judged {
+        run,
+        model,
+        data,
+        dataset,
+    } = Judged::open(&args.weights, args.spec, args.data, args.input)?;
     let model = run.build(&model, &dataset)?;
     let session = zoo::train::Session {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

@@ -6,6 +6,7 @@ mod export;
 mod hub;
 mod infer;
 mod info;
+mod inspect;
 mod train;
 
 use std::path::PathBuf;
@@ -66,6 +67,9 @@ enum Command {
     /// Print the top-1 and top-5 accuracy of a run's weights, a weights file or a pretrained
     /// model on the validation split of a dataset.
     Eval(eval::EvalArgs),
+    /// Show what each binarizer of trained weights does on validation images: the share of +1,
+    /// its spread over channels, channels stuck at one sign, LAB's beta.
+    Inspect(inspect::InspectArgs),
     /// Fold and pack trained weights into a `.zoo` model for the inference engine: batch norm
     /// and kernel scales become per-channel multipliers, binary kernels bits, LAB one kernel
     /// and threshold per channel (a safetensors file with the spec inside).
@@ -177,6 +181,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
         } => info::import_larq(&weights, &spec, input, classes, &output),
         Command::Train(args) => train::train(*args),
         Command::Eval(args) => eval::eval(args),
+        Command::Inspect(args) => inspect::inspect(args),
         Command::Export(args) => export::export(args),
         Command::Bench(args) => infer::bench(args, threads),
         Command::Predict(args) => infer::predict(args, threads),
