@@ -208,6 +208,24 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
     assert_eq!(steps, [24, 32]);
     assert!(run.join("best.safetensors").is_file());
     assert!(run.join("summary.json").is_file());
+    // The report: finished, every epoch's validation top-1, the curves as an SVG that parses,
+    // the configuration and the model summary.
+    let report = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert!(report.contains("Finished: 32 steps"), "{report}");
+    for m in &epochs {
+        let top1 = format!("<td>{:.2}%</td>", m.val.unwrap().top1);
+        assert!(report.contains(&top1), "{top1} missing");
+    }
+    let svg = &report[report.find("<svg").unwrap()..report.find("</svg>").unwrap() + 6];
+    let doc = roxmltree::Document::parse(svg).unwrap();
+    assert!(doc
+        .descendants()
+        .any(|n| n.text().map(str::trim) == Some("run")));
+    assert!(
+        report.contains("&quot;batch_size&quot;: 32"),
+        "the configuration"
+    );
+    assert!(report.contains("Binary MACs"), "the model summary");
     let config: RunConfig =
         serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
     assert_eq!((config.input.as_str(), config.classes), ("32x32x1", 10));

@@ -32,6 +32,7 @@ pub mod io;
 pub mod layers;
 pub mod models;
 mod network;
+pub mod plot;
 mod registry;
 pub mod summary;
 pub mod train;

@@ -12,6 +12,7 @@
 pub mod checkpoint;
 pub mod distill;
 pub mod optim;
+pub mod report;
 mod run;
 pub mod schedule;
 

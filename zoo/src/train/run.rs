@@ -12,6 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::checkpoint::{self, Checkpoint, Progress};
 use super::distill::{self, Teacher};
 use super::optim::{Adam, Slot};
+use super::report;
 use super::schedule::LearningRate;
 use super::{
     append_line, bar, bar_for, batch_tensors, cross_entropy, default_side, describe_epoch,
@@ -251,6 +252,8 @@ struct Run<'a> {
     rate: LearningRate,
     progress: Progress,
     last_lr: f64,
+    /// `zoo summary`'s table of the model, for the report.
+    model_summary: String,
 }
 
 impl<'a> Run<'a> {
@@ -284,6 +287,7 @@ impl<'a> Run<'a> {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let model = crate::build(&config.model, vb, &model_config)?;
+        let model_summary = crate::summary::render(&spec, &model_config)?;
         let teacher = open_teacher(&mut config, !is_new, dir)?;
         let optimizer = build_optimizer(&varmap, &params, &config, resumed.as_ref(), dir)?;
 
@@ -329,7 +333,25 @@ impl<'a> Run<'a> {
             rate,
             progress,
             last_lr,
+            model_summary,
         })
+    }
+
+    /// Rewrites `report.html` from `metrics.jsonl`; a failure is a warning, never the end of
+    /// a run.
+    fn write_report(&self, finished: Option<&RunSummary>) {
+        let written = crate::plot::RunCurves::open(self.dir).and_then(|curves| {
+            report::write(
+                self.dir,
+                &self.config,
+                &curves.epochs,
+                &self.model_summary,
+                finished,
+            )
+        });
+        if let Err(e) = written {
+            eprintln!("warning: {} not written: {e}", report::REPORT);
+        }
     }
 
     fn save_checkpoint(&self) -> Result<PathBuf, Error> {
@@ -463,6 +485,7 @@ impl<'a> Run<'a> {
             &self.dir.join("metrics.jsonl"),
             &serde_json::to_string(&metrics).expect("metrics serialise"),
         )?;
+        self.write_report(None);
         if let Some(acc) = val {
             let epoch_number = metrics.epoch.ceil() as u64;
             if self.progress.best.is_none_or(|(best, _)| acc.top1 > best) {
@@ -523,7 +546,7 @@ impl<'a> Run<'a> {
             best: self.progress.best,
             train_images_per_second: Clock::images_per_second(clock.images, clock.seconds),
             wall_seconds: started.elapsed().as_secs_f64(),
-            config: self.config,
+            config: self.config.clone(),
         };
         crate::io::write_bytes_atomically(
             &self.dir.join("summary.json"),
@@ -531,6 +554,7 @@ impl<'a> Run<'a> {
                 .expect("a summary serialises")
                 .as_bytes(),
         )?;
+        self.write_report(Some(&summary));
         Ok(summary)
     }
 }

@@ -7,6 +7,7 @@ mod hub;
 mod infer;
 mod info;
 mod inspect;
+mod plot;
 mod train;
 
 use std::path::PathBuf;
@@ -70,6 +71,9 @@ enum Command {
     /// Show what each binarizer of trained weights does on validation images: the share of +1,
     /// its spread over channels, channels stuck at one sign, LAB's beta.
     Inspect(inspect::InspectArgs),
+    /// Draw the training curves of one or more runs (loss, validation and training top-1,
+    /// learning rate; one colour per run) as PNG or SVG.
+    Plot(plot::PlotArgs),
     /// Fold and pack trained weights into a `.zoo` model for the inference engine: batch norm
     /// and kernel scales become per-channel multipliers, binary kernels bits, LAB one kernel
     /// and threshold per channel (a safetensors file with the spec inside).
@@ -182,6 +186,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
         Command::Train(args) => train::train(*args),
         Command::Eval(args) => eval::eval(args),
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Plot(args) => plot::plot(args),
         Command::Export(args) => export::export(args),
         Command::Bench(args) => infer::bench(args, threads),
         Command::Predict(args) => infer::predict(args, threads),

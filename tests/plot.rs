@@ -1,0 +1,135 @@
+//! Pictures: `zoo plot` writes charts that decode (PNG) and parse (SVG) and show every run;
+//! bad inputs are clear errors.
+
+use std::path::Path;
+use std::process::Command;
+
+use zoo::train::{Accuracy, EpochMetrics};
+
+fn zoo(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_zoo"))
+        .args(args)
+        .output()
+        .expect("the zoo binary runs");
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A run directory with `epochs` epochs of made-up metrics, validation top-1 from `top1`.
+fn fake_run(dir: &Path, epochs: usize, top1: f64) {
+    std::fs::create_dir_all(dir).unwrap();
+    let lines: Vec<String> = (1..=epochs)
+        .map(|e| {
+            let m = EpochMetrics {
+                epoch: e as f64,
+                step: 100 * e as u64,
+                train_loss: 1.0 / e as f64,
+                train_top1: top1 - 2.0 + e as f64,
+                val: Some(Accuracy {
+                    top1: top1 + e as f64,
+                    top5: 99.0,
+                    loss: 0.5,
+                    images: 100,
+                    skipped: 0,
+                }),
+                learning_rate: 1e-3 * (1.0 - e as f64 / (epochs + 1) as f64),
+                images_per_second: 100.0,
+                seconds: 10.0,
+                skipped: 0,
+            };
+            serde_json::to_string(&m).unwrap()
+        })
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+#[test]
+fn curves_of_several_runs_as_png_and_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sign, lab) = (dir.path().join("sign-run"), dir.path().join("lab-run"));
+    fake_run(&sign, 4, 80.0);
+    fake_run(&lab, 3, 82.0);
+    let png = dir.path().join("curves.png");
+    let (ok, out, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        lab.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("sign-run, lab-run"), "{out}");
+    let image = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (1280, 900));
+    // Both runs' colours are drawn.
+    for colour in [zoo::plot::colour(0), zoo::plot::colour(1)] {
+        let rgb = image::Rgb([colour.0, colour.1, colour.2]);
+        assert!(image.pixels().any(|p| *p == rgb), "{colour:?} is not drawn");
+    }
+
+    let svg = dir.path().join("curves.svg");
+    let (ok, _, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        lab.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+        "--by",
+        "step",
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for label in [
+        "sign-run",
+        "lab-run",
+        "optimizer step",
+        "Validation top-1",
+        "learning rate",
+    ] {
+        assert!(texts.contains(&label), "`{label}` missing from {texts:?}");
+    }
+}
+
+#[test]
+fn bad_plot_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("no-metrics");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = dir.path().join("x.png");
+    let (ok, _, err) = zoo(&["plot", empty.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("metrics.jsonl") && err.contains("no-metrics"),
+        "{err}"
+    );
+
+    let broken = dir.path().join("broken");
+    fake_run(&broken, 2, 80.0);
+    std::fs::write(broken.join("metrics.jsonl"), "{\"epoch\": 1}\n").unwrap();
+    let (ok, _, err) = zoo(&[
+        "plot",
+        broken.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(err.contains("line 1"), "{err}");
+
+    let good = dir.path().join("good");
+    fake_run(&good, 2, 80.0);
+    let pdf = dir.path().join("x.pdf");
+    let (ok, _, err) = zoo(&["plot", good.to_str().unwrap(), "-o", pdf.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains(".png") && err.contains("x.pdf"), "{err}");
+    assert!(!pdf.exists() && !out.exists());
+}

@@ -1,0 +1,301 @@
+//! Pictures of runs: training curves of one or more runs side by side, as PNG or SVG.
+//!
+//! Charts are drawn with plotters; text uses a font embedded in the binary (Ubuntu Light, from
+//! `epaint_default_fonts`), so a PNG looks the same on a machine without fonts. Files are
+//! written atomically.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::train::EpochMetrics;
+use crate::Error;
+
+/// Colours of successive runs (Tableau 10: distinct, and readable on white).
+const COLOURS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// The colour of run `i`.
+pub fn colour(i: usize) -> RGBColor {
+    COLOURS[i % COLOURS.len()]
+}
+
+const FONT: &str = "sans-serif";
+
+fn register_font() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT)
+            .map_err(|_| ())
+            .expect("the embedded font parses");
+    });
+}
+
+/// A picture that can draw itself on any plotters backend.
+pub trait Chart {
+    /// Draws on `area` (already white).
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String>;
+}
+
+/// `chart` as an SVG document of `size` pixels.
+pub fn svg(chart: &impl Chart, size: (u32, u32)) -> Result<String, String> {
+    register_font();
+    let mut svg = String::new();
+    {
+        let area = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        area.fill(&WHITE).map_err(|e| e.to_string())?;
+        chart.draw(&area)?;
+        area.present().map_err(|e| e.to_string())?;
+    }
+    Ok(svg)
+}
+
+/// Draws `chart` into `out` at `size` pixels: SVG when the name ends in `.svg`, PNG when in
+/// `.png`. Written atomically.
+pub fn save(chart: &impl Chart, out: &Path, size: (u32, u32)) -> Result<(), Error> {
+    register_font();
+    let fail = |message: String| Error::Write {
+        path: out.display().to_string(),
+        message,
+    };
+    let bytes = match out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => svg(chart, size).map_err(&fail)?.into_bytes(),
+        Some("png") => {
+            let mut rgb = vec![0u8; size.0 as usize * size.1 as usize * 3];
+            {
+                let area = BitMapBackend::with_buffer(&mut rgb, size).into_drawing_area();
+                area.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+                chart.draw(&area).map_err(&fail)?;
+                area.present().map_err(|e| fail(e.to_string()))?;
+            }
+            let image =
+                image::RgbImage::from_raw(size.0, size.1, rgb).expect("the buffer holds the image");
+            let mut png = std::io::Cursor::new(Vec::new());
+            image
+                .write_to(&mut png, image::ImageFormat::Png)
+                .map_err(|e| fail(e.to_string()))?;
+            png.into_inner()
+        }
+        _ => {
+            return Err(fail(
+                "expected a file name ending in `.png` or `.svg`".into(),
+            ))
+        }
+    };
+    crate::io::write_bytes_atomically(out, &bytes)
+}
+
+/// What the horizontal axis of curves counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XAxis {
+    /// Epochs.
+    Epoch,
+    /// Optimizer steps.
+    Step,
+}
+
+/// The per-epoch metrics of one run, with the name its curves carry.
+#[derive(Clone, Debug)]
+pub struct RunCurves {
+    /// The legend's name for the run (its directory's name).
+    pub name: String,
+    /// One entry per epoch, from `metrics.jsonl`.
+    pub epochs: Vec<EpochMetrics>,
+}
+
+impl RunCurves {
+    /// Reads `metrics.jsonl` of the run directory `dir`.
+    pub fn open(dir: &Path) -> Result<RunCurves, Error> {
+        let path: PathBuf = dir.join("metrics.jsonl");
+        let fail = |message: String| Error::Run {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            fail(format!(
+                "cannot read the run's per-epoch metrics ({e}): expected a run directory of `zoo train` that has finished an epoch"
+            ))
+        })?;
+        let epochs = text
+            .lines()
+            .enumerate()
+            .map(|(i, line)| {
+                serde_json::from_str::<EpochMetrics>(line)
+                    .map_err(|e| fail(format!("line {}: not an epoch's metrics: {e}", i + 1)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if epochs.is_empty() {
+            return Err(fail("holds no epoch yet".into()));
+        }
+        let name = std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(RunCurves { name, epochs })
+    }
+}
+
+/// Training curves of several runs: train loss, top-1 (train dashed, validation solid) and the
+/// learning rate, by epoch or by step, one colour per run.
+pub struct Curves<'a> {
+    /// The runs.
+    pub runs: &'a [RunCurves],
+    /// The horizontal axis.
+    pub x: XAxis,
+}
+
+impl Curves<'_> {
+    fn x(&self, m: &EpochMetrics) -> f64 {
+        match self.x {
+            XAxis::Epoch => m.epoch,
+            XAxis::Step => m.step as f64,
+        }
+    }
+
+    fn x_label(&self) -> &'static str {
+        match self.x {
+            XAxis::Epoch => "epoch",
+            XAxis::Step => "optimizer step",
+        }
+    }
+
+    fn x_range(&self) -> std::ops::Range<f64> {
+        let end = self
+            .runs
+            .iter()
+            .flat_map(|r| r.epochs.iter().map(|m| self.x(m)))
+            .fold(0.0, f64::max);
+        0.0..end.max(1e-9) * 1.02
+    }
+
+    /// One panel: `value` of every run's epochs (`None` skipped) against the x axis, dashed
+    /// or solid.
+    fn panel<DB: DrawingBackend>(
+        &self,
+        area: &DrawingArea<DB, Shift>,
+        title: &str,
+        y_label: &str,
+        value: &dyn Fn(&EpochMetrics) -> Option<f64>,
+        dashed: bool,
+        legend_at: SeriesLabelPosition,
+    ) -> Result<(), String> {
+        let values: Vec<f64> = self
+            .runs
+            .iter()
+            .flat_map(|r| r.epochs.iter())
+            .filter_map(value)
+            .collect();
+        let (lo, hi) = values
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        let (lo, hi) = if values.is_empty() {
+            (0.0, 1.0)
+        } else {
+            let pad = ((hi - lo) * 0.05).max(1e-9);
+            (lo - pad, hi + pad)
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, (FONT, 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(64)
+            .build_cartesian_2d(self.x_range(), lo..hi)
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label())
+            .y_desc(y_label)
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (i, run) in self.runs.iter().enumerate() {
+            let colour = colour(i);
+            let points: Vec<(f64, f64)> = run
+                .epochs
+                .iter()
+                .filter_map(|m| value(m).map(|y| (self.x(m), y)))
+                .collect();
+            let style = colour.stroke_width(2);
+            let legend = move |(x, y): (i32, i32)| {
+                PathElement::new(vec![(x, y), (x + 22, y)], colour.stroke_width(2))
+            };
+            let drawn = if dashed {
+                chart.draw_series(DashedLineSeries::new(points.clone(), 6, 4, style))
+            } else {
+                chart.draw_series(LineSeries::new(points.clone(), style))
+            };
+            drawn
+                .map_err(|e| e.to_string())?
+                .label(run.name.clone())
+                .legend(legend);
+            chart
+                .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 13))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .position(legend_at)
+            .draw()
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Chart for Curves<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let panels = area.split_evenly((2, 2));
+        self.panel(
+            &panels[0],
+            "Training loss",
+            "mean loss over the epoch",
+            &|m| Some(m.train_loss),
+            false,
+            SeriesLabelPosition::UpperRight,
+        )?;
+        self.panel(
+            &panels[1],
+            "Validation top-1",
+            "top-1 (%)",
+            &|m| m.val.map(|v| v.top1),
+            false,
+            SeriesLabelPosition::LowerRight,
+        )?;
+        self.panel(
+            &panels[2],
+            "Training top-1 (augmented images)",
+            "top-1 (%)",
+            &|m| Some(m.train_top1),
+            true,
+            SeriesLabelPosition::LowerRight,
+        )?;
+        self.panel(
+            &panels[3],
+            "Learning rate (last step of the epoch)",
+            "learning rate",
+            &|m| Some(m.learning_rate),
+            false,
+            SeriesLabelPosition::UpperRight,
+        )
+    }
+}
+
+/// Draws the curves of `runs` into `out` (`.png` or `.svg`), 1280x900 pixels.
+pub fn curves(runs: &[RunCurves], x: XAxis, out: &Path) -> Result<(), Error> {
+    save(&Curves { runs, x }, out, (1280, 900))
+}
