@@ -870,3 +870,80 @@ fn inspect_reports_what_each_binarizer_gives() {
     assert!(stats[1]["beta"].is_null());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `zoo train --tensorboard` writes event files that TensorBoard's own reader reads back:
+/// every step's loss and learning rate, and the per-epoch figures of `metrics.jsonl`.
+#[test]
+fn tensorboard_reads_the_event_files_of_a_run() {
+    let Some(python) = std::env::var_os("ZOO_TENSORBOARD_PYTHON") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must set ZOO_TENSORBOARD_PYTHON to a python with tensorboard"
+        );
+        println!("skipped: set ZOO_TENSORBOARD_PYTHON to a python with tensorboard");
+        return;
+    };
+    let (dir, spec, data) = tiny_setup("tensorboard");
+    let run = dir.join("run");
+    let (ok, _, err) = zoo(&[
+        "--threads",
+        "1",
+        "train",
+        &spec,
+        "--data",
+        &data,
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--tensorboard",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/support/tensorboard_read.py"
+    );
+    let out = Command::new(python)
+        .arg(script)
+        .arg(run.join("tensorboard"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let series: std::collections::HashMap<String, Vec<(u64, f64)>> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    let loss = &series["step/train_loss"];
+    assert_eq!(
+        loss.iter().map(|p| p.0).collect::<Vec<_>>(),
+        (1..=16).collect::<Vec<_>>()
+    );
+    assert_eq!(series["step/learning_rate"].len(), 16);
+    let metrics: Vec<zoo::train::EpochMetrics> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+    type Field = fn(&zoo::train::EpochMetrics) -> f64;
+    let fields: [(&str, Field); 5] = [
+        ("epoch/train_loss", |m| m.train_loss),
+        ("epoch/train_top1", |m| m.train_top1),
+        ("epoch/val_top1", |m| m.val.unwrap().top1),
+        ("epoch/val_loss", |m| m.val.unwrap().loss),
+        ("epoch/learning_rate", |m| m.learning_rate),
+    ];
+    for (tag, value) in fields {
+        let got = &series[tag];
+        assert_eq!(got.len(), metrics.len(), "{tag}");
+        for ((step, v), m) in got.iter().zip(&metrics) {
+            assert_eq!(*step, m.step, "{tag}");
+            assert!(close(*v, value(m)), "{tag}: {v} vs {}", value(m));
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

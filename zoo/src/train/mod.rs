@@ -15,6 +15,7 @@ pub mod optim;
 pub mod report;
 mod run;
 pub mod schedule;
+pub mod tensorboard;
 
 pub use run::train;
 
@@ -86,6 +87,9 @@ pub struct RunConfig {
     /// Knowledge distillation from a teacher, when the run has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<distill::Distillation>,
+    /// Also write TensorBoard event files (under `tensorboard/`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tensorboard: bool,
 }
 
 impl RunConfig {
@@ -114,6 +118,7 @@ impl RunConfig {
             workers: 2,
             cache: false,
             distill: None,
+            tensorboard: false,
         })
     }
 

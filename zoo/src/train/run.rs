@@ -14,6 +14,7 @@ use super::distill::{self, Teacher};
 use super::optim::{Adam, Slot};
 use super::report;
 use super::schedule::LearningRate;
+use super::tensorboard::EventWriter;
 use super::{
     append_line, bar, bar_for, batch_tensors, cross_entropy, default_side, describe_epoch,
     evaluate, load_into, named_tensors, open_dataset, ranks, spec_sha256, truncate_metrics,
@@ -254,6 +255,8 @@ struct Run<'a> {
     last_lr: f64,
     /// `zoo summary`'s table of the model, for the report.
     model_summary: String,
+    /// TensorBoard's event file, when the run writes one.
+    events: Option<EventWriter>,
 }
 
 impl<'a> Run<'a> {
@@ -319,6 +322,10 @@ impl<'a> Run<'a> {
         }
         truncate_metrics(&dir.join("metrics.jsonl"), progress.step)?;
         let last_lr = rate.at(progress.step.saturating_sub(1));
+        let events = match config.tensorboard {
+            true => Some(EventWriter::create(dir)?),
+            false => None,
+        };
         Ok(Run {
             names: params.into_iter().map(|p| p.name).collect(),
             config,
@@ -334,6 +341,7 @@ impl<'a> Run<'a> {
             progress,
             last_lr,
             model_summary,
+            events,
         })
     }
 
@@ -404,6 +412,15 @@ impl<'a> Run<'a> {
         p.epoch_loss_sum += loss;
         p.epoch_steps += 1;
         p.step += 1;
+        if let Some(events) = &mut self.events {
+            events.scalars(
+                p.step,
+                &[
+                    ("step/train_loss", loss),
+                    ("step/learning_rate", self.last_lr),
+                ],
+            )?;
+        }
         Ok(())
     }
 
@@ -461,6 +478,9 @@ impl<'a> Run<'a> {
             if let Some(every) = self.config.checkpoint_every {
                 if p.step.is_multiple_of(every) && p.step < epoch_end {
                     self.save_checkpoint()?;
+                    if let Some(events) = &mut self.events {
+                        events.flush()?;
+                    }
                     tick = Instant::now();
                 }
             }
@@ -486,6 +506,23 @@ impl<'a> Run<'a> {
             &serde_json::to_string(&metrics).expect("metrics serialise"),
         )?;
         self.write_report(None);
+        if let Some(events) = &mut self.events {
+            let mut scalars = vec![
+                ("epoch/train_loss", metrics.train_loss),
+                ("epoch/train_top1", metrics.train_top1),
+                ("epoch/learning_rate", metrics.learning_rate),
+                ("epoch/images_per_second", metrics.images_per_second),
+            ];
+            if let Some(v) = metrics.val {
+                scalars.extend([
+                    ("epoch/val_top1", v.top1),
+                    ("epoch/val_top5", v.top5),
+                    ("epoch/val_loss", v.loss),
+                ]);
+            }
+            events.scalars(metrics.step, &scalars)?;
+            events.flush()?;
+        }
         if let Some(acc) = val {
             let epoch_number = metrics.epoch.ceil() as u64;
             if self.progress.best.is_none_or(|(best, _)| acc.top1 > best) {

@@ -73,6 +73,10 @@ pub struct TrainArgs {
     /// Skip validation after each epoch.
     #[arg(long)]
     no_eval: bool,
+    /// Also write TensorBoard event files under the run directory (`tensorboard/`): the
+    /// per-epoch figures and every step's loss and learning rate.
+    #[arg(long)]
+    tensorboard: bool,
     /// Distil from this trained teacher: a run directory, a weights file of a zoo run, a hub
     /// repo directory or a hub name. It must take the same images and classes (float teachers:
     /// `specs/teachers/`).
@@ -113,6 +117,7 @@ impl TrainArgs {
             ("--workers", self.workers.is_some()),
             ("--cache", self.cache),
             ("--no-eval", self.no_eval),
+            ("--tensorboard", self.tensorboard),
             ("--teacher", self.teacher.is_some()),
             ("--kd", self.kd.is_some()),
             ("--kd-temperature", self.kd_temperature.is_some()),
@@ -160,6 +165,7 @@ impl TrainArgs {
             .unwrap_or(if on_fashion_mnist { 1 } else { c.workers });
         c.cache = self.cache;
         c.eval = !self.no_eval;
+        c.tensorboard = self.tensorboard;
         c.distill = self.distillation()?;
         Ok(c)
     }
