@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{ops::log_softmax, VarBuilder, VarMap};
+use candle_core::{Tensor, D};
+use candle_nn::ops::log_softmax;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -144,7 +144,7 @@ pub struct Teacher {
 
 impl Teacher {
     /// Loads `source`: a zoo run directory, a weights file written by `zoo train`, a hub repo
-    /// directory (`zoo pull`) or a hub name (`quicknet-float.fmnist`, `org/repo`).
+    /// directory (`zoo pull`) or a hub name (`org/repo`, `quicknet-lab.fmnist`).
     pub fn open(source: &str) -> Result<Teacher, Error> {
         let path = Path::new(source);
         let is_repo_dir = path.join(crate::hub::repo::SPEC).is_file();
@@ -156,11 +156,10 @@ impl Teacher {
                           run directory, a hub repo directory or a hub name"
                     .into(),
             })?;
-            let model_config = config.model_config()?;
             (
-                build_frozen(&config.model, &run, &model_config)?,
+                run.build_for(&config.model, &config.model_config()?)?,
                 config.model.clone(),
-                run.path,
+                run.path.clone(),
             )
         } else {
             let loaded = crate::hub::Hub::from_env().load(source)?;
@@ -204,33 +203,6 @@ impl Teacher {
     pub fn logits(&self, images: &Tensor) -> candle_core::Result<Tensor> {
         Ok(self.model.forward(images, false)?.detach())
     }
-}
-
-/// Builds `model` from a run's tensors as plain tensors (not variables): nothing of it trains.
-fn build_frozen(
-    model: &str,
-    run: &RunWeights,
-    config: &ModelConfig,
-) -> Result<Box<dyn Model>, Error> {
-    let spec = crate::spec(model)?;
-    let params: Vec<crate::spec::Param> = crate::spec::analyze(&spec, config)?
-        .params()
-        .cloned()
-        .collect();
-    let varmap = VarMap::new();
-    super::load_into(&varmap, &run.tensors, &params, &run.path)?;
-    let tensors = varmap
-        .data()
-        .lock()
-        .expect("no other user of a fresh varmap")
-        .iter()
-        .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
-        .collect();
-    crate::build(
-        model,
-        VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu),
-        config,
-    )
 }
 
 /// `source` as stored in a run: local paths made absolute, hub names as given.

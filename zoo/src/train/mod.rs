@@ -527,11 +527,16 @@ impl RunWeights {
     /// Builds `model` (a registered name or spec file) with these weights for the images and
     /// classes of `dataset`.
     pub fn build(&self, model: &str, dataset: &Arc<dyn Dataset>) -> Result<Box<dyn Model>, Error> {
-        let (varmap, config) = self.variables(model, dataset)?;
+        self.build_for(model, &dataset_config(dataset))
+    }
+
+    /// Builds `model` with these weights for `config`'s input and classes.
+    pub fn build_for(&self, model: &str, config: &ModelConfig) -> Result<Box<dyn Model>, Error> {
+        let varmap = self.variables(model, config)?;
         crate::build(
             model,
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            &config,
+            config,
         )
     }
 
@@ -542,7 +547,8 @@ impl RunWeights {
         model: &str,
         dataset: &Arc<dyn Dataset>,
     ) -> Result<crate::Network, Error> {
-        let (varmap, config) = self.variables(model, dataset)?;
+        let config = dataset_config(dataset);
+        let varmap = self.variables(model, &config)?;
         crate::Network::new(
             crate::spec(model)?,
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
@@ -550,28 +556,28 @@ impl RunWeights {
         )
     }
 
-    /// The weights as the variables of `model` for `dataset`'s images and classes.
-    fn variables(
-        &self,
-        model: &str,
-        dataset: &Arc<dyn Dataset>,
-    ) -> Result<(VarMap, ModelConfig), Error> {
-        let [c, h, w] = dataset.shape();
-        let config = ModelConfig {
-            input: crate::spec::InputShape {
-                height: h,
-                width: w,
-                channels: c,
-            },
-            classes: dataset.classes().len(),
-        };
-        let params: Vec<crate::spec::Param> = crate::spec::analyze(&crate::spec(model)?, &config)?
+    /// The weights as the variables of `model` for `config`.
+    fn variables(&self, model: &str, config: &ModelConfig) -> Result<VarMap, Error> {
+        let params: Vec<crate::spec::Param> = crate::spec::analyze(&crate::spec(model)?, config)?
             .params()
             .cloned()
             .collect();
         let varmap = VarMap::new();
         load_into(&varmap, &self.tensors, &params, &self.path)?;
-        Ok((varmap, config))
+        Ok(varmap)
+    }
+}
+
+/// The input shape and classes of `dataset`'s images.
+fn dataset_config(dataset: &Arc<dyn Dataset>) -> ModelConfig {
+    let [c, h, w] = dataset.shape();
+    ModelConfig {
+        input: crate::spec::InputShape {
+            height: h,
+            width: w,
+            channels: c,
+        },
+        classes: dataset.classes().len(),
     }
 }
 
