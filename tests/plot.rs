@@ -133,3 +133,72 @@ fn bad_plot_inputs_are_clear_errors() {
     assert!(err.contains(".png") && err.contains("x.pdf"), "{err}");
     assert!(!pdf.exists() && !out.exists());
 }
+
+fn fake_profile(path: &Path, kinds: &[&str]) {
+    let layers: Vec<serde_json::Value> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, kind)| {
+            serde_json::json!({"name": format!("layer{i}"), "kind": kind, "output": "8x8x64",
+                               "ms": 0.01 * (i + 1) as f64, "share": 0.1})
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string(&layers).unwrap()).unwrap();
+}
+
+#[test]
+fn latency_bars_of_two_profiles_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sign, lab) = (dir.path().join("sign.json"), dir.path().join("lab.json"));
+    fake_profile(&sign, &["conv", "binary_conv", "max_pool", "dense"]);
+    fake_profile(&lab, &["conv", "lab+binary_conv", "max_pool", "dense"]);
+    let png = dir.path().join("profile.png");
+    let (ok, _, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        lab.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let image = image::open(&png).unwrap().to_rgb8();
+    assert_eq!(image.dimensions(), (2 * 640, 160 + 16 * 4));
+    let svg = dir.path().join("profile.svg");
+    let (ok, _, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        lab.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for label in [
+        "layer0",
+        "layer3",
+        "sign: 0.100 ms in all",
+        "lab: 0.100 ms in all",
+        "LAB (+ binary conv)",
+    ] {
+        assert!(texts.contains(&label), "`{label}` missing from {texts:?}");
+    }
+
+    // A JSON file of another format, and runs mixed with files, are refused.
+    let other = dir.path().join("other.json");
+    std::fs::write(&other, "{\"model\": \"quicknet\", \"latency_ms\": {}}").unwrap();
+    let (ok, _, err) = zoo(&["plot", other.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("other.json") && err.contains("--profile"),
+        "{err}"
+    );
+    let (ok, _, err) = zoo(&["plot", dir.path().to_str().unwrap(), sign.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("run directories only"), "{err}");
+}

@@ -299,3 +299,156 @@ impl Chart for Curves<'_> {
 pub fn curves(runs: &[RunCurves], x: XAxis, out: &Path) -> Result<(), Error> {
     save(&Curves { runs, x }, out, (1280, 900))
 }
+
+/// One layer of a `zoo bench --profile` JSON file.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct ProfileLayer {
+    /// The layer's name.
+    pub name: String,
+    /// The engine's op kind (`binary_conv`, `lab+binary_conv`, `conv`, `max_pool`, ...).
+    pub kind: String,
+    /// Milliseconds per image at batch 1.
+    pub ms: f64,
+}
+
+/// A per-layer profile of the inference engine, with the name its panel carries.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    /// The panel's title (the file's name).
+    pub name: String,
+    /// The layers, in execution order.
+    pub layers: Vec<ProfileLayer>,
+}
+
+impl Profile {
+    /// Reads a profile written by `zoo bench --profile` (`<prefix>.json`).
+    pub fn open(path: &Path) -> Result<Profile, Error> {
+        let fail = |message: String| Error::Run {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let layers: Vec<ProfileLayer> = serde_json::from_str(&text).map_err(|e| {
+            fail(format!(
+                "not a `zoo bench --profile` JSON file (a list of layers with name, kind and ms): {e}"
+            ))
+        })?;
+        if layers.is_empty() {
+            return Err(fail("lists no layer".into()));
+        }
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Ok(Profile { name, layers })
+    }
+}
+
+/// The groups of op kinds the latency bars are coloured by, with their colours.
+const OP_GROUPS: [(&str, RGBColor); 6] = [
+    ("binary conv", RGBColor(31, 119, 180)),
+    ("LAB (+ binary conv)", RGBColor(255, 127, 14)),
+    ("float conv / dense", RGBColor(44, 160, 44)),
+    ("depthwise conv", RGBColor(148, 103, 189)),
+    ("pooling", RGBColor(140, 86, 75)),
+    ("element-wise", RGBColor(127, 127, 127)),
+];
+
+fn op_group(kind: &str) -> usize {
+    match kind {
+        k if k.contains("lab") => 1,
+        k if k.contains("binary_conv") => 0,
+        "conv" | "dense" => 2,
+        "depthwise_conv" => 3,
+        k if k.contains("pool") => 4,
+        _ => 5,
+    }
+}
+
+/// Per-layer latency as horizontal bars coloured by op kind, one panel per profile side by
+/// side on a shared time axis (a sign model beside its LAB twin).
+pub struct LatencyBars<'a> {
+    /// The profiles.
+    pub profiles: &'a [Profile],
+}
+
+impl Chart for LatencyBars<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let panels = area.split_evenly((1, self.profiles.len()));
+        let max_ms = self
+            .profiles
+            .iter()
+            .flat_map(|p| p.layers.iter().map(|l| l.ms))
+            .fold(0.0, f64::max)
+            * 1.08;
+        for (profile, panel) in self.profiles.iter().zip(&panels) {
+            let n = profile.layers.len();
+            let total: f64 = profile.layers.iter().map(|l| l.ms).sum();
+            let names: Vec<String> = profile.layers.iter().map(|l| l.name.clone()).collect();
+            let mut chart = ChartBuilder::on(panel)
+                .caption(
+                    format!("{}: {:.3} ms in all", profile.name, total),
+                    (FONT, 20),
+                )
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(190)
+                .build_cartesian_2d(0.0..max_ms.max(1e-9), (0..n).into_segmented())
+                .map_err(|e| e.to_string())?;
+            // Layer i fills segment n - 1 - i: the first layer on top.
+            chart
+                .configure_mesh()
+                .x_desc("ms per image at batch 1")
+                .y_labels(n)
+                .y_label_formatter(&|y| match y {
+                    SegmentValue::CenterOf(s) if *s < n => names[n - 1 - s].clone(),
+                    _ => String::new(),
+                })
+                .y_label_style((FONT, 11))
+                .x_label_style((FONT, 13))
+                .axis_desc_style((FONT, 15))
+                .disable_y_mesh()
+                .draw()
+                .map_err(|e| e.to_string())?;
+            chart
+                .draw_series(profile.layers.iter().enumerate().map(|(i, l)| {
+                    let colour = OP_GROUPS[op_group(&l.kind)].1;
+                    let mut bar = Rectangle::new(
+                        [
+                            (0.0, SegmentValue::Exact(n - 1 - i)),
+                            (l.ms, SegmentValue::Exact(n - i)),
+                        ],
+                        colour.filled(),
+                    );
+                    bar.set_margin(2, 2, 0, 0);
+                    bar
+                }))
+                .map_err(|e| e.to_string())?;
+            for (name, colour) in OP_GROUPS {
+                chart
+                    .draw_series(std::iter::empty::<Rectangle<(f64, SegmentValue<usize>)>>())
+                    .map_err(|e| e.to_string())?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 14, y + 5)], colour.filled())
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .label_font((FONT, 13))
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .position(SeriesLabelPosition::LowerRight)
+                .draw()
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Draws per-layer latency bars of `profiles` side by side into `out` (`.png` or `.svg`).
+pub fn latency(profiles: &[Profile], out: &Path) -> Result<(), Error> {
+    let rows = profiles.iter().map(|p| p.layers.len()).max().unwrap_or(1) as u32;
+    let width = 640 * profiles.len().max(1) as u32;
+    save(&LatencyBars { profiles }, out, (width, 160 + 16 * rows))
+}

@@ -72,7 +72,8 @@ enum Command {
     /// its spread over channels, channels stuck at one sign, LAB's beta.
     Inspect(inspect::InspectArgs),
     /// Draw the training curves of one or more runs (loss, validation and training top-1,
-    /// learning rate; one colour per run) as PNG or SVG.
+    /// learning rate; one colour per run), or per-layer latency bars of `zoo bench --profile`
+    /// files side by side, as PNG or SVG.
     Plot(plot::PlotArgs),
     /// Fold and pack trained weights into a `.zoo` model for the inference engine: batch norm
     /// and kernel scales become per-channel multipliers, binary kernels bits, LAB one kernel

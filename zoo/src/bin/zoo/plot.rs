@@ -1,44 +1,61 @@
-//! `zoo plot`: pictures of runs.
+//! `zoo plot`: pictures of runs and profiles.
 
 use std::path::PathBuf;
 
-use zoo::plot::{RunCurves, XAxis};
+use zoo::plot::{Profile, RunCurves, XAxis};
 
 /// `zoo plot`.
 #[derive(clap::Args)]
 pub struct PlotArgs {
-    /// Run directories of `zoo train`: their curves, one colour per run.
+    /// Run directories of `zoo train` (their training curves, one colour per run), or profiles
+    /// of `zoo bench --profile` (`<prefix>.json`: per-layer latency bars, side by side).
     #[arg(required = true)]
-    runs: Vec<PathBuf>,
-    /// The picture to write: `.png` or `.svg`.
-    #[arg(short, long, default_value = "curves.png")]
-    output: PathBuf,
-    /// The horizontal axis: `epoch` or `step`.
+    inputs: Vec<PathBuf>,
+    /// The picture to write: `.png` or `.svg` (default: `curves.png` or `profile.png`).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// The horizontal axis of curves: `epoch` or `step`.
     #[arg(long, default_value = "epoch", value_parser = ["epoch", "step"])]
     by: String,
 }
 
-/// Draws the curves of the runs.
+/// Draws curves of runs or latency bars of profiles, whichever the inputs are.
 pub fn plot(args: PlotArgs) -> Result<(), zoo::Error> {
-    let runs = args
-        .runs
-        .iter()
-        .map(|dir| RunCurves::open(dir))
-        .collect::<Result<Vec<_>, _>>()?;
-    let x = if args.by == "step" {
-        XAxis::Step
+    let (output, names) = if args.inputs.iter().all(|p| p.is_dir()) {
+        let runs = args
+            .inputs
+            .iter()
+            .map(|dir| RunCurves::open(dir))
+            .collect::<Result<Vec<_>, _>>()?;
+        let x = if args.by == "step" {
+            XAxis::Step
+        } else {
+            XAxis::Epoch
+        };
+        let output = args.output.unwrap_or_else(|| "curves.png".into());
+        zoo::plot::curves(&runs, x, &output)?;
+        (output, runs.into_iter().map(|r| r.name).collect::<Vec<_>>())
+    } else if args.inputs.iter().all(|p| p.is_file()) {
+        let profiles = args
+            .inputs
+            .iter()
+            .map(|file| Profile::open(file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = args.output.unwrap_or_else(|| "profile.png".into());
+        zoo::plot::latency(&profiles, &output)?;
+        (output, profiles.into_iter().map(|p| p.name).collect())
     } else {
-        XAxis::Epoch
+        let missing = args.inputs.iter().find(|p| !p.exists());
+        return Err(zoo::Error::Train(match missing {
+            Some(p) => format!("{}: no such file or directory", p.display()),
+            None => "expected run directories only, or profile JSON files only".into(),
+        }));
     };
-    zoo::plot::curves(&runs, x, &args.output)?;
     println!(
-        "wrote {} ({} run(s): {})",
-        args.output.display(),
-        runs.len(),
-        runs.iter()
-            .map(|r| r.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
+        "wrote {} ({} input(s): {})",
+        output.display(),
+        names.len(),
+        names.join(", ")
     );
     Ok(())
 }
