@@ -27,7 +27,8 @@
 #            `<run>.run` how to train it again
 #   BENCH_PROCS, BENCH_THREADS   latency of the report: processes per model (5), threads (2)
 # `report` (also printed at the end) gives a Markdown table: accuracy as mean ± half-range over
-# seeds, budget, time, cost, engine latency and the command of each row. Record it in
+# seeds, budget, time, cost, engine latency and the command of each row, and writes
+# `$OUT/results.json` for `zoo plot` (accuracy against latency). Record the table in
 # benches/RESULTS.md with the machine and the date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -170,6 +171,7 @@ def spread(xs):
 print(f"| model | epochs | seeds | test top-1 % | test top-5 % | best top-1 % (epoch) | wall h | "
       f"train img/s | binary MACs | float MACs | packed MiB | latency ms ({threads} threads) | reproduce |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+points = []
 for (model, epochs, rest), runs, summaries, bmacs, fmacs, packed, _ in rows:
     top1 = [s["final_val"]["top1"] for s in summaries]
     top5 = [s["final_val"]["top5"] for s in summaries]
@@ -183,6 +185,11 @@ for (model, epochs, rest), runs, summaries, bmacs, fmacs, packed, _ in rows:
     print(f"| {model}{rest} | {epochs} | {seeds} | {spread(top1)} | {spread(top5)} | {best} | "
           f"{wall:.2f} | {ips:.0f} | {bmacs / 1e6:.1f} M | {fmacs / 1e6:.2f} M | {packed:.2f} | "
           f"{lat_text} | `{command}` |")
+    if lat and bmacs > 0:
+        points.append({"model": f"{model}{rest}", "top1": statistics.mean(top1),
+                       "latency_ms": statistics.median(lat)})
+# For `zoo plot results.json`: accuracy against latency of the binary models.
+(out / "results.json").write_text(json.dumps(points, indent=1) + "\n")
 PY
 }
 

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use image::GenericImageView;
 use zoo::train::{Accuracy, EpochMetrics};
 
 fn zoo(args: &[&str]) -> (bool, String, String) {
@@ -201,4 +202,58 @@ fn latency_bars_of_two_profiles_side_by_side() {
     let (ok, _, err) = zoo(&["plot", dir.path().to_str().unwrap(), sign.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("run directories only"), "{err}");
+}
+
+#[test]
+fn accuracy_against_latency_joins_lab_to_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("results.json");
+    std::fs::write(
+        &results,
+        r#"[{"model": "quicknet", "top1": 90.7, "latency_ms": 0.115},
+            {"model": "quicknet-lab", "top1": 91.1, "latency_ms": 0.120},
+            {"model": "labbnn", "top1": 90.4, "latency_ms": 0.13}]"#,
+    )
+    .unwrap();
+    let svg = dir.path().join("tradeoff.svg");
+    let (ok, out, err) = zoo(&[
+        "plot",
+        results.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("quicknet, quicknet-lab, labbnn"), "{out}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = doc
+        .descendants()
+        .filter_map(|n| n.text())
+        .map(str::trim)
+        .collect();
+    for label in [
+        "quicknet",
+        "quicknet-lab",
+        "labbnn",
+        "batch-1 latency (ms)",
+        "test top-1 (%)",
+    ] {
+        assert!(texts.contains(&label), "`{label}` missing from {texts:?}");
+    }
+    // LAB models (labbnn by its name) are drawn in LAB's colour, sign models in sign's.
+    let fills = |colour: &str| text.matches(&format!("fill=\"{colour}\"")).count();
+    let (sign, lab) = (fills("#1F77B4"), fills("#FF7F0E"));
+    assert!(
+        sign >= 2 && lab >= 3,
+        "sign {sign}, LAB {lab} filled shapes"
+    );
+    let png = dir.path().join("tradeoff.png");
+    let (ok, _, err) = zoo(&[
+        "plot",
+        results.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(&png).unwrap().dimensions(), (1000, 700));
 }

@@ -452,3 +452,128 @@ pub fn latency(profiles: &[Profile], out: &Path) -> Result<(), Error> {
     let width = 640 * profiles.len().max(1) as u32;
     save(&LatencyBars { profiles }, out, (width, 160 + 16 * rows))
 }
+
+/// One model of a results file: its accuracy and latency.
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+pub struct ResultPoint {
+    /// The model (or run group) name; a LAB model is named as its sign twin with `-lab`
+    /// (`quicknet-lab` beside `quicknet`).
+    pub model: String,
+    /// Test top-1 (%).
+    pub top1: f64,
+    /// Batch-1 latency (ms).
+    pub latency_ms: f64,
+    /// Whether the model binarizes with LAB (default: its name says `lab`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<bool>,
+}
+
+impl ResultPoint {
+    fn is_lab(&self) -> bool {
+        self.lab.unwrap_or_else(|| self.model.contains("lab"))
+    }
+}
+
+/// Reads a results file: a JSON list of `{model, top1, latency_ms}` (the accuracy campaign's
+/// `results.json`).
+pub fn open_results(path: &Path) -> Result<Vec<ResultPoint>, Error> {
+    let fail = |message: String| Error::Run {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let points: Vec<ResultPoint> = serde_json::from_str(&text).map_err(|e| {
+        fail(format!(
+            "not a results file (a list of models with model, top1 and latency_ms): {e}"
+        ))
+    })?;
+    if points.is_empty() {
+        return Err(fail("lists no model".into()));
+    }
+    Ok(points)
+}
+
+/// The sign twin of a LAB model's name (`quicknet-lab-kd-x` → `quicknet-kd-x`), if it is one.
+fn sign_twin(name: &str) -> Option<String> {
+    name.find("-lab")
+        .map(|at| format!("{}{}", &name[..at], &name[at + 4..]))
+}
+
+/// Accuracy against latency, one point per model, each LAB model joined to its sign twin.
+pub struct Tradeoff<'a> {
+    /// The models.
+    pub points: &'a [ResultPoint],
+}
+
+impl Chart for Tradeoff<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let ((x_lo, x_hi), (y_lo, y_hi)) = self.points.iter().fold(
+            ((f64::MAX, 0.0f64), (f64::MAX, f64::MIN)),
+            |((xl, xh), (lo, hi)), p| {
+                (
+                    (xl.min(p.latency_ms), xh.max(p.latency_ms)),
+                    (lo.min(p.top1), hi.max(p.top1)),
+                )
+            },
+        );
+        let pad = ((y_hi - y_lo) * 0.15).max(0.5);
+        let mut chart = ChartBuilder::on(area)
+            .caption("Accuracy against latency", (FONT, 22))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x_lo * 0.85..x_hi * 1.3, (y_lo - pad)..(y_hi + pad))
+            .map_err(|e| e.to_string())?;
+        chart
+            .configure_mesh()
+            .x_desc("batch-1 latency (ms)")
+            .y_desc("test top-1 (%)")
+            .label_style((FONT, 13))
+            .axis_desc_style((FONT, 15))
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        let (sign, lab) = (OP_GROUPS[0].1, OP_GROUPS[1].1);
+        for p in self.points {
+            let twin =
+                sign_twin(&p.model).and_then(|name| self.points.iter().find(|q| q.model == name));
+            if let Some(q) = twin {
+                chart
+                    .draw_series(LineSeries::new(
+                        [(q.latency_ms, q.top1), (p.latency_ms, p.top1)],
+                        BLACK.mix(0.5).stroke_width(1),
+                    ))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        for (label, is_lab, colour) in [("sign", false, sign), ("LAB", true, lab)] {
+            chart
+                .draw_series(
+                    self.points
+                        .iter()
+                        .filter(|p| p.is_lab() == is_lab)
+                        .map(|p| {
+                            EmptyElement::at((p.latency_ms, p.top1))
+                                + Circle::new((0, 0), 5, colour.filled())
+                                + Text::new(p.model.clone(), (8, -6), (FONT, 13))
+                        }),
+                )
+                .map_err(|e| e.to_string())?
+                .label(label)
+                .legend(move |(x, y)| Circle::new((x + 7, y), 5, colour.filled()));
+        }
+        chart
+            .configure_series_labels()
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Draws the accuracy/latency scatter of `points` into `out` (`.png` or `.svg`).
+pub fn tradeoff(points: &[ResultPoint], out: &Path) -> Result<(), Error> {
+    save(&Tradeoff { points }, out, (1000, 700))
+}
