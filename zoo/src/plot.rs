@@ -323,19 +323,11 @@ pub struct Profile {
 impl Profile {
     /// Reads a profile written by `zoo bench --profile` (`<prefix>.json`).
     pub fn open(path: &Path) -> Result<Profile, Error> {
-        let fail = |message: String| Error::Run {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-        let layers: Vec<ProfileLayer> = serde_json::from_str(&text).map_err(|e| {
-            fail(format!(
-                "not a `zoo bench --profile` JSON file (a list of layers with name, kind and ms): {e}"
-            ))
-        })?;
-        if layers.is_empty() {
-            return Err(fail("lists no layer".into()));
-        }
+        let layers = read_json_list(
+            path,
+            "a `zoo bench --profile` JSON file (a list of layers with name, kind and ms)",
+            "layer",
+        )?;
         let name = path.file_stem().map_or_else(
             || path.display().to_string(),
             |n| n.to_string_lossy().into_owned(),
@@ -477,20 +469,30 @@ impl ResultPoint {
 /// Reads a results file: a JSON list of `{model, top1, latency_ms}` (the accuracy campaign's
 /// `results.json`).
 pub fn open_results(path: &Path) -> Result<Vec<ResultPoint>, Error> {
+    read_json_list(
+        path,
+        "a results file (a list of models with model, top1 and latency_ms)",
+        "model",
+    )
+}
+
+/// Reads a non-empty JSON list from `path`; errors name the file and say it is not `what` or
+/// lists no `item`.
+fn read_json_list<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    item: &str,
+) -> Result<Vec<T>, Error> {
     let fail = |message: String| Error::Run {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let points: Vec<ResultPoint> = serde_json::from_str(&text).map_err(|e| {
-        fail(format!(
-            "not a results file (a list of models with model, top1 and latency_ms): {e}"
-        ))
-    })?;
-    if points.is_empty() {
-        return Err(fail("lists no model".into()));
+    let list: Vec<T> = serde_json::from_str(&text).map_err(|e| fail(format!("not {what}: {e}")))?;
+    if list.is_empty() {
+        return Err(fail(format!("lists no {item}")));
     }
-    Ok(points)
+    Ok(list)
 }
 
 /// The sign twin of a LAB model's name (`quicknet-lab-kd-x` → `quicknet-kd-x`), if it is one.

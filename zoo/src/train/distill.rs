@@ -207,8 +207,5 @@ impl Teacher {
 
 /// `source` as stored in a run: local paths made absolute, hub names as given.
 pub fn stored_source(source: &str) -> String {
-    match std::fs::canonicalize(source) {
-        Ok(path) if Path::new(source).exists() => path.display().to_string(),
-        _ => source.to_string(),
-    }
+    std::fs::canonicalize(source).map_or_else(|_| source.to_string(), |p| p.display().to_string())
 }

@@ -3,9 +3,9 @@
 use crate::hub::WeightsSource;
 use crate::parse_side;
 
-/// `zoo eval`.
+/// The weights to judge and the data to judge them on (`zoo eval`, `zoo inspect`).
 #[derive(clap::Args)]
-pub struct EvalArgs {
+pub struct JudgedArgs {
     /// A run directory (its final, else best weights), a safetensors weights file, or a
     /// pretrained model (`quicknet-lab`, `org/name`, a local repo directory).
     weights: String,
@@ -19,6 +19,13 @@ pub struct EvalArgs {
     /// Image size HxW (default: the run's, else the data's usual size).
     #[arg(long, value_parser = parse_side)]
     input: Option<usize>,
+}
+
+/// `zoo eval`.
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    judged: JudgedArgs,
     /// Images per forward pass.
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
@@ -37,16 +44,18 @@ pub struct Judged {
 }
 
 impl Judged {
-    /// Resolves `weights` (a run, weights file or pretrained model), its architecture (`spec`,
-    /// else the run's or repo's) and the validation split of `data` (else the run's, the
-    /// repo's, Fashion-MNIST) at `input` (else the run's size, else the data's usual one).
-    pub fn open(
-        weights: &str,
-        spec: Option<String>,
-        data: Option<String>,
-        input: Option<usize>,
-    ) -> Result<Judged, zoo::Error> {
-        let source = WeightsSource::resolve(weights, spec)?;
+    /// Resolves the weights (a run, weights file or pretrained model), their architecture
+    /// (`--spec`, else the run's or repo's) and the validation split of `--data` (else the
+    /// run's, the repo's, Fashion-MNIST) at `--input` (else the run's size, else the data's
+    /// usual one).
+    pub fn open(args: JudgedArgs) -> Result<Judged, zoo::Error> {
+        let JudgedArgs {
+            weights,
+            spec,
+            data,
+            input,
+        } = args;
+        let source = WeightsSource::resolve(&weights, spec)?;
         let run = zoo::train::RunWeights::open(&source.path)?;
         let model = source
             .spec
@@ -86,7 +95,7 @@ pub fn eval(args: EvalArgs) -> Result<(), zoo::Error> {
         model,
         data,
         dataset,
-    } = Judged::open(&args.weights, args.spec, args.data, args.input)?;
+    } = Judged::open(args.judged)?;
     let model = run.build(&model, &dataset)?;
     let session = zoo::train::Session {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

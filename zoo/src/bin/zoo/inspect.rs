@@ -2,25 +2,13 @@
 
 use std::path::PathBuf;
 
-use crate::eval::Judged;
-use crate::parse_side;
+use crate::eval::{Judged, JudgedArgs};
 
 /// `zoo inspect`.
 #[derive(clap::Args)]
 pub struct InspectArgs {
-    /// A run directory (its final, else best weights), a safetensors weights file, or a
-    /// pretrained model (`quicknet-lab`, `org/name`, a local repo directory).
-    weights: String,
-    /// The architecture of a weights file: a registered name or a spec file (default:
-    /// the run's or the repo's).
-    #[arg(long)]
-    spec: Option<String>,
-    /// `fashion-mnist`, `imagenette` or a dataset folder (default: the run's).
-    #[arg(long)]
-    data: Option<String>,
-    /// Image size HxW (default: the run's, else the data's usual size).
-    #[arg(long, value_parser = parse_side)]
-    input: Option<usize>,
+    #[command(flatten)]
+    judged: JudgedArgs,
     /// Validation images to run (the first ones).
     #[arg(long, default_value_t = 1000)]
     images: usize,
@@ -31,7 +19,7 @@ pub struct InspectArgs {
 
 /// Prints, per binarized activation, the share of +1 and its spread over channels.
 pub fn inspect(args: InspectArgs) -> Result<(), zoo::Error> {
-    let judged = Judged::open(&args.weights, args.spec, args.data, args.input)?;
+    let judged = Judged::open(args.judged)?;
     let network = judged.run.network(&judged.model, &judged.dataset)?;
     let stats = zoo::inspect::binarizer_statistics(&network, &judged.dataset, args.images, 100)?;
     println!(
