@@ -871,6 +871,151 @@ fn inspect_reports_what_each_binarizer_gives() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// `zoo show` draws, for a sign model beside a LAB model, each chosen binarizer's input and
+/// binary map on one image; its figures are those of the observed forward pass, and bad
+/// choices are clear errors.
+#[test]
+fn show_draws_what_the_binarizers_see_and_give() {
+    let (dir, lab_spec, data) = tiny_setup("show");
+    let sign_spec = dir.join("tiny_sign.yaml");
+    std::fs::write(
+        &sign_spec,
+        TINY_SPEC
+            .replace("name: tiny-lab", "name: tiny-sign")
+            .replace("activation: lab", "activation: {sign: {clip: 1.25}}"),
+    )
+    .unwrap();
+    let runs = [
+        (dir.join("sign-run"), sign_spec.display().to_string()),
+        (dir.join("lab-run"), lab_spec),
+    ];
+    for (run, spec) in &runs {
+        let mut config = RunConfig::new(spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
+        (config.epochs, config.batch_size) = (1, 32);
+        zoo::train::train(Some(config), run, &Session { progress: false }).unwrap();
+    }
+    let [sign, lab] = [&runs[0].0, &runs[1].0].map(|p| p.to_str().unwrap().to_string());
+
+    // Two layers of both models on Fashion-MNIST test image 7, as PNG.
+    let png = dir.join("maps.png");
+    let (ok, out, err) = zoo(&[
+        "show",
+        &sign,
+        &lab,
+        "--fmnist",
+        "7",
+        "--layers",
+        "1,stage1.block2.conv",
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Fashion-MNIST test image 7 ("), "{out}");
+    let image = image::open(&png).unwrap();
+    assert_eq!(
+        (image.width(), image.height()),
+        zoo::show::figure_size(2, 4, 2)
+    );
+    // The shares printed are those of the observed forward pass on the same image.
+    for ((run, spec), binarizer) in runs.iter().zip(["sign", "lab"]) {
+        let weights = RunWeights::open(run).unwrap();
+        let config = weights.config.as_ref().unwrap().model_config().unwrap();
+        let network = weights.network_for(spec, &config).unwrap();
+        let test = zoo::data::FashionMnist::open(
+            &zoo::data::fashion_mnist::embedded_dir(),
+            zoo::data::Split::Validation,
+            32,
+        )
+        .unwrap();
+        let mut pixels = vec![0f32; 32 * 32];
+        zoo::data::Dataset::load(&test, 7, None, &mut pixels).unwrap();
+        let image = zoo::show::InputImage {
+            shape: [1, 32, 32],
+            pixels,
+        };
+        let maps = zoo::show::activation_maps(&network, &image).unwrap();
+        assert_eq!(maps.len(), 2);
+        for map in &maps {
+            assert_eq!(map.binarizer, binarizer);
+            assert_eq!(map.shape, [8, 16, 16]);
+            if binarizer == "sign" {
+                let signs: Vec<f32> = map
+                    .input
+                    .iter()
+                    .map(|&v| if v >= 0.0 { 1.0 } else { -1.0 })
+                    .collect();
+                assert_eq!(map.output, signs);
+            }
+            let name = run.file_name().unwrap().to_str().unwrap();
+            let row = format!("{:.2}", 100.0 * map.plus());
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(name) && l.contains(&map.layer) && l.contains(&row)),
+                "{name} {} {row}:\n{out}",
+                map.layer
+            );
+        }
+    }
+
+    // By default the first layer of each size (one here), as SVG; an image file as input.
+    let shirt = dir.join("shirt.png");
+    image::GrayImage::from_fn(20, 30, |x, y| image::Luma([(x * 10 + y * 3) as u8]))
+        .save(&shirt)
+        .unwrap();
+    let svg = dir.join("maps.svg");
+    let (ok, out, err) = zoo(&[
+        "show",
+        &sign,
+        &lab,
+        shirt.to_str().unwrap(),
+        "--channels",
+        "1,6",
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("shirt.png"), "{out}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let doc = roxmltree::Document::parse(&text).unwrap();
+    let texts: Vec<&str> = doc.descendants().filter_map(|n| n.text()).collect();
+    for wanted in [
+        "sign-run",
+        "lab-run",
+        "ch 6: ",
+        "stage1.block1.conv (lab, 16x16x8)",
+    ] {
+        assert!(
+            texts.iter().any(|t| t.contains(wanted)),
+            "{wanted}: {texts:?}"
+        );
+    }
+    assert!(!texts.iter().any(|t| t.contains("stage1.block2.conv")));
+
+    // Bad choices name what is wrong.
+    for (args, expected) in [
+        (vec!["--fmnist", "10000"], "images 0 to 9999"),
+        (
+            vec!["--fmnist", "1", "--layers", "nope"],
+            "no binarized layer `nope`",
+        ),
+        (
+            vec!["--fmnist", "1", "--channels", "8"],
+            "channel 8 does not exist",
+        ),
+        (vec![], "no input"),
+        (
+            vec!["--fmnist", "1", shirt.to_str().unwrap()],
+            "more than one input",
+        ),
+    ] {
+        let mut all = vec!["show", &sign, &lab, "-o", png.to_str().unwrap()];
+        all.extend(args);
+        let (ok, _, err) = zoo(&all);
+        assert!(!ok && err.contains(expected), "{all:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// `zoo train --tensorboard` writes event files that TensorBoard's own reader reads back:
 /// every step's loss and learning rate, and the per-epoch figures of `metrics.jsonl`.
 #[test]

@@ -40,16 +40,6 @@ struct Counts {
     total: f64,
 }
 
-fn kind(b: &Binarizer) -> &'static str {
-    match b {
-        Binarizer::None => "none",
-        Binarizer::Sign(_) => "sign",
-        Binarizer::ApproxSign => "approx_sign",
-        Binarizer::SwishSign(_) => "swish_sign",
-        Binarizer::Lab(_) => "lab",
-    }
-}
-
 /// Runs `network` in inference mode on the first `images` images of `dataset` (all when
 /// fewer), `batch` at a time, and gathers the statistics of every binarizer, in network order.
 pub fn binarizer_statistics(
@@ -80,7 +70,7 @@ pub fn binarizer_statistics(
             let entry = counts.entry(layer.to_string()).or_insert_with(|| {
                 order.push(layer.to_string());
                 Counts {
-                    binarizer: kind(binarizer),
+                    binarizer: binarizer.name(),
                     beta: match binarizer {
                         Binarizer::Lab(lab) => lab
                             .beta()

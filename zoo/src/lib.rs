@@ -34,6 +34,7 @@ pub mod models;
 mod network;
 pub mod plot;
 mod registry;
+pub mod show;
 pub mod summary;
 pub mod train;
 

@@ -32,7 +32,8 @@ pub fn colour(i: usize) -> RGBColor {
     COLOURS[i % COLOURS.len()]
 }
 
-const FONT: &str = "sans-serif";
+/// The family name of the embedded font.
+pub(crate) const FONT: &str = "sans-serif";
 
 fn register_font() {
     static ONCE: Once = Once::new();
@@ -400,6 +401,7 @@ impl Chart for LatencyBars<'_> {
                 .x_label_style((FONT, 13))
                 .axis_desc_style((FONT, 15))
                 .disable_y_mesh()
+                .light_line_style(WHITE.mix(0.0))
                 .draw()
                 .map_err(|e| e.to_string())?;
             chart

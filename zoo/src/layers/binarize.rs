@@ -150,6 +150,17 @@ pub enum Binarizer {
 }
 
 impl Binarizer {
+    /// The spec's name of this binarizer: `none`, `sign`, `approx_sign`, `swish_sign`, `lab`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Binarizer::None => "none",
+            Binarizer::Sign(_) => "sign",
+            Binarizer::ApproxSign => "approx_sign",
+            Binarizer::SwishSign(_) => "swish_sign",
+            Binarizer::Lab(_) => "lab",
+        }
+    }
+
     /// Builds the binarizer for an input of shape `input`; LAB's tensors live under `vb`.
     pub fn new(vb: VarBuilder, input: FeatureShape, activation: &Activation) -> Result<Self> {
         Ok(match *activation {

@@ -547,12 +547,16 @@ impl RunWeights {
         model: &str,
         dataset: &Arc<dyn Dataset>,
     ) -> Result<crate::Network, Error> {
-        let config = dataset_config(dataset);
-        let varmap = self.variables(model, &config)?;
+        self.network_for(model, &dataset_config(dataset))
+    }
+
+    /// [`RunWeights::network`] for `config`'s input and classes.
+    pub fn network_for(&self, model: &str, config: &ModelConfig) -> Result<crate::Network, Error> {
+        let varmap = self.variables(model, config)?;
         crate::Network::new(
             crate::spec(model)?,
             VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-            &config,
+            config,
         )
     }
 

@@ -8,6 +8,7 @@ mod infer;
 mod info;
 mod inspect;
 mod plot;
+mod show;
 mod train;
 
 use std::path::PathBuf;
@@ -72,9 +73,13 @@ enum Command {
     /// its spread over channels, channels stuck at one sign, LAB's beta.
     Inspect(inspect::InspectArgs),
     /// Draw the training curves of one or more runs (loss, validation and training top-1,
-    /// learning rate; one colour per run), or per-layer latency bars of `zoo bench --profile`
-    /// files side by side, as PNG or SVG.
+    /// learning rate; one colour per run), per-layer latency bars of `zoo bench --profile`
+    /// files side by side, or accuracy against latency from a results file, as PNG or SVG.
     Plot(plot::PlotArgs),
+    /// Draw, for chosen layers of one or more models side by side (a sign model beside its LAB
+    /// twin), each binarizer's real-valued input and the binary map it gives on one image, and
+    /// the share of +1 per channel.
+    Show(show::ShowArgs),
     /// Fold and pack trained weights into a `.zoo` model for the inference engine: batch norm
     /// and kernel scales become per-channel multipliers, binary kernels bits, LAB one kernel
     /// and threshold per channel (a safetensors file with the spec inside).
@@ -188,6 +193,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
         Command::Eval(args) => eval::eval(args),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Plot(args) => plot::plot(args),
+        Command::Show(args) => show::show(args),
         Command::Export(args) => export::export(args),
         Command::Bench(args) => infer::bench(args, threads),
         Command::Predict(args) => infer::predict(args, threads),
