@@ -305,6 +305,50 @@ fn impossible_shapes_are_reported_at_the_layer() {
     );
 }
 
+/// Absurd sizes fail in validation, at the field or layer, before anything is allocated.
+#[test]
+fn absurd_sizes_are_refused_before_any_allocation() {
+    let e = error("stem: [{conv: {filters: 100000000000, kernel: 3}}]\n");
+    assert!(
+        e.contains("`stem[0].conv.filters`") && e.contains("at most 16777216, found 100000000000"),
+        "{e}"
+    );
+    // 16M filters of 3x3x1: a kernel of 151M values fits the limit, the 16M x 32 x 32 output
+    // does not.
+    let e = error("stem: [{conv: {filters: 16777216, kernel: 3}}]\n");
+    assert!(
+        e.contains("`stem.conv1`: its output would hold 17179869184 values, more than the limit"),
+        "{e}"
+    );
+    let e =
+        error("stem: [{conv: {filters: 4096, kernel: 3}}, {conv: {filters: 4096, kernel: 9}}]\n");
+    assert!(
+        e.contains("`stem.conv2`: the kernel would hold 1358954496 values"),
+        "{e}"
+    );
+    let e = error(
+        "stem: [{conv: {filters: 8, kernel: 3}}]\nstages: [{block: quicknet, filters: 8, blocks: 5000}]\n",
+    );
+    assert!(
+        e.contains("at most 1024 blocks in a stage, found 5000"),
+        "{e}"
+    );
+    // Eight 4096x4096x3x3 kernels of 151M values each: the eighth passes 2^30 parameters.
+    let big = "{conv: {filters: 4096, kernel: 3}}, ".repeat(8);
+    let e = error(&format!(
+        "stem: [{{conv: {{filters: 8, kernel: 3}}}}, {{conv: {{filters: 4096, kernel: 1}}}}, {big}]\n"
+    ));
+    assert!(
+        e.contains("`stem.conv10`: the model reaches") && e.contains("parameters here"),
+        "{e}"
+    );
+    assert!(spec::parse_str(
+        "name: x\ninput: 99999999x2x3\nclasses: 10\nstem: [relu]\n",
+        "x.yaml"
+    )
+    .is_err());
+}
+
 #[test]
 fn input_shapes_parse_from_text() {
     let shape: spec::InputShape = "224x224x3".parse().unwrap();

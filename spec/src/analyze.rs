@@ -158,6 +158,13 @@ pub fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize
     (total / 2, total - total / 2)
 }
 
+/// The most values one feature map (per image) or one weight tensor may hold: 2^28, 1 GiB as
+/// f32, far above any real network.
+pub const MAX_TENSOR_VALUES: u128 = 1 << 28;
+
+/// The most parameters a model may have: 2^30, 4 GiB as f32.
+pub const MAX_PARAMS: u128 = 1 << 30;
+
 /// Keras' fans for a kernel of `kh x kw` with `inputs` and `outputs` channels.
 fn fans(kernel: [usize; 2], inputs: usize, outputs: usize) -> (usize, usize) {
     let rf = kernel[0] * kernel[1];
@@ -212,6 +219,7 @@ pub fn analyze(spec: &Spec, config: &ModelConfig) -> Result<Analysis, SpecError>
         spec,
         classes: config.classes,
         layers: Vec::new(),
+        params: 0,
     };
     let output = walker.sequence(&spec.nodes, input, 0)?;
     if (output.height, output.width, output.channels) != (1, 1, config.classes) {
@@ -239,6 +247,8 @@ struct Walker<'a> {
     spec: &'a Spec,
     classes: usize,
     layers: Vec<LayerInfo>,
+    /// Parameters so far.
+    params: u128,
 }
 
 impl Walker<'_> {
@@ -261,6 +271,26 @@ impl Walker<'_> {
             &node.name,
             format!("{message} (input to this layer: {input})"),
         )
+    }
+
+    /// Refuses a tensor of `dims` (`what` names it) larger than [`MAX_TENSOR_VALUES`], before
+    /// anything is computed from its size.
+    fn bounded(
+        &self,
+        node: &Node,
+        input: FeatureShape,
+        what: &str,
+        dims: &[usize],
+    ) -> Result<(), SpecError> {
+        let values = dims.iter().fold(1u128, |n, &d| n.saturating_mul(d as u128));
+        if values > MAX_TENSOR_VALUES {
+            return Err(self.error(
+                node,
+                input,
+                format!("{what} would hold {values} values, more than the limit of {MAX_TENSOR_VALUES} (1 GiB as f32)"),
+            ));
+        }
+        Ok(())
     }
 
     fn spatial(
@@ -305,11 +335,14 @@ impl Walker<'_> {
             float_macs: 0,
         });
         let c = input.channels;
+        self.bounded(node, input, "its input", &[c, input.height, input.width])?;
         let name = &node.name;
         let mut params = Vec::new();
         let (mut binary_macs, mut float_macs) = (0u64, 0u64);
         let output = match &node.op {
             Op::Conv(conv) => {
+                let kernel = [conv.filters, c, conv.kernel[0], conv.kernel[1]];
+                self.bounded(node, input, "the kernel", &kernel)?;
                 let (h, w) = self.spatial(node, input, conv.kernel, conv.stride, conv.padding)?;
                 let mut weight = param(
                     format!("{name}.weight"),
@@ -348,6 +381,12 @@ impl Walker<'_> {
             Op::DepthwiseConv(dw) => {
                 let (h, w) = self.spatial(node, input, dw.kernel, dw.stride, dw.padding)?;
                 let out = c * dw.multiplier;
+                self.bounded(
+                    node,
+                    input,
+                    "the kernel",
+                    &[out, dw.kernel[0], dw.kernel[1]],
+                )?;
                 params.push(param(
                     format!("{name}.weight"),
                     vec![out, 1, dw.kernel[0], dw.kernel[1]],
@@ -487,6 +526,7 @@ impl Walker<'_> {
                     ));
                 }
                 let units = dense.units.resolve(self.classes);
+                self.bounded(node, input, "the weight matrix", &[units, c])?;
                 params.push(param(
                     format!("{name}.weight"),
                     vec![units, c],
@@ -553,6 +593,23 @@ impl Walker<'_> {
                 out.expect("decode rejects a concat without branches")
             }
         };
+        self.bounded(
+            node,
+            input,
+            "its output",
+            &[output.channels, output.height, output.width],
+        )?;
+        self.params += params.iter().map(|p| p.len() as u128).sum::<u128>();
+        if self.params > MAX_PARAMS {
+            return Err(self.error(
+                node,
+                input,
+                format!(
+                    "the model reaches {} parameters here, more than the limit of {MAX_PARAMS} (4 GiB as f32)",
+                    self.params
+                ),
+            ));
+        }
         let info = &mut self.layers[index];
         info.output = output;
         info.params = params;

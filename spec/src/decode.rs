@@ -692,6 +692,11 @@ impl Expander {
                 let filters = m.require("filters", "the stage's number of channels")?.positive()?;
                 let blocks_value = m.require("blocks", "the number of blocks")?;
                 let blocks = blocks_value.positive()?;
+                if blocks > MAX_BLOCKS {
+                    return Err(blocks_value.error(format!(
+                        "expected at most {MAX_BLOCKS} blocks in a stage, found {blocks}"
+                    )));
+                }
                 let acts = match &activations {
                     None => vec![self.binary.activation; blocks],
                     Some(a) => {

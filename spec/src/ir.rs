@@ -99,6 +99,13 @@ pub enum Schedule {
     },
 }
 
+/// The largest whole number a spec field or an input dimension may give (2^24): far above any
+/// real network, and small enough that products of a few such numbers cannot overflow.
+pub const MAX_COUNT: usize = 1 << 24;
+
+/// The most blocks one stage may repeat.
+pub const MAX_BLOCKS: usize = 1024;
+
 /// Height, width and channels of a network's input image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InputShape {
@@ -124,7 +131,11 @@ impl std::str::FromStr for InputShape {
         let parts: Vec<&str> = s.trim().split(['x', 'X']).collect();
         let numbers: Option<Vec<usize>> = parts.iter().map(|p| p.trim().parse().ok()).collect();
         match numbers.as_deref() {
-            Some(&[height, width, channels]) if height > 0 && width > 0 && channels > 0 => {
+            Some(&[height, width, channels])
+                if [height, width, channels]
+                    .iter()
+                    .all(|d| (1..=MAX_COUNT).contains(d)) =>
+            {
                 Ok(InputShape {
                     height,
                     width,
@@ -132,7 +143,7 @@ impl std::str::FromStr for InputShape {
                 })
             }
             _ => Err(format!(
-                "expected an input shape HxWxC of three positive integers (like 224x224x3), found `{s}`"
+                "expected an input shape HxWxC of three positive integers of at most {MAX_COUNT} (like 224x224x3), found `{s}`"
             )),
         }
     }

@@ -27,6 +27,7 @@ mod yaml;
 
 pub use analyze::{
     analyze, output_size, same_padding, Analysis, FeatureShape, LayerInfo, Param, Totals,
+    MAX_PARAMS, MAX_TENSOR_VALUES,
 };
 pub use error::SpecError;
 pub use ir::*;

@@ -6,7 +6,7 @@
 use saphyr::{LoadableYamlNode, MarkedYamlOwned, ScalarOwned, YamlDataOwned};
 
 use crate::error::SpecError;
-use crate::ir::Location;
+use crate::ir::{Location, MAX_COUNT};
 
 /// A YAML value with its position and field path.
 #[derive(Clone)]
@@ -138,10 +138,15 @@ impl<'a> Value<'a> {
         }
     }
 
-    /// An integer of at least 1.
+    /// An integer from 1 to [`MAX_COUNT`].
     pub fn positive(&self) -> Result<usize, SpecError> {
         match &self.node.data {
-            YamlDataOwned::Value(ScalarOwned::Integer(i)) if *i >= 1 => Ok(*i as usize),
+            YamlDataOwned::Value(ScalarOwned::Integer(i)) if (1..=MAX_COUNT as i64).contains(i) => {
+                Ok(*i as usize)
+            }
+            YamlDataOwned::Value(ScalarOwned::Integer(i)) if *i >= 1 => Err(self.error(format!(
+                "expected a positive integer of at most {MAX_COUNT}, found {i}"
+            ))),
             YamlDataOwned::Value(ScalarOwned::Integer(i)) => {
                 Err(self.error(format!("expected a positive integer, found {i}")))
             }

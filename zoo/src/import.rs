@@ -74,7 +74,13 @@ pub fn read_keras_h5(
     spec: &Spec,
     config: &ModelConfig,
 ) -> Result<Vec<(String, Tensor)>, Error> {
-    read(path, spec, config, Values::Weights)
+    read(
+        &path.display().to_string(),
+        open(path),
+        spec,
+        config,
+        Values::Weights,
+    )
 }
 
 /// Like [`read_keras_h5`], for a file in the layout of a weights file that holds other values
@@ -88,7 +94,13 @@ pub fn read_keras_h5_values(
     spec: &Spec,
     config: &ModelConfig,
 ) -> Result<Vec<(String, Tensor)>, Error> {
-    read(path, spec, config, Values::Other)
+    read(
+        &path.display().to_string(),
+        open(path),
+        spec,
+        config,
+        Values::Other,
+    )
 }
 
 /// What a file in the weights layout holds.
@@ -100,22 +112,24 @@ enum Values {
     Other,
 }
 
+/// `file`, opened from the file `path` names (or the error that opening it gave).
 fn read(
-    path: &Path,
+    path: &str,
+    file: Result<hdf5_pure::File, String>,
     spec: &Spec,
     config: &ModelConfig,
     values: Values,
 ) -> Result<Vec<(String, Tensor)>, Error> {
     let analysis = spec::analyze(spec, config)?;
     let file_error = |message: String| Error::KerasFile {
-        path: path.display().to_string(),
+        path: path.to_string(),
         message,
     };
-    let layers = read_layers(path).map_err(file_error)?;
+    let layers = file.and_then(|f| read_layers(&f)).map_err(file_error)?;
     let katoms = keras_atoms(&layers).map_err(file_error)?;
     let expects = expectations(spec, &analysis);
     let mismatch = |message: String| Error::WeightMismatch {
-        path: path.display().to_string(),
+        path: path.to_string(),
         model: spec.name.clone(),
         message,
     };
@@ -252,12 +266,19 @@ fn string_list(
     Ok((chunk > 0).then_some(out))
 }
 
+/// The most values one weight may have (as the spec language allows).
+const MAX_VALUES: usize = spec::MAX_TENSOR_VALUES as usize;
+
 /// The message for a read that failed inside a file that opened.
 fn damaged(what: String, e: hdf5_pure::Error) -> String {
     format!("{what}: the file is truncated or corrupt ({e})")
 }
 
-fn read_layers(path: &Path) -> Result<Vec<KerasLayer>, String> {
+fn not_hdf5(e: hdf5_pure::Error) -> String {
+    format!("not an HDF5 file, or a truncated or corrupt one: {e}")
+}
+
+fn open(path: &Path) -> Result<hdf5_pure::File, String> {
     if !path.is_file() {
         return Err(if path.exists() {
             "not a file".into()
@@ -265,8 +286,10 @@ fn read_layers(path: &Path) -> Result<Vec<KerasLayer>, String> {
             "no such file".into()
         });
     }
-    let file = hdf5_pure::File::open(path)
-        .map_err(|e| format!("not an HDF5 file, or a truncated or corrupt one: {e}"))?;
+    hdf5_pure::File::open(path).map_err(not_hdf5)
+}
+
+fn read_layers(file: &hdf5_pure::File) -> Result<Vec<KerasLayer>, String> {
     // HDF5 records the file's size; a shorter file lost its end (libhdf5 refuses it too).
     let superblock = file.superblock();
     let recorded = superblock
@@ -338,6 +361,18 @@ fn read_layers(path: &Path) -> Result<Vec<KerasLayer>, String> {
                 .into_iter()
                 .map(|d| d as usize)
                 .collect();
+            // Values a file cannot hold are refused before anything is read or allocated:
+            // Keras stores weights uncompressed, at least 4 bytes a value.
+            let len = shape
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .filter(|&n| n <= MAX_VALUES && n.saturating_mul(4) <= file.file_size() as usize)
+                .ok_or_else(|| {
+                    format!(
+                        "the weight `{weight_name}` has the shape {shape:?}, more values than the file's {} bytes can hold",
+                        file.file_size()
+                    )
+                })?;
             match ds.dtype() {
                 Ok(hdf5_pure::DType::F32 | hdf5_pure::DType::F64) => {}
                 Ok(other) => {
@@ -354,7 +389,6 @@ fn read_layers(path: &Path) -> Result<Vec<KerasLayer>, String> {
             let data = ds
                 .read_f32()
                 .map_err(|e| damaged(format!("the weight `{weight_name}` cannot be read"), e))?;
-            let len: usize = shape.iter().product();
             if data.len() != len {
                 return Err(format!(
                     "the weight `{weight_name}` has {} values for its shape {shape:?}",

@@ -109,7 +109,11 @@ impl FashionMnist {
     }
 }
 
-/// Reads a gzip-compressed IDX file of unsigned bytes with `rank` dimensions.
+/// The most values an IDX file may hold: 2^30 (1 GiB), 20 times Fashion-MNIST's training set.
+const MAX_IDX_VALUES: u64 = 1 << 30;
+
+/// Reads a gzip-compressed IDX file of unsigned bytes with `rank` dimensions. The header is
+/// checked before the values are read, and no more values than it promises are decompressed.
 fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>), DataError> {
     let fail = |message: String| DataError::File {
         path: path.to_path_buf(),
@@ -120,27 +124,44 @@ fn read_idx(path: &Path, rank: usize) -> Result<(Vec<usize>, Vec<u8>), DataError
             "cannot open ({e}); expected a Fashion-MNIST IDX file (gzip) here"
         ))
     })?;
-    let mut bytes = Vec::new();
-    flate2::read::GzDecoder::new(file)
-        .read_to_end(&mut bytes)
-        .map_err(|e| fail(format!("not a readable gzip file: {e}")))?;
-    let header = 4 + 4 * rank;
-    if bytes.len() < header || bytes[..3] != [0, 0, 8] || bytes[3] as usize != rank {
+    let mut gz = flate2::read::GzDecoder::new(file);
+    let unreadable = |e: std::io::Error| fail(format!("not a readable gzip file: {e}"));
+    let mut header = vec![0u8; 4 + 4 * rank];
+    let short = match gz.read_exact(&mut header) {
+        Ok(()) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => true,
+        Err(e) => return Err(unreadable(e)),
+    };
+    if short || header[..3] != [0, 0, 8] || header[3] as usize != rank {
         return Err(fail(format!(
             "not an IDX file of unsigned bytes with {rank} dimension(s)"
         )));
     }
-    let dims: Vec<usize> = (0..rank)
-        .map(|i| u32::from_be_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().unwrap()) as usize)
+    let dims: Vec<usize> = header[4..]
+        .chunks(4)
+        .map(|d| u32::from_be_bytes(d.try_into().expect("4 bytes")) as usize)
         .collect();
-    let expected = dims.iter().product::<usize>();
-    if bytes.len() - header != expected {
+    let expected = dims.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+    if expected > MAX_IDX_VALUES {
         return Err(fail(format!(
-            "the header promises {expected} values of shape {dims:?}, the file holds {}",
-            bytes.len() - header
+            "the header promises {expected} values of shape {dims:?}, more than the limit of {MAX_IDX_VALUES}"
         )));
     }
-    bytes.drain(..header);
+    let mut bytes = Vec::new();
+    gz.take(expected + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 != expected {
+        return Err(fail(format!(
+            "the header promises {expected} values of shape {dims:?}, the file holds {}{}",
+            bytes.len(),
+            if bytes.len() as u64 > expected {
+                " or more"
+            } else {
+                ""
+            }
+        )));
+    }
     Ok((dims, bytes))
 }
 

@@ -1,0 +1,9 @@
+//! The `image` reader (see tests/support/readers.rs).
+#![no_main]
+
+#[path = "../../tests/support/readers.rs"]
+mod readers;
+
+libfuzzer_sys::fuzz_target!(|input: &[u8]| {
+    let _ = (readers::target("image").read)(&readers::scratch(), input);
+});
