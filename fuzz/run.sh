@@ -16,7 +16,7 @@ main() {
     local targets=${TARGETS:-"spec keras_h5 weights checkpoint zoo_model idx image run_config repo_config"}
     if [ ! -d fuzz/seeds ]; then
         # The seeds: real files of every kind (see tests/support/readers.rs, write_seeds).
-        ZOO_FUZZ_SEEDS="$PWD/fuzz/seeds" cargo test --release -p zoo --test hostile_files \
+        ZOO_FUZZ_SEEDS="$PWD/fuzz/seeds" cargo test -p zoo --test hostile_files \
             -- --ignored --exact write_fuzz_seeds
     fi
     (cd fuzz && cargo +nightly fuzz build -O)

@@ -203,6 +203,51 @@ fn concurrent_calls_on_a_shared_pool_finish_with_the_same_results() {
     });
 }
 
+/// What users share between threads is `Send + Sync`: engines, packed models, pretrained
+/// models (`zoo::load`) and candle models; one candle model predicts from several threads at
+/// once with the results of one thread.
+#[test]
+fn shared_models_predict_from_several_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Engine>();
+    shareable::<ZooModel>();
+    shareable::<zoo::hub::Pretrained>();
+    shareable::<zoo::Network>();
+    shareable::<Box<dyn zoo::Model>>();
+
+    let spec = zoo::spec("quicknet-lab").unwrap();
+    let config = ModelConfig {
+        input: "32x32x1".parse().unwrap(),
+        classes: 10,
+    };
+    let weights = random_weights(&spec, &config, 21);
+    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    let model: Box<dyn zoo::Model> = zoo::build("quicknet-lab", vb, &config).unwrap();
+    let images = random_images(&config, 2, 23);
+    let xs = Tensor::from_slice(&images, (2, 1, 32, 32), &Device::Cpu).unwrap();
+    let expected: Vec<f32> = candle_logits(&spec, &config, &weights, &images, 2);
+    std::thread::scope(|s| {
+        for caller in 0..4 {
+            let (model, xs, expected) = (&model, &xs, &expected);
+            s.spawn(move || {
+                for round in 0..3 {
+                    let logits: Vec<f32> = model
+                        .forward(xs, false)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    assert!(
+                        relative_difference(&logits, expected) < 1e-5,
+                        "caller {caller}, round {round}"
+                    );
+                }
+            });
+        }
+    });
+}
+
 #[test]
 fn loading_a_file_that_is_not_a_zoo_model_names_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -107,9 +107,11 @@ impl ZooModel {
             let json = serde_json::to_string(labels).expect("strings serialise");
             metadata.insert("zoo.labels".to_string(), json);
         }
-        crate::io::write_atomically(path, |tmp| {
-            safetensors::serialize_to_file(views, Some(metadata), tmp).map_err(|e| e.to_string())
-        })
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| Error::Write {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        crate::io::write_bytes_atomically(path, &bytes)
     }
 
     /// Reads a model written by [`ZooModel::save`].

@@ -135,6 +135,9 @@ pub fn load(file: &Path) -> Result<Checkpoint, Error> {
     };
     let config: RunConfig = serde_json::from_str(field("zoo.config")?)
         .map_err(|e| fail(format!("bad `zoo.config`: {e}")))?;
+    config
+        .check()
+        .map_err(|e| fail(format!("bad `zoo.config`: {e}")))?;
     let progress: Progress = serde_json::from_str(field("zoo.progress")?)
         .map_err(|e| fail(format!("bad `zoo.progress`: {e}")))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)

@@ -122,6 +122,19 @@ impl RunConfig {
         })
     }
 
+    /// Reads and checks a run's `config.json`.
+    pub fn read(path: &Path) -> Result<RunConfig, Error> {
+        let fail = |message: String| Error::Run {
+            path: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        let config: RunConfig = serde_json::from_str(&text)
+            .map_err(|e| fail(format!("not a run configuration: {e}")))?;
+        config.check().map_err(|e| fail(e.to_string()))?;
+        Ok(config)
+    }
+
     /// The model's input shape and class count.
     pub fn model_config(&self) -> Result<ModelConfig, Error> {
         Ok(ModelConfig {
@@ -130,10 +143,16 @@ impl RunConfig {
         })
     }
 
-    fn check(&self) -> Result<(), Error> {
+    pub(crate) fn check(&self) -> Result<(), Error> {
         let fail = |m: String| Err(Error::Train(m));
         if self.epochs == 0 || self.batch_size == 0 {
             return fail("epochs and batch size must be at least 1".into());
+        }
+        if self.batch_size > MAX_BATCH || self.workers > MAX_WORKERS {
+            return fail(format!(
+                "expected a batch size of at most {MAX_BATCH} and at most {MAX_WORKERS} loader workers, found {} and {}",
+                self.batch_size, self.workers
+            ));
         }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return fail(format!(
@@ -158,6 +177,12 @@ impl RunConfig {
         Ok(())
     }
 }
+
+/// The largest batch a run may ask for.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// The most data-loading threads a run may ask for.
+pub const MAX_WORKERS: usize = 256;
 
 /// The recipe `zoo train` uses on Fashion-MNIST when no flag says otherwise (with
 /// [`FASHION_MNIST_DEFAULT_STEPS`] unless `--epochs` or `--max-steps` is given): the specs'

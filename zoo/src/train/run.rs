@@ -36,9 +36,11 @@ pub fn train(
     let mut clock = Clock::default();
     let mut final_val = None;
     while run.progress.step < run.rate.total_steps {
-        final_val = run.epoch(&mut clock)?;
+        final_val = run.epoch(&mut clock).map_err(|e| run.stopped(e))?;
     }
+    let hint = run.resume_hint();
     run.finish(final_val, &clock, started)
+        .map_err(|e| with_hint(e, hint))
 }
 
 fn run_error(dir: &Path, message: String) -> Error {
@@ -48,7 +50,20 @@ fn run_error(dir: &Path, message: String) -> Error {
     }
 }
 
+/// A write error with how to go on: `hint` says where the run can resume from.
+fn with_hint(error: Error, hint: String) -> Error {
+    match error {
+        Error::Write { path, message } => Error::Write {
+            path,
+            message: format!("{message}; the run stopped: {hint}"),
+        },
+        other => other,
+    }
+}
+
 /// A new run's checked configuration, or a resumed run's stored one and its newest checkpoint.
+/// Resuming first removes the temporary files that a process killed mid-write left behind, and
+/// starts a run that was killed before its first checkpoint over from its `config.json`.
 fn open_run(
     config: Option<RunConfig>,
     dir: &Path,
@@ -65,21 +80,73 @@ fn open_run(
         std::fs::create_dir_all(&checkpoints).map_err(|e| run_error(dir, e.to_string()))?;
         return Ok((config, None));
     }
-    let (_, latest) = checkpoint::list(&checkpoints).pop().ok_or_else(|| {
-        run_error(
-            dir,
-            "has no checkpoint to resume from (checkpoints/step-*.safetensors)".into(),
-        )
-    })?;
-    let ckpt = checkpoint::load(&latest)?;
-    let current = spec_sha256(&ckpt.config.model)?;
-    if current != ckpt.config.spec_sha256 {
-        return Err(run_error(dir, format!(
-            "the spec `{}` changed since the run started (SHA-256 {} then, {} now); resuming would train a different network",
-            ckpt.config.model, ckpt.config.spec_sha256, current
-        )));
+    for folder in [dir, checkpoints.as_path()] {
+        for stale in crate::io::remove_stale_temporaries(folder) {
+            eprintln!(
+                "note: removed {}, left by a process killed while writing",
+                stale.display()
+            );
+        }
     }
+    let check_spec = |config: &RunConfig| -> Result<(), Error> {
+        let current = spec_sha256(&config.model)?;
+        if current != config.spec_sha256 {
+            return Err(run_error(dir, format!(
+                "the spec `{}` changed since the run started (SHA-256 {} then, {} now); resuming would train a different network",
+                config.model, config.spec_sha256, current
+            )));
+        }
+        Ok(())
+    };
+    let Some((_, latest)) = checkpoint::list(&checkpoints).pop() else {
+        let stored = dir.join("config.json");
+        if !stored.is_file() {
+            return Err(run_error(
+                dir,
+                "has no checkpoint to resume from (checkpoints/step-*.safetensors)".into(),
+            ));
+        }
+        // The run was stopped before its first checkpoint: it starts over, as configured.
+        let config = RunConfig::read(&stored)?;
+        check_spec(&config)?;
+        eprintln!(
+            "note: {} has no checkpoint yet: the run starts over from step 0",
+            dir.display()
+        );
+        return Ok((config, None));
+    };
+    let ckpt = checkpoint::load(&latest)?;
+    check_spec(&ckpt.config)?;
     Ok((ckpt.config.clone(), Some(ckpt)))
+}
+
+/// Whether every value of `t` is finite. Its sum is, unless a NaN or an infinity is among
+/// them or the sum overflows; only then is every value looked at.
+fn all_finite(t: &Tensor) -> candle_core::Result<bool> {
+    if t.sum_all()?
+        .to_dtype(DType::F64)?
+        .to_scalar::<f64>()?
+        .is_finite()
+    {
+        return Ok(true);
+    }
+    Ok(t.flatten_all()?
+        .to_dtype(DType::F64)?
+        .to_vec1::<f64>()?
+        .iter()
+        .all(|x| x.is_finite()))
+}
+
+/// The name of the first tensor that holds a NaN or an infinity.
+fn first_non_finite<'t>(
+    tensors: impl IntoIterator<Item = (&'t str, &'t Tensor)>,
+) -> Result<Option<&'t str>, Error> {
+    for (name, t) in tensors {
+        if !all_finite(t)? {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
 }
 
 /// The training set and, when the run validates, the validation set.
@@ -362,26 +429,80 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Where the run can go on from: its newest checkpoint, which holds only finite numbers
+    /// (every checkpoint is checked before it is written, and none is written after a failure).
+    fn resume_hint(&self) -> String {
+        match checkpoint::list(&self.dir.join("checkpoints")).pop() {
+            Some((step, path)) => format!(
+                "the last good checkpoint is step {step} ({}), and `zoo train --resume {}` continues from it",
+                path.display(),
+                self.dir.display()
+            ),
+            None => format!(
+                "no checkpoint was written yet, and `zoo train --resume {}` starts the run over",
+                self.dir.display()
+            ),
+        }
+    }
+
+    /// A failed write (a full disk, say) with where the run can resume from.
+    fn stopped(&self, error: Error) -> Error {
+        with_hint(error, self.resume_hint())
+    }
+
+    /// The error that stops a run whose numbers stopped being finite at `step`; nothing is
+    /// written from that state.
+    fn diverged(&self, what: &str, step: u64) -> Error {
+        Error::Train(format!(
+            "{what} at step {step}: the run stopped, writing nothing from that state; {} with the same settings (if it diverges again, start a new run, with another --out, and a lower --lr)",
+            self.resume_hint()
+        ))
+    }
+
+    /// The model's tensors, checked to be finite before they are written anywhere.
+    fn checked_model(&self) -> Result<Vec<(String, Tensor)>, Error> {
+        let tensors = named_tensors(&self.varmap, &self.names);
+        if let Some(name) = first_non_finite(tensors.iter().map(|(n, t)| (n.as_str(), t)))? {
+            return Err(self.diverged(
+                &format!("the model's tensor `{name}` holds NaN or infinite values"),
+                self.progress.step,
+            ));
+        }
+        Ok(tensors)
+    }
+
     fn save_checkpoint(&self) -> Result<PathBuf, Error> {
+        let model = self.checked_model()?;
         let moments: Vec<(String, Tensor, Tensor)> = self
             .optimizer
             .slots
             .iter()
             .map(|s| (s.name.clone(), s.m.clone(), s.v.clone()))
             .collect();
+        let all_moments = moments
+            .iter()
+            .flat_map(|(name, m, v)| [(name.as_str(), m), (name.as_str(), v)]);
+        if let Some(name) = first_non_finite(all_moments)? {
+            return Err(self.diverged(
+                &format!("Adam's moments of `{name}` hold NaN or infinite values"),
+                self.progress.step,
+            ));
+        }
         checkpoint::save(
             &self.dir.join("checkpoints"),
             &self.config,
             &self.progress,
-            &named_tensors(&self.varmap, &self.names),
+            &model,
             &moments,
             self.config.keep,
         )
     }
 
     /// One optimizer step on `batch`: the loss (distilled when the run has a teacher), the
-    /// gradients, the update and the epoch's running figures.
+    /// gradients, the update and the epoch's running figures. A loss that is not finite stops
+    /// the run before the update, weights that are not finite right after it.
     fn step(&mut self, batch: &data::Batch) -> Result<(), Error> {
+        let step = self.progress.step + 1;
         let (xs, ys) = batch_tensors(batch, self.train_set.shape())?;
         let logits = self.model.forward(&xs, true)?;
         let loss = match (&self.teacher, &self.config.distill) {
@@ -393,15 +514,20 @@ impl<'a> Run<'a> {
             )?,
             _ => cross_entropy(&logits, &ys, self.config.label_smoothing)?,
         };
+        let value = loss.to_scalar::<f32>()? as f64;
+        if !value.is_finite() {
+            return Err(self.diverged(&format!("the loss became {value}"), step));
+        }
         let grads = loss.backward()?;
         self.last_lr = self.rate.at(self.progress.step);
         self.optimizer.step(&grads, self.last_lr)?;
-        let loss = loss.to_scalar::<f32>()? as f64;
-        if !loss.is_finite() {
-            return Err(Error::Train(format!(
-                "the loss became {loss} at step {}: lower the learning rate",
-                self.progress.step + 1
-            )));
+        let updated = self
+            .optimizer
+            .slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.var.as_tensor()));
+        if let Some(name) = first_non_finite(updated)? {
+            return Err(self.diverged(&format!("the weight `{name}` became NaN or infinite"), step));
         }
         let p = &mut self.progress;
         p.epoch_correct += ranks(&logits, &batch.labels)?
@@ -409,14 +535,14 @@ impl<'a> Run<'a> {
             .filter(|&&r| r == 0)
             .count() as u64;
         p.epoch_images += batch.labels.len() as u64;
-        p.epoch_loss_sum += loss;
+        p.epoch_loss_sum += value;
         p.epoch_steps += 1;
         p.step += 1;
         if let Some(events) = &mut self.events {
             events.scalars(
                 p.step,
                 &[
-                    ("step/train_loss", loss),
+                    ("step/train_loss", value),
                     ("step/learning_rate", self.last_lr),
                 ],
             )?;
@@ -528,7 +654,7 @@ impl<'a> Run<'a> {
             if self.progress.best.is_none_or(|(best, _)| acc.top1 > best) {
                 self.progress.best = Some((acc.top1, epoch_number));
                 crate::io::save_safetensors(
-                    &named_tensors(&self.varmap, &self.names),
+                    &self.checked_model()?,
                     Some(checkpoint::metadata(&self.config, &self.progress)),
                     &self.dir.join("best.safetensors"),
                 )?;
@@ -570,7 +696,7 @@ impl<'a> Run<'a> {
     ) -> Result<RunSummary, Error> {
         let weights = self.dir.join("model.safetensors");
         crate::io::save_safetensors(
-            &named_tensors(&self.varmap, &self.names),
+            &self.checked_model()?,
             Some(checkpoint::metadata(&self.config, &self.progress)),
             &weights,
         )?;

@@ -236,6 +236,13 @@ fn default_threads() -> usize {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`zoo list | head -1`) ends the process quietly, as it ends other Unix
+    // tools, instead of a panic in `println!`.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
