@@ -55,17 +55,7 @@ impl Judged {
             data,
             input,
         } = args;
-        let source = WeightsSource::resolve(&weights, spec)?;
-        let run = zoo::train::RunWeights::open(&source.path)?;
-        let model = source
-            .spec
-            .or(run.config.as_ref().map(|c| c.model.clone()))
-            .ok_or_else(|| {
-                zoo::Error::Train(format!(
-                    "`{}` carries no run configuration: name its architecture with --spec",
-                    source.path.display()
-                ))
-            })?;
+        let (source, run, model) = open_weights(&weights, spec)?;
         let data = data
             .or(run.config.as_ref().map(|c| c.data.clone()))
             .or(source.dataset)
@@ -86,6 +76,27 @@ impl Judged {
             dataset,
         })
     }
+}
+
+/// Resolves and reads weights named on the command line (`spec` from `--spec`), with their
+/// architecture: `spec`, else the repo's or the run's.
+pub fn open_weights(
+    arg: &str,
+    spec: Option<String>,
+) -> Result<(WeightsSource, zoo::train::RunWeights, String), zoo::Error> {
+    let source = WeightsSource::resolve(arg, spec)?;
+    let run = zoo::train::RunWeights::open(&source.path)?;
+    let model = source
+        .spec
+        .clone()
+        .or(run.config.as_ref().map(|c| c.model.clone()))
+        .ok_or_else(|| {
+            zoo::Error::Train(format!(
+                "`{}` carries no run configuration: name its architecture with --spec",
+                source.path.display()
+            ))
+        })?;
+    Ok((source, run, model))
 }
 
 /// Evaluates weights on a validation split.

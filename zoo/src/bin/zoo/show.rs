@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use zoo::data::Dataset;
 use zoo::show::{InputImage, ShownModel};
 
-use crate::hub::WeightsSource;
-
 /// `zoo show`.
 #[derive(clap::Args)]
 pub struct ShowArgs {
@@ -135,17 +133,7 @@ pub fn show(args: ShowArgs) -> Result<(), zoo::Error> {
     }
     let mut shown = Vec::new();
     for arg in &models {
-        let source = WeightsSource::resolve(arg, args.spec.clone())?;
-        let weights = zoo::train::RunWeights::open(&source.path)?;
-        let model = source
-            .spec
-            .or(weights.config.as_ref().map(|c| c.model.clone()))
-            .ok_or_else(|| {
-                zoo::Error::Train(format!(
-                    "`{}` carries no run configuration: name its architecture with --spec",
-                    source.path.display()
-                ))
-            })?;
+        let (_, weights, model) = crate::eval::open_weights(arg, args.spec.clone())?;
         let config = match &weights.config {
             Some(run) => run.model_config()?,
             None => crate::config_of(&zoo::spec(&model)?, None, None),
