@@ -184,7 +184,7 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
     config.batch_size = 32;
     config.learning_rate = 1e-2;
     config.keep = 2;
-    let summary = zoo::train::train(Some(config), &run, &Session { progress: false }).unwrap();
+    let summary = zoo::train::train(Some(config), &run, &Session::default()).unwrap();
 
     assert_eq!(summary.steps, 4 * 8);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
@@ -236,7 +236,7 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
     let val = zoo::train::open_dataset(&data, zoo::data::Split::Validation, 32, false).unwrap();
     let model = weights.build(&spec, &val).unwrap();
     let bar = indicatif::ProgressBar::hidden();
-    let again = zoo::train::evaluate(&*model, val, 16, 1, &bar).unwrap();
+    let again = zoo::train::evaluate(&*model, val, 16, 1, &bar, &Device::Cpu).unwrap();
     assert_eq!(again.top1, last.top1);
     assert!((again.loss - last.loss).abs() < 1e-5);
     // And so does `zoo eval` on the run directory.
@@ -246,7 +246,7 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
 
     // A finished run refuses to be overwritten; a changed spec refuses to resume.
     let config = RunConfig::new(&spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
-    let err = zoo::train::train(Some(config), &run, &Session { progress: false })
+    let err = zoo::train::train(Some(config), &run, &Session::default())
         .err()
         .unwrap();
     assert!(err.to_string().contains("already holds a run"), "{err}");
@@ -255,7 +255,7 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
         TINY_SPEC.replace("filters: 8, blocks: 2", "filters: 8, blocks: 3"),
     )
     .unwrap();
-    let err = zoo::train::train(None, &run, &Session { progress: false })
+    let err = zoo::train::train(None, &run, &Session::default())
         .err()
         .unwrap();
     assert!(
@@ -625,7 +625,7 @@ fn a_distilled_run_learns_from_its_teacher_and_resumes_only_with_it() {
         let mut config =
             RunConfig::new(&teacher_spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
         (config.epochs, config.batch_size, config.seed) = (2, 32, seed);
-        zoo::train::train(Some(config), out, &Session { progress: false }).unwrap();
+        zoo::train::train(Some(config), out, &Session::default()).unwrap();
     };
     let teacher = dir.join("teacher");
     train_teacher(1, &teacher);
@@ -804,7 +804,7 @@ fn inspect_reports_what_each_binarizer_gives() {
     let run = dir.join("run");
     let mut config = RunConfig::new(&spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
     (config.epochs, config.batch_size) = (1, 32);
-    zoo::train::train(Some(config), &run, &Session { progress: false }).unwrap();
+    zoo::train::train(Some(config), &run, &Session::default()).unwrap();
 
     // The observed forward pass: LAB and sign give ±1, sign exactly where its input is >= 0.
     let weights = RunWeights::open(&run).unwrap();
@@ -892,7 +892,7 @@ fn show_draws_what_the_binarizers_see_and_give() {
     for (run, spec) in &runs {
         let mut config = RunConfig::new(spec, &data, &zoo::train::fashion_mnist_recipe()).unwrap();
         (config.epochs, config.batch_size) = (1, 32);
-        zoo::train::train(Some(config), run, &Session { progress: false }).unwrap();
+        zoo::train::train(Some(config), run, &Session::default()).unwrap();
     }
     let [sign, lab] = [&runs[0].0, &runs[1].0].map(|p| p.to_str().unwrap().to_string());
 

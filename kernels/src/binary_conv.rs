@@ -12,6 +12,10 @@
 //! `1{|x| <= clip}` and `1{|w| <= clip}` are applied in the passes that write the two
 //! gradients (the kernel's read as bits from one pass over the kernel, which also takes the
 //! signs), and both gradients come out of one op.
+//!
+//! On a GPU (feature `cuda`): the forward pass packs the signs and counts mismatches with
+//! `popc` (`kernels/cuda/binary_conv.cu`), and the backward pass is the same pair of products
+//! in candle's convolution ops ([`backward_composed`], checked against the fused op on the CPU).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -225,6 +229,19 @@ impl CustomOp2 for BinaryConv {
         Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = &self.geometry;
+        let out = gpu::forward(self.name(), g, self.conv.pad_value, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -232,6 +249,10 @@ impl CustomOp2 for BinaryConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.device().is_cpu() {
+            let (dx, dw) = backward_composed(x, weight, grad, &self.conv)?;
+            return Ok((Some(dx), Some(dw)));
+        }
         let both = x.apply_op3_no_bwd(
             weight,
             &grad.contiguous()?,
@@ -279,6 +300,147 @@ impl CustomOp3 for BinaryConvBackward {
         )?;
         let len = g.n * g.c * g.h * g.w + g.o * g.c * g.kh * g.kw;
         Ok((out, Shape::from(len)))
+    }
+}
+
+/// Both gradients of [`BinaryConv`] (input, kernel) in candle's own ops, for tensors on other
+/// devices than the CPU (a GPU's convolutions and GEMMs): the same straight-through gradients
+/// as the fused CPU op, from the convolution's adjoints on the padded signs. Equal strides only.
+fn backward_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    conv: &BinaryConv2d,
+) -> Result<(Tensor, Tensor)> {
+    let [sy, sx] = conv.stride;
+    if sy != sx {
+        candle_core::bail!(
+            "binary_conv2d: strides {:?} differ, which only the CPU supports",
+            conv.stride
+        );
+    }
+    let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+    let (_, _, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let [top, bottom, left, right] = conv.pads;
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    // pad(sign(x), pad_value) as (sign(x) - pad_value) padded with zeros, plus pad_value.
+    let padded = (crate::sign(&x)? - conv.pad_value)?
+        .pad_with_zeros(2, top, bottom)?
+        .pad_with_zeros(3, left, right)?
+        .affine(1.0, conv.pad_value)?;
+    let kernel = crate::sign(&weight)?;
+    // The input gradient: the transposed convolution, whose last rows and columns (those no
+    // window reaches) get none.
+    let dx = grad.conv_transpose2d(&kernel, 0, 0, sy, 1)?;
+    let (_, _, th, tw) = dx.dims4()?;
+    let dx = dx
+        .pad_with_zeros(2, 0, hp - th)?
+        .pad_with_zeros(3, 0, wp - tw)?
+        .narrow(2, top, h)?
+        .narrow(3, left, w)?;
+    let dx = match conv.input_clip {
+        Some(clip) => crate::sign::ste_mask(&x, &dx, clip)?,
+        None => dx,
+    };
+    // The kernel gradient: the correlation of the padded signs with the output gradient, the
+    // stride as dilation.
+    let dw = padded
+        .transpose(0, 1)?
+        .conv2d(&grad.transpose(0, 1)?, 0, 1, sy, 1)?
+        .transpose(0, 1)?
+        .narrow(2, 0, kh)?
+        .narrow(3, 0, kw)?;
+    let dw = crate::sign::ste_mask(&weight, &dw, conv.kernel_clip)?;
+    Ok((dx, dw))
+}
+
+/// The GPU forward pass (`kernels/cuda/binary_conv.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::Geometry;
+    use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, BINARY_CONV};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{Layout, Result};
+
+    /// `struct Conv` of `binary_conv.cu`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Conv {
+        n: i64,
+        c: i64,
+        h: i64,
+        w: i64,
+        o: i64,
+        kh: i64,
+        kw: i64,
+        sy: i64,
+        sx: i64,
+        top: i64,
+        left: i64,
+        oh: i64,
+        ow: i64,
+        pad_one: i32,
+    }
+
+    // SAFETY: plain data, laid out as the kernel's `struct Conv`.
+    unsafe impl DeviceRepr for Conv {}
+
+    pub(super) fn forward(
+        op: &str,
+        g: &Geometry,
+        pad_value: f64,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        fn run<T: Real>(
+            op: &str,
+            g: &Geometry,
+            pad_value: f64,
+            (s1, l1): (&CudaStorage, &Layout),
+            (s2, l2): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = s1.device();
+            let (x, w) = (view::<T>(op, s1, l1)?, view::<T>(op, s2, l2)?);
+            let conv = Conv {
+                n: g.n as i64,
+                c: g.c as i64,
+                h: g.h as i64,
+                w: g.w as i64,
+                o: g.o as i64,
+                kh: g.kh as i64,
+                kw: g.kw as i64,
+                sy: g.sy as i64,
+                sx: g.sx as i64,
+                top: g.top as i64,
+                left: g.left as i64,
+                oh: g.oh as i64,
+                ow: g.ow as i64,
+                pad_one: i32::from(pad_value == 1.0),
+            };
+            let (words, taps) = (g.c.div_ceil(32), g.kh * g.kw);
+            let outputs = g.n * g.o * g.oh * g.ow;
+            let mut out = zeros::<T>(dev, outputs)?;
+            if outputs == 0 || g.c == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+            }
+            let mut xbits = zeros::<u32>(dev, g.n * words * g.h * g.w)?;
+            let mut wbits = zeros::<u32>(dev, g.o * taps * words)?;
+            let mut tap_sums = zeros::<i32>(dev, g.o * taps)?;
+            // SAFETY (all three): the signatures of `binary_conv.cu`; `x` holds N*C*H*W
+            // values, `w` O*C*kh*kw, the bit buffers N*H*W and O*kh*kw rows of `words` words,
+            // `tap_sums` O*kh*kw and `out` N*O*OH*OW.
+            launch!(dev, BINARY_CONV, &T::kernel("pack_input"), elementwise(g.n * words * g.h * g.w);
+                &conv, &x, &mut xbits);
+            launch!(dev, BINARY_CONV, &T::kernel("pack_weights"), elementwise(g.o * taps);
+                &conv, &w, &mut wbits, &mut tap_sums);
+            launch!(dev, BINARY_CONV, &T::kernel("conv_forward"), elementwise(outputs);
+                &conv, &xbits, &wbits, &tap_sums, &mut out);
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        by_dtype!(op, s1, run(op, g, pad_value, (s1, l1), (s2, l2)))
     }
 }
 
@@ -788,11 +950,18 @@ mod tests {
         let r = Tensor::randn(0f64, 1.0, ours.dims(), &dev)?;
         let g_ours = (ours * &r)?.sum_all()?.backward()?;
         let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
-        for (name, v) in [("input", &x), ("kernel", &wt)] {
+        // The other devices' backward, in candle's ops, run here on the CPU.
+        let composed = backward_composed(&x, &wt, &r, &conv)?;
+        for (name, v, c) in [("input", &x, &composed.0), ("kernel", &wt, &composed.1)] {
             let a = g_ours.get(v.as_tensor()).expect("a gradient");
             let b = g_theirs.get(v.as_tensor()).expect("a gradient");
             let err = max_abs(&(a - b)?) / max_abs(b).max(1.0);
             assert!(err < 1e-5, "{name} gradient differs by {err}: {case}");
+            let err = max_abs(&(c - b)?) / max_abs(b).max(1.0);
+            assert!(
+                err < 1e-9,
+                "composed {name} gradient differs by {err}: {case}"
+            );
         }
         Ok(())
     }

@@ -789,6 +789,19 @@ impl CustomOp2 for Lab {
         Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = &self.0;
+        let out = gpu::forward(self.name(), d, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
+    }
+
     fn bwd(
         &self,
         xs: &Tensor,
@@ -833,6 +846,164 @@ impl CustomOp3 for LabBackward {
             |x, p, g| backward(d, x, p, g),
         )?;
         Ok((out, Shape::from(d.n * d.c * d.plane() + d.params())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = &self.0;
+        let out = gpu::backward(self.name(), d, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, Shape::from(d.n * d.c * d.plane() + d.params())))
+    }
+}
+
+/// The GPU passes (`kernels/cuda/lab.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Dims, Pairing};
+    use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, BLOCK, LAB};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{Layout, Result};
+
+    /// `struct Lab` of `lab.cu`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Shape {
+        n: i64,
+        c: i64,
+        h: i64,
+        w: i64,
+        pairing: i32,
+    }
+
+    // SAFETY: plain data, laid out as the kernel's `struct Lab`.
+    unsafe impl DeviceRepr for Shape {}
+
+    impl Shape {
+        fn new(d: &Dims) -> Self {
+            Shape {
+                n: d.n as i64,
+                c: d.c as i64,
+                h: d.h as i64,
+                w: d.w as i64,
+                pairing: match d.pairing {
+                    Pairing::Channel => 0,
+                    Pairing::Official => 1,
+                },
+            }
+        }
+    }
+
+    /// Slices of a channel's `N*H*W` pixels for the reducing kernels: enough blocks to fill
+    /// the GPU, each with at least 16 pixels a thread, at most 64.
+    fn slices(d: &Dims) -> usize {
+        (d.n * d.plane()).div_ceil(16 * BLOCK as usize).clamp(1, 64)
+    }
+
+    /// A launch of `(x, y)` blocks of `BLOCK` threads.
+    fn grid(x: usize, y: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (x as u32, y as u32, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn check(op: &str, d: &Dims) -> Result<()> {
+        if 2 * d.c > 65535 {
+            candle_core::bail!("{op}: at most 32767 channels on the GPU, found {}", d.c);
+        }
+        Ok(())
+    }
+
+    pub(super) fn forward(
+        op: &str,
+        d: &Dims,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        fn run<T: Real>(
+            op: &str,
+            d: &Dims,
+            (s1, l1): (&CudaStorage, &Layout),
+            (s2, l2): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = s1.device();
+            let (x, params) = (view::<T>(op, s1, l1)?, view::<T>(op, s2, l2)?);
+            let n = d.n * d.c * d.plane();
+            let mut out = zeros::<T>(dev, n)?;
+            if n > 0 {
+                let shape = Shape::new(d);
+                // SAFETY: `lab_forward(Lab, const T* x, const T* params, T* out)`; `x` and
+                // `out` hold N*C*H*W values, `params` 20C + 1.
+                launch!(dev, LAB, &T::kernel("lab_forward"), elementwise(n);
+                    &shape, &x, &params, &mut out);
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        check(op, d)?;
+        by_dtype!(op, s1, run(op, d, (s1, l1), (s2, l2)))
+    }
+
+    pub(super) fn backward(
+        op: &str,
+        d: &Dims,
+        (s1, l1): (&CudaStorage, &Layout),
+        (s2, l2): (&CudaStorage, &Layout),
+        (s3, l3): (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        fn run<T: Real>(
+            op: &str,
+            d: &Dims,
+            (s1, l1): (&CudaStorage, &Layout),
+            (s2, l2): (&CudaStorage, &Layout),
+            (s3, l3): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = s1.device();
+            let (x, params, g) = (
+                view::<T>(op, s1, l1)?,
+                view::<T>(op, s2, l2)?,
+                view::<T>(op, s3, l3)?,
+            );
+            let nx = d.n * d.c * d.plane();
+            let mut out = zeros::<T>(dev, nx + d.params())?;
+            if nx == 0 {
+                return Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()));
+            }
+            let (shape, slices) = (Shape::new(d), slices(d));
+            let mut dy0 = zeros::<T>(dev, nx)?;
+            let mut dy1 = zeros::<T>(dev, nx)?;
+            let mut partial = zeros::<f64>(dev, 20 * d.c * slices)?;
+            // SAFETY (all four): the signatures of `lab.cu`; `x`, `g`, `dy0`, `dy1` and the
+            // input gradient hold N*C*H*W values, `params` 20C + 1, the parameter gradients
+            // 20C + 1, `partial` 20C rows of `slices` (the grid's x dimension).
+            launch!(dev, LAB, &T::kernel("lab_map_grads"), grid(slices, d.c);
+                &shape, &x, &params, &g, &mut dy0, &mut dy1, &mut partial);
+            {
+                let mut dx = out.slice_mut(..nx);
+                launch!(dev, LAB, &T::kernel("lab_input_grad"), elementwise(nx);
+                    &shape, &params, &dy0, &dy1, &mut dx);
+            }
+            launch!(dev, LAB, &T::kernel("lab_kernel_grads"), grid(slices, 2 * d.c);
+                &shape, &x, &dy0, &dy1, &mut partial);
+            {
+                let (mut dparams, slices) = (out.slice_mut(nx..), slices as i64);
+                launch!(dev, LAB, &T::kernel("lab_finish"), grid(1, 1);
+                    &shape, &partial, &slices, &mut dparams);
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        check(op, d)?;
+        by_dtype!(op, s1, run(op, d, (s1, l1), (s2, l2), (s3, l3)))
     }
 }
 

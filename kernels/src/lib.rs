@@ -20,10 +20,14 @@
 //! - [`binary_conv2d`]: the training-time binary convolution, bit-packed exact forward and GEMM
 //!   backward with the straight-through masks fused.
 //!
-//! Every op works on `f32` and `f64` tensors in NCHW layout.
+//! Every op works on `f32` and `f64` tensors in NCHW layout. With the `cuda` feature, the
+//! binarizers, LAB and the binary convolution's forward pass also run on NVIDIA GPUs through
+//! the zoo's own kernels (`kernels/cuda/*.cu`, compiled by NVRTC at run time).
 
 mod batch_norm;
 mod binary_conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod depthwise;
 mod lab;
 mod pool;

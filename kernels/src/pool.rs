@@ -192,6 +192,25 @@ impl CustomOp1 for Forward {
         Ok((out, Shape::from((n, c, oh, ow))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = dims(layout)?;
+        let (oh, ow) = self.0.output_hw(h, w)?;
+        let out = gpu::run(
+            self.name(),
+            &self.0,
+            self.1,
+            (n, c, h, w),
+            (storage, layout),
+            None,
+        )?;
+        Ok((out, Shape::from((n, c, oh, ow))))
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = arg
             .detach()
@@ -237,6 +256,109 @@ impl CustomOp2 for Backward {
             ),
         };
         Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = dims(l1)?;
+        let out = gpu::run(self.name(), &self.0, self.1, d, (s1, l1), Some((s2, l2)))?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The GPU passes (`kernels/cuda/pool.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::{Kind, Pool2d};
+    use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, POOL};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{Layout, Result};
+
+    /// `struct Pool` of `pool.cu`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Shape {
+        planes: i64,
+        h: i64,
+        w: i64,
+        kh: i64,
+        kw: i64,
+        sy: i64,
+        sx: i64,
+        top: i64,
+        left: i64,
+        oh: i64,
+        ow: i64,
+        max: i32,
+    }
+
+    // SAFETY: plain data, laid out as the kernel's `struct Pool`.
+    unsafe impl DeviceRepr for Shape {}
+
+    /// The forward pass (`grad` is `None`: the output) or the backward pass (`grad` is the
+    /// output gradient: the input gradient) of input `x`.
+    pub(super) fn run(
+        op: &str,
+        pool: &Pool2d,
+        kind: Kind,
+        (n, c, h, w): (usize, usize, usize, usize),
+        x: (&CudaStorage, &Layout),
+        grad: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
+        fn typed<T: Real>(
+            op: &str,
+            shape: Shape,
+            (s1, l1): (&CudaStorage, &Layout),
+            grad: Option<(&CudaStorage, &Layout)>,
+        ) -> Result<CudaStorage> {
+            let dev = s1.device();
+            let x = view::<T>(op, s1, l1)?;
+            let len = match grad {
+                None => shape.planes * shape.oh * shape.ow,
+                Some(_) => shape.planes * shape.h * shape.w,
+            } as usize;
+            let mut out = zeros::<T>(dev, len)?;
+            if len > 0 {
+                match grad {
+                    // SAFETY: `pool_forward(Pool, const T* x, T* out)`; `x` holds
+                    // N*C*H*W values, `out` N*C*OH*OW.
+                    None => launch!(dev, POOL, &T::kernel("pool_forward"), elementwise(len);
+                        &shape, &x, &mut out),
+                    Some((s2, l2)) => {
+                        let g = view::<T>(op, s2, l2)?;
+                        // SAFETY: `pool_backward(Pool, const T* x, const T* grad, T* dx)`;
+                        // `x` and `dx` hold N*C*H*W values, `grad` N*C*OH*OW.
+                        launch!(dev, POOL, &T::kernel("pool_backward"), elementwise(len);
+                            &shape, &x, &g, &mut out);
+                    }
+                }
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let (oh, ow) = pool.output_hw(h, w)?;
+        let shape = Shape {
+            planes: (n * c) as i64,
+            h: h as i64,
+            w: w as i64,
+            kh: pool.size[0] as i64,
+            kw: pool.size[1] as i64,
+            sy: pool.stride[0] as i64,
+            sx: pool.stride[1] as i64,
+            top: pool.padding[0] as i64,
+            left: pool.padding[2] as i64,
+            oh: oh as i64,
+            ow: ow as i64,
+            max: i32::from(kind == Kind::Max),
+        };
+        by_dtype!(op, x.0, typed(op, shape, x, grad))
     }
 }
 

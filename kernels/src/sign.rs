@@ -23,6 +23,16 @@ impl CustomOp1 for Sign {
         let out = dispatch1(self.name(), (storage, layout), sign_of, sign_of)?;
         Ok((out, layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::unary(self.name(), "sign", storage, layout)?;
+        Ok((out, layout.shape().clone()))
+    }
 }
 
 /// `+1` where `x >= 0` (including `-0.0`), `-1` elsewhere. The result carries no gradient: the
@@ -49,12 +59,28 @@ impl CustomOp1 for SteSign {
         Sign.cpu_fwd(storage, layout)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Sign.cuda_fwd(storage, layout)
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = arg
             .detach()
             .apply_op2_no_bwd(&grad_res.contiguous()?, &SteMask(self.0))?;
         Ok(Some(grad))
     }
+}
+
+/// `grad * 1{|x| <= clip}` (compared in f64), without gradient.
+pub(crate) fn ste_mask(x: &Tensor, grad: &Tensor, clip: f64) -> Result<Tensor> {
+    x.detach()
+        .contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &SteMask(clip))
 }
 
 /// `grad * 1{|x| <= clip}`.
@@ -89,6 +115,18 @@ impl candle_core::CustomOp2 for SteMask {
         )?;
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::binary(self.name(), "ste_mask", (s1, l1), (s2, l2), Some(self.0))?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// LAB's binarization of the score difference `d = y1 - y0`: `+1` where `d > 0` (strictly),
@@ -114,6 +152,16 @@ impl CustomOp1 for LabSign {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = dispatch1(self.name(), (storage, layout), strict_sign, strict_sign)?;
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::unary(self.name(), "lab_sign", storage, layout)?;
         Ok((out, layout.shape().clone()))
     }
 
@@ -151,6 +199,18 @@ impl candle_core::CustomOp2 for LabSignBackward {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = dispatch2(self.name(), (s1, l1), (s2, l2), surrogate, surrogate)?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::binary(self.name(), "lab_sign_backward", (s1, l1), (s2, l2), None)?;
         Ok((out, l1.shape().clone()))
     }
 }

@@ -156,6 +156,9 @@ impl CustomOp1 for Fold {
 /// A VALID convolution of an already padded `N x C x H x W` input with an `O x C x kh x kw`
 /// kernel, as [`unfold`] followed by one matrix multiply (forward and backward on GEMMs).
 pub fn conv2d_gemm(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
+    if !xs.device().is_cpu() {
+        return candle_conv2d("conv2d_gemm", xs, kernel, stride, 1);
+    }
     let (n, c, h, w) = xs.dims4()?;
     let (o, kc, kh, kw) = kernel.dims4()?;
     if kc != c {
@@ -174,6 +177,31 @@ pub fn conv2d_gemm(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<T
     ys.reshape((n, oh, ow, o))?
         .permute((0, 3, 1, 2))?
         .contiguous()
+}
+
+/// A VALID strided convolution of an already padded input in candle's own convolution op (and
+/// its autograd), for tensors on other devices than the CPU: the rows and columns no window
+/// reaches are cropped first (candle's backward needs them gone). `op` names the caller in
+/// errors; equal strides only.
+pub(crate) fn candle_conv2d(
+    op: &str,
+    xs: &Tensor,
+    kernel: &Tensor,
+    stride: [usize; 2],
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let (_, _, kh, kw) = kernel.dims4()?;
+    if stride[0] != stride[1] {
+        candle_core::bail!("{op}: strides {stride:?} differ, which only the CPU supports");
+    }
+    if h < kh || w < kw {
+        candle_core::bail!("{op}: a {kh}x{kw} kernel does not fit a {h}x{w} input");
+    }
+    let reached = |size: usize, k: usize, s: usize| (size - k) / s * s + k;
+    xs.narrow(2, 0, reached(h, kh, stride[0]))?
+        .narrow(3, 0, reached(w, kw, stride[1]))?
+        .conv2d(kernel, 0, stride[0], 1, groups)
 }
 
 #[cfg(test)]
@@ -195,16 +223,8 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, shape, &dev)?)?;
             let k = Var::from_tensor(&Tensor::randn(0f64, 1.0, kshape, &dev)?)?;
             let ours = conv2d_gemm(&x, &k, stride)?;
-            // Candle's backward needs the rows and columns no window reaches cropped away.
-            let (_, _, h, w) = shape;
-            let (_, _, kh, kw) = kshape;
-            let reached = |size: usize, k: usize, s: usize| (size - k) / s * s + k;
-            let cropped = x.narrow(2, 0, reached(h, kh, stride[0]))?.narrow(
-                3,
-                0,
-                reached(w, kw, stride[1]),
-            )?;
-            let theirs = cropped.conv2d(&k, 0, stride[0], 1, 1)?;
+            // Candle's convolution: the other devices' path, run here on the CPU.
+            let theirs = candle_conv2d("test", &x, &k, stride, 1)?;
             assert_eq!(ours.dims(), theirs.dims());
             let diff = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(diff < 1e-12, "forward differs by {diff}");

@@ -301,7 +301,7 @@ pub fn write_seeds(dir: &Path) {
     )
     .unwrap();
     (config.epochs, config.batch_size) = (1, 32);
-    zoo::train::train(Some(config), &run, &zoo::train::Session { progress: false }).unwrap();
+    zoo::train::train(Some(config), &run, &zoo::train::Session::default()).unwrap();
     copy("weights", &run.join("model.safetensors"));
     copy("run_config", &run.join("config.json"));
     let (_, checkpoint) = zoo::train::checkpoint::list(&run.join("checkpoints"))

@@ -23,6 +23,7 @@
 extern crate self as zoo;
 
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod hub;
 pub mod import;

@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, D};
+use candle_core::{Device, Tensor, D};
 use candle_nn::ops::log_softmax;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -143,13 +143,14 @@ pub struct Teacher {
 }
 
 impl Teacher {
-    /// Loads `source`: a zoo run directory, a weights file written by `zoo train`, a hub repo
-    /// directory (`zoo pull`) or a hub name (`org/repo`, `quicknet-lab.fmnist`).
-    pub fn open(source: &str) -> Result<Teacher, Error> {
+    /// Loads `source` onto `device`: a zoo run directory, a weights file written by
+    /// `zoo train`, a hub repo directory (`zoo pull`) or a hub name (`org/repo`,
+    /// `quicknet-lab.fmnist`).
+    pub fn open(source: &str, device: &Device) -> Result<Teacher, Error> {
         let path = Path::new(source);
         let is_repo_dir = path.join(crate::hub::repo::SPEC).is_file();
         let (model, architecture, weights) = if path.exists() && !is_repo_dir {
-            let run = RunWeights::open(path)?;
+            let run = RunWeights::open(path)?.to_device(device)?;
             let config = run.config.as_ref().ok_or_else(|| Error::Run {
                 path: run.path.display().to_string(),
                 message: "a weights file without a zoo run configuration: pass the teacher's \
@@ -162,7 +163,9 @@ impl Teacher {
                 run.path.clone(),
             )
         } else {
-            let loaded = crate::hub::Hub::from_env().load(source)?;
+            let loaded = crate::hub::Hub::from_env()
+                .device(device.clone())
+                .load(source)?;
             let architecture = loaded.repo.config.architecture.clone();
             (
                 loaded.model,

@@ -376,24 +376,27 @@ fn ranks(logits: &Tensor, labels: &[u32]) -> candle_core::Result<Vec<usize>> {
         .collect())
 }
 
-fn batch_tensors(batch: &data::Batch, shape: [usize; 3]) -> candle_core::Result<(Tensor, Tensor)> {
+/// A batch's images and labels on `device`.
+fn batch_tensors(
+    batch: &data::Batch,
+    shape: [usize; 3],
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     let n = batch.labels.len();
-    let images = Tensor::from_slice(
-        &batch.images,
-        (n, shape[0], shape[1], shape[2]),
-        &Device::Cpu,
-    )?;
-    let labels = Tensor::from_slice(&batch.labels, n, &Device::Cpu)?;
+    let images = Tensor::from_slice(&batch.images, (n, shape[0], shape[1], shape[2]), device)?;
+    let labels = Tensor::from_slice(&batch.labels, n, device)?;
     Ok((images, labels))
 }
 
-/// Evaluates `model` in inference mode on all of `dataset` (no augmentation).
+/// Evaluates `model` (whose weights are on `device`) in inference mode on all of `dataset`
+/// (no augmentation).
 pub fn evaluate(
     model: &dyn Model,
     dataset: Arc<dyn Dataset>,
     batch_size: usize,
     workers: usize,
     progress: &indicatif::ProgressBar,
+    device: &Device,
 ) -> Result<Accuracy, Error> {
     let shape = dataset.shape();
     let order: Vec<usize> = (0..dataset.len()).collect();
@@ -412,7 +415,7 @@ pub fn evaluate(
         if batch.labels.is_empty() {
             continue;
         }
-        let (xs, ys) = batch_tensors(&batch, shape)?;
+        let (xs, ys) = batch_tensors(&batch, shape, device)?;
         let logits = model.forward(&xs, false)?;
         let n = batch.labels.len() as u64;
         loss_sum += cross_entropy(&logits, &ys, 0.0)?.to_scalar::<f32>()? as f64 * n as f64;
@@ -436,6 +439,17 @@ pub fn evaluate(
     })
 }
 
+/// Named tensors moved to `device`.
+pub(crate) fn to_device(
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    tensors
+        .into_iter()
+        .map(|(name, t)| Ok((name, t.to_device(device)?)))
+        .collect()
+}
+
 /// The model's tensors by name, in the analysis order.
 fn named_tensors(varmap: &VarMap, names: &[String]) -> Vec<(String, Tensor)> {
     let data = varmap
@@ -448,7 +462,8 @@ fn named_tensors(varmap: &VarMap, names: &[String]) -> Vec<(String, Tensor)> {
         .collect()
 }
 
-/// Fills `varmap` with `tensors`, which must be exactly the model's tensors with their shapes.
+/// Fills `varmap` with `tensors` (on their device), which must be exactly the model's tensors
+/// with their shapes.
 pub fn load_into(
     varmap: &VarMap,
     tensors: &HashMap<String, Tensor>,
@@ -555,12 +570,26 @@ impl RunWeights {
         self.build_for(model, &dataset_config(dataset))
     }
 
+    /// The weights moved to `device` (models built from them compute there).
+    pub fn to_device(mut self, device: &Device) -> Result<RunWeights, Error> {
+        self.tensors = to_device(self.tensors, device)?;
+        Ok(self)
+    }
+
+    /// The device of the weights: the CPU unless moved with [`RunWeights::to_device`].
+    fn device(&self) -> Device {
+        self.tensors
+            .values()
+            .next()
+            .map_or(Device::Cpu, |t| t.device().clone())
+    }
+
     /// Builds `model` with these weights for `config`'s input and classes.
     pub fn build_for(&self, model: &str, config: &ModelConfig) -> Result<Box<dyn Model>, Error> {
         let varmap = self.variables(model, config)?;
         crate::build(
             model,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            VarBuilder::from_varmap(&varmap, DType::F32, &self.device()),
             config,
         )
     }
@@ -580,7 +609,7 @@ impl RunWeights {
         let varmap = self.variables(model, config)?;
         crate::Network::new(
             crate::spec(model)?,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+            VarBuilder::from_varmap(&varmap, DType::F32, &self.device()),
             config,
         )
     }
@@ -614,6 +643,18 @@ fn dataset_config(dataset: &Arc<dyn Dataset>) -> ModelConfig {
 pub struct Session {
     /// Show progress bars (they draw only on a terminal).
     pub progress: bool,
+    /// Where the model computes (see [`crate::device::parse`]); a run resumes on any device.
+    pub device: Device,
+}
+
+impl Default for Session {
+    /// No progress bars, on the CPU.
+    fn default() -> Session {
+        Session {
+            progress: false,
+            device: Device::Cpu,
+        }
+    }
 }
 
 /// One line for the terminal about a finished epoch.

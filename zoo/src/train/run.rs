@@ -207,12 +207,13 @@ fn open_teacher(
     config: &mut RunConfig,
     resumed: bool,
     dir: &Path,
+    device: &Device,
 ) -> Result<Option<Teacher>, Error> {
     let student = config.model_config()?;
     let Some(d) = config.distill.as_mut() else {
         return Ok(None);
     };
-    let teacher = Teacher::open(&d.teacher)?;
+    let teacher = Teacher::open(&d.teacher, device)?;
     teacher.check_fits(&student)?;
     if !resumed {
         d.teacher = distill::stored_source(&d.teacher);
@@ -245,7 +246,7 @@ fn build_optimizer(
     for p in params.iter().filter(|p| p.trainable) {
         let var = data[&p.name].clone();
         let (m, v) = match resumed.map(|c| c.moments.get(&p.name)) {
-            Some(Some((m, v))) => (m.clone(), v.clone()),
+            Some(Some((m, v))) => (m.to_device(var.device())?, v.to_device(var.device())?),
             Some(None) => {
                 return Err(run_error(
                     dir,
@@ -343,22 +344,25 @@ impl<'a> Run<'a> {
             .params()
             .cloned()
             .collect();
-        let varmap = VarMap::new();
+        let (varmap, device) = (VarMap::new(), &session.device);
         match &resumed {
-            Some(ckpt) => load_into(&varmap, &ckpt.model, &params, dir)?,
+            Some(ckpt) => {
+                let tensors = super::to_device(ckpt.model.clone(), device)?;
+                load_into(&varmap, &tensors, &params, dir)?
+            }
             None => crate::init::initialize(
                 &varmap,
                 &spec,
                 &model_config,
                 config.seed,
                 DType::F32,
-                &Device::Cpu,
+                device,
             )?,
         }
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = crate::build(&config.model, vb, &model_config)?;
         let model_summary = crate::summary::render(&spec, &model_config)?;
-        let teacher = open_teacher(&mut config, !is_new, dir)?;
+        let teacher = open_teacher(&mut config, !is_new, dir, device)?;
         let optimizer = build_optimizer(&varmap, &params, &config, resumed.as_ref(), dir)?;
 
         let steps_per_epoch = (train_set.len() / config.batch_size) as u64;
@@ -503,7 +507,7 @@ impl<'a> Run<'a> {
     /// the run before the update, weights that are not finite right after it.
     fn step(&mut self, batch: &data::Batch) -> Result<(), Error> {
         let step = self.progress.step + 1;
-        let (xs, ys) = batch_tensors(batch, self.train_set.shape())?;
+        let (xs, ys) = batch_tensors(batch, self.train_set.shape(), &self.session.device)?;
         let logits = self.model.forward(&xs, true)?;
         let loss = match (&self.teacher, &self.config.distill) {
             (Some(teacher), Some(d)) => d.loss.loss(
@@ -682,6 +686,7 @@ impl<'a> Run<'a> {
             self.config.batch_size.max(64),
             self.config.workers,
             &eval_bar,
+            &self.session.device,
         )?;
         eval_bar.finish_and_clear();
         Ok(Some(acc))

@@ -99,20 +99,22 @@ pub fn open_weights(
     Ok((source, run, model))
 }
 
-/// Evaluates weights on a validation split.
-pub fn eval(args: EvalArgs) -> Result<(), zoo::Error> {
+/// Evaluates weights on a validation split, on `device`.
+pub fn eval(args: EvalArgs, device: zoo::candle_core::Device) -> Result<(), zoo::Error> {
     let Judged {
         run,
         model,
         data,
         dataset,
     } = Judged::open(args.judged)?;
+    let run = run.to_device(&device)?;
     let model = run.build(&model, &dataset)?;
     let session = zoo::train::Session {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        device,
     };
     let bar = zoo::train::bar_for(&session, dataset.len() as u64, "evaluating");
-    let acc = zoo::train::evaluate(&*model, dataset, args.batch_size, 2, &bar)?;
+    let acc = zoo::train::evaluate(&*model, dataset, args.batch_size, 2, &bar, &session.device)?;
     bar.finish_and_clear();
     println!(
         "{}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} on {} images of {}{}",

@@ -26,6 +26,10 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where `train` and `eval` compute: `cpu`, `cuda` or `cuda:N` (a GPU needs a zoo built
+    /// with its `cuda` feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -189,8 +193,8 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
             classes,
             output,
         } => info::import_larq(&weights, &spec, input, classes, &output),
-        Command::Train(args) => train::train(*args),
-        Command::Eval(args) => eval::eval(args),
+        Command::Train(args) => train::train(*args, zoo::device::parse(&cli.device)?),
+        Command::Eval(args) => eval::eval(args, zoo::device::parse(&cli.device)?),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Plot(args) => plot::plot(args),
         Command::Show(args) => show::show(args),

@@ -204,10 +204,11 @@ fn fresh_run_dir(name: &str) -> PathBuf {
         .expect("some run number is free")
 }
 
-/// Trains a model, or resumes a run.
-pub fn train(args: TrainArgs) -> Result<(), zoo::Error> {
+/// Trains a model, or resumes a run, on `device`.
+pub fn train(args: TrainArgs, device: zoo::candle_core::Device) -> Result<(), zoo::Error> {
     let session = zoo::train::Session {
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        device,
     };
     let (config, run_dir) = match (&args.resume, &args.model) {
         (Some(dir), _) => {

@@ -1,0 +1,73 @@
+//! Where training and evaluation compute: the CPU, or an NVIDIA GPU when the zoo is built with
+//! its `cuda` feature (`kernels/cuda/build.sh`).
+
+use candle_core::Device;
+
+use crate::Error;
+
+/// The device named `name`: `cpu`, `cuda` (the first GPU) or `cuda:N`.
+///
+/// A GPU is a clear error when the zoo was built without the `cuda` feature, or when the
+/// driver finds no such GPU.
+pub fn parse(name: &str) -> Result<Device, Error> {
+    let bad = || {
+        Error::Train(format!(
+            "unknown device `{name}`: expected `cpu`, `cuda` or `cuda:N` (N the GPU's index)"
+        ))
+    };
+    let ordinal = match name.trim().to_ascii_lowercase().as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map_err(|_| bad())?,
+            None => return Err(bad()),
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(Error::Train(format!(
+            "device `{name}`: this zoo was built without its `cuda` feature; build it with \
+             `kernels/cuda/build.sh` (see the README's GPU section)"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        Error::Train(format!(
+            "device `{name}`: no CUDA GPU {ordinal} could be opened ({e})"
+        ))
+    })
+}
+
+/// `cpu` or `cuda:N`, as [`parse`] reads it.
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_and_bad_ones_say_what_is_expected() {
+        assert!(parse("cpu").unwrap().is_cpu());
+        assert!(parse(" CPU ").unwrap().is_cpu());
+        assert_eq!(name(&Device::Cpu), "cpu");
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", ""] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("expected `cpu`, `cuda` or `cuda:N`"),
+                "{bad}: {err}"
+            );
+        }
+        // Without the feature (the default build), a GPU is refused naming the feature; with
+        // it and no GPU, naming the missing GPU.
+        let err = parse("cuda:4096").map(|_| ()).unwrap_err().to_string();
+        if cfg!(feature = "cuda") {
+            assert!(err.contains("no CUDA GPU 4096"), "{err}");
+        } else {
+            assert!(err.contains("without its `cuda` feature"), "{err}");
+        }
+    }
+}
