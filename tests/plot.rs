@@ -2,22 +2,13 @@
 //! bad inputs are clear errors.
 
 use std::path::Path;
-use std::process::Command;
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
+use fixtures::zoo;
 use image::GenericImageView;
 use zoo::train::{Accuracy, EpochMetrics};
-
-fn zoo(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zoo"))
-        .args(args)
-        .output()
-        .expect("the zoo binary runs");
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
 
 /// A run directory with `epochs` epochs of made-up metrics, validation top-1 from `top1`.
 /// An SVG file's text and the trimmed text of its elements; panics unless it parses as an

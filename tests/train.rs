@@ -1,92 +1,17 @@
 //! Training: the optimizer and loss against hand-computed references, runs end to end on small
 //! data, checkpoints, an interrupted run resuming to the same weights, and `zoo eval`.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "support/fixtures.rs"]
+mod fixtures;
+
 use candle_core::{Device, Tensor, Var};
+use fixtures::*;
 use zoo::train::optim::{Adam, Slot};
 use zoo::train::{cross_entropy, RunConfig, RunWeights, Session};
-
-/// A small LAB network for 32x32 grayscale images.
-const TINY_SPEC: &str = "
-name: tiny-lab
-input: 32x32x1
-classes: 10
-binary:
-  activation: {sign: {clip: 1.25}}
-  kernel: {ste_sign: {clip: 1.25}}
-  weight_clip: 1.25
-  pad_value: 1
-stem: [{conv: {filters: 8, kernel: 3, stride: 2}}, batch_norm]
-stages: [{block: quicknet, filters: 8, blocks: 2, activation: lab}]
-head: [relu, global_avg_pool, dense]
-";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("zoo-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn write_gz(path: &Path, bytes: &[u8]) {
-    let file = std::fs::File::create(path).unwrap();
-    let mut gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
-    gz.write_all(bytes).unwrap();
-    gz.finish().unwrap();
-}
-
-/// A Fashion-MNIST-format folder with `train` and `test` images whose class is easy to see
-/// (whatever the flips and shifts): class `k` has brightness `25 k` plus noise.
-fn tiny_idx_dataset(dir: &Path, train: usize, test: usize) {
-    let mut seed = 12345u64;
-    let mut noise = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % 60) as u8
-    };
-    for (prefix, n) in [("train", train), ("t10k", test)] {
-        let mut images = vec![0, 0, 8, 3];
-        for d in [n as u32, 28, 28] {
-            images.extend(d.to_be_bytes());
-        }
-        let mut labels = vec![0, 0, 8, 1];
-        labels.extend((n as u32).to_be_bytes());
-        for i in 0..n {
-            let class = (i * 7 + 3) % 10;
-            labels.push(class as u8);
-            images.extend((0..28 * 28).map(|_| 25 * class as u8 + noise() / 3));
-        }
-        write_gz(&dir.join(format!("{prefix}-images-idx3-ubyte.gz")), &images);
-        write_gz(&dir.join(format!("{prefix}-labels-idx1-ubyte.gz")), &labels);
-    }
-}
-
-fn tiny_setup(name: &str) -> (PathBuf, String, String) {
-    let dir = temp_dir(name);
-    let spec = dir.join("tiny_lab.yaml");
-    std::fs::write(&spec, TINY_SPEC).unwrap();
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    tiny_idx_dataset(&data, 256, 64);
-    (dir, spec.display().to_string(), data.display().to_string())
-}
-
-fn zoo(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_zoo"))
-        .args(args)
-        .output()
-        .expect("the zoo binary runs");
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
 
 fn max_difference(a: &Path, b: &Path) -> f32 {
     let a = candle_core::safetensors::load(a, &Device::Cpu).unwrap();

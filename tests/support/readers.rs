@@ -85,19 +85,7 @@ fn verdict<T, E: std::fmt::Display>(r: Result<T, E>) -> Result<(), String> {
 }
 
 /// A small LAB network for 32x32 grayscale images: the model of the generated seeds.
-pub const TINY_SPEC: &str = "
-name: tiny-lab
-input: 32x32x1
-classes: 10
-binary:
-  activation: {sign: {clip: 1.25}}
-  kernel: {ste_sign: {clip: 1.25}}
-  weight_clip: 1.25
-  pad_value: 1
-stem: [{conv: {filters: 8, kernel: 3, stride: 2}}, batch_norm]
-stages: [{block: quicknet, filters: 8, blocks: 2, activation: lab}]
-head: [relu, global_avg_pool, dense]
-";
+pub const TINY_SPEC: &str = include_str!("tiny_lab.yaml");
 
 /// The tiny spec, written once per process (weights and checkpoints name it).
 fn tiny_spec_file() -> &'static Path {
