@@ -202,3 +202,25 @@ fn export_bench_and_predict_a_model() {
     let (ok, _, err) = zoo(&["predict", &path("w.safetensors"), &path("shirt.png")]);
     assert!(!ok && err.contains("not a .zoo model"), "{err}");
 }
+
+#[test]
+fn a_device_that_is_not_there_is_a_clear_error() {
+    let (ok, _, err) = zoo(&["--device", "tpu", "eval", "runs/none"]);
+    assert!(!ok);
+    assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{err}");
+    let (ok, _, err) = zoo(&[
+        "--device",
+        "cuda:4096",
+        "train",
+        "quicknet",
+        "--epochs",
+        "1",
+    ]);
+    assert!(!ok);
+    let expected = if cfg!(feature = "cuda") {
+        "no CUDA GPU 4096"
+    } else {
+        "built without its `cuda` feature"
+    };
+    assert!(err.contains(expected), "{err}");
+}

@@ -36,6 +36,10 @@ pub const CROP_RATIO: (f64, f64) = (3.0 / 4.0, 4.0 / 3.0);
 const CROP_TRIES: usize = 10;
 /// The resampling filter (bilinear, widened when shrinking).
 const FILTER: FilterType = FilterType::Triangle;
+/// The most elongated image read: its long side at most this many times its short side. A
+/// strip of 1 x 100000 pixels compresses to a few hundred bytes, and resizing its short side
+/// to 256 would make 25.6 million pixels of it.
+pub const MAX_ASPECT: u32 = 64;
 
 /// The validation image's shorter side before the center crop: `round(size / 0.875)`.
 pub fn resize_side(size: usize) -> usize {
@@ -380,8 +384,14 @@ fn decode(path: &Path) -> Result<RgbImage, String> {
         return Err("not a JPEG or PNG image".to_string());
     }
     let image = reader.decode().map_err(|e| format!("cannot decode: {e}"))?;
-    if image.width() == 0 || image.height() == 0 {
+    let (width, height) = (image.width(), image.height());
+    if width == 0 || height == 0 {
         return Err("the image is empty".to_string());
+    }
+    if width.max(height) / width.min(height) > MAX_ASPECT {
+        return Err(format!(
+            "{width}x{height} pixels: the long side is more than {MAX_ASPECT} times the short one"
+        ));
     }
     Ok(image.into_rgb8())
 }
@@ -538,6 +548,28 @@ mod tests {
         // width and a centered 4-pixel-high window (ratio 3/4).
         assert_eq!(random_resized_crop(3, 200, &mut rng), (0, 98, 3, 4));
         assert_eq!(random_resized_crop(200, 3, &mut rng), (98, 0, 4, 3));
+    }
+
+    #[test]
+    fn strips_are_refused_before_any_resizing() {
+        let dir = std::env::temp_dir().join(format!("zoo-strip-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (w, h, ok) in [
+            (1, 65, false),
+            (6500, 100, false),
+            (1, 64, true),
+            (64, 1, true),
+        ] {
+            let path = dir.join(format!("{w}x{h}.png"));
+            RgbImage::new(w, h).save(&path).unwrap();
+            let read = eval_image(&path, 32);
+            assert_eq!(read.is_ok(), ok, "{w}x{h}: {read:?}");
+            if !ok {
+                let err = read.unwrap_err().to_string();
+                assert!(err.contains(&format!("{w}x{h} pixels")), "{err}");
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
