@@ -223,10 +223,8 @@ pub fn eval_image(path: &Path, side: usize) -> Result<Vec<f32>, DataError> {
         path: path.to_path_buf(),
         message,
     };
-    let image = image::ImageReader::open(path)
-        .map_err(|e| fail(format!("cannot open: {e}")))?
-        .with_guessed_format()
-        .map_err(|e| fail(format!("cannot read: {e}")))?
+    let image = super::folder::open_image(path)
+        .map_err(fail)?
         .decode()
         .map_err(|e| fail(format!("cannot decode: {e}")))?
         .into_luma8();

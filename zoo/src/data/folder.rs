@@ -40,6 +40,23 @@ const FILTER: FilterType = FilterType::Triangle;
 /// strip of 1 x 100000 pixels compresses to a few hundred bytes, and resizing its short side
 /// to 256 would make 25.6 million pixels of it.
 pub const MAX_ASPECT: u32 = 64;
+/// The most memory one decoded image may take: 192 MiB, a 64-megapixel colour photograph. A
+/// JPEG of a few hundred bytes can declare 151 million pixels (453 MB) and hold the reader for
+/// seconds; the decoder refuses such an image from its header.
+pub const MAX_DECODED_BYTES: u64 = 192 << 20;
+
+/// Opens an image file for decoding (format guessed from its content) within
+/// [`MAX_DECODED_BYTES`].
+pub(crate) fn open_image(path: &Path) -> Result<ImageReader<std::io::BufReader<fs::File>>, String> {
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| format!("cannot open: {e}"))?
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODED_BYTES);
+    reader.limits(limits);
+    Ok(reader)
+}
 
 /// The validation image's shorter side before the center crop: `round(size / 0.875)`.
 pub fn resize_side(size: usize) -> usize {
@@ -376,10 +393,7 @@ pub fn eval_image(path: &Path, size: usize) -> Result<Vec<f32>, DataError> {
 
 /// Decodes an image file (format guessed from its content) into 8-bit RGB.
 fn decode(path: &Path) -> Result<RgbImage, String> {
-    let reader = ImageReader::open(path)
-        .map_err(|e| format!("cannot open: {e}"))?
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read: {e}"))?;
+    let reader = open_image(path)?;
     if reader.format().is_none() {
         return Err("not a JPEG or PNG image".to_string());
     }
@@ -570,6 +584,25 @@ mod tests {
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_jpeg_bomb_is_refused_from_its_header() {
+        // 773 bytes declaring 2316 x 65280 pixels (found by the fuzz campaign).
+        let bomb = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/jpeg-bomb-2316x65280.jpg");
+        let started = std::time::Instant::now();
+        let err = eval_image(&bomb, 32).unwrap_err().to_string();
+        assert!(err.contains("jpeg-bomb"), "{err}");
+        let err = crate::data::fashion_mnist::eval_image(&bomb, 32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jpeg-bomb"), "{err}");
+        assert!(
+            started.elapsed().as_secs_f64() < 1.0,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
