@@ -46,8 +46,7 @@ fn adam_follows_keras_update_rule_with_l2_decay_and_clip() -> candle_core::Resul
             var: var.clone(),
             clip: Some(1.25),
             l2: 0.01,
-            m: var.zeros_like()?,
-            v: var.zeros_like()?,
+            moments: Slot::moments(&var, None)?,
         }],
         t: 0,
     };

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""PyTorch (CPU, eager) training-throughput peer for the zoo's QuickNet and QuickNet-LAB.
+"""PyTorch (eager, CPU or CUDA) training-throughput peer for the zoo's QuickNet and QuickNet-LAB.
 
 The networks are built to compute what `specs/quicknet.yaml` and `specs/quicknet_lab.yaml`
 define (expanded by `spec/src/decode.rs`, computed by the layers in `zoo/src/layers/`), at the
-benchmark's size: 32x32x1 input (Fashion-MNIST padded from 28 to 32), 10 classes. Module and
+benchmark's size: 32x32x1 input (Fashion-MNIST padded from 28 to 32) or any other `--input`
+(random images and labels drawn on the device once), 10 classes. On CUDA: float32 throughout
+(TF32 off, as the zoo computes), cuDNN's autotuner on. Module and
 tensor names follow the zoo's (`stage2.block1.conv.lab.beta`, `stem.bn2.running_var`, ...), so
 `--summary` can be compared row by row with `zoo summary <model> --input 32x32x1 --classes 10`.
 
@@ -326,9 +328,10 @@ class QuickNet(nn.Module):
         return self.head(x)
 
 
-def build_model(name, lab_pairing="channel"):
+def build_model(name, lab_pairing="channel", in_channels=1):
     activation = {"quicknet": "sign", "quicknet-lab": "lab"}[name]
-    return QuickNet(in_channels=1, classes=10, activation=activation, lab_pairing=lab_pairing)
+    return QuickNet(in_channels=in_channels, classes=10, activation=activation,
+                    lab_pairing=lab_pairing)
 
 
 def stored_tensors(model):
@@ -340,7 +343,7 @@ def stored_tensors(model):
     return tensors
 
 
-def print_summary(model, side):
+def print_summary(model, side, channels=1):
     """Per-layer rows (name, output HxWxC, stored values) in the zoo summary's terms."""
     counts = {}
     for name, t in stored_tensors(model).items():
@@ -360,7 +363,7 @@ def print_summary(model, side):
     ]
     model.eval()
     with torch.no_grad():
-        model(torch.zeros(1, 1, side, side))
+        model(torch.zeros(1, channels, side, side))
     model.train()
     for h in hooks:
         h.remove()
@@ -422,6 +425,23 @@ class FashionMnist:
         return x, self.labels[index]
 
 
+class RandomImages:
+    """`count` random normal images of `shape` (C, H, W) with random labels, drawn once on
+    `device`, served in turn: the throughput of the network alone."""
+
+    def __init__(self, shape, count, device, seed):
+        generator = torch.Generator(device=device).manual_seed(seed)
+        self.images = torch.randn((count, *shape), generator=generator, device=device)
+        self.labels = torch.randint(0, 10, (count,), generator=generator, device=device)
+        self.cursor = 0
+
+    def batch(self, size):
+        index = torch.arange(self.cursor, self.cursor + size, device=self.images.device)
+        index %= len(self.labels)
+        self.cursor = (self.cursor + size) % len(self.labels)
+        return self.images[index], self.labels[index]
+
+
 # ----------------------------------------------------------------------------------------------
 # Training loop
 
@@ -440,7 +460,11 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=50, help="timed training steps")
     parser.add_argument("--warmup-steps", type=int, default=5, help="untimed steps first")
-    parser.add_argument("--data", choices=["fashion-mnist"], default="fashion-mnist")
+    parser.add_argument("--data", choices=["fashion-mnist", "random"], default="fashion-mnist",
+                        help="random: random images of --input (any size) drawn on the device")
+    parser.add_argument("--input", default="32x32x1",
+                        help="HxWxC; Fashion-MNIST is 32x32x1 (padded), other sizes need --data random")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--data-dir", default=None,
                         help="folder with the IDX files (default: data/fashion-mnist in the repo)")
     parser.add_argument("--lr", type=float, default=2.5e-3)
@@ -455,15 +479,27 @@ def main():
     torch.set_num_interop_threads(1)
     torch.manual_seed(args.seed)
 
-    side = 32  # Fashion-MNIST padded 28 -> 32, as the zoo's benchmark input
-    model = build_model(args.model, args.lab_pairing)
+    height, width, channels = (int(v) for v in args.input.split("x"))
+    if args.data == "fashion-mnist" and (height, width, channels) != (32, 32, 1):
+        parser.error("Fashion-MNIST is served at 32x32x1; other inputs need --data random")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # float32 as the zoo computes (PyTorch would use TF32 in convolutions by default).
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    model = build_model(args.model, args.lab_pairing, channels)
     if args.summary:
-        print_summary(model, side)
+        print_summary(model, height, channels)
         return
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    data = FashionMnist(args.data_dir or os.path.join(repo, "data", "fashion-mnist"), side,
-                        args.seed)
+    if args.data == "random":
+        data = RandomImages((channels, height, width), 4 * args.batch_size, device, args.seed)
+    else:
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        data = FashionMnist(args.data_dir or os.path.join(repo, "data", "fashion-mnist"), height,
+                            args.seed)
+    model.to(device)
     clipped = [p for p in model.parameters() if getattr(p, "weight_clip", None) is not None]
     # Keras' Adam defaults but for the learning rate (epsilon 1e-7 instead of PyTorch's 1e-8).
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999), eps=1e-7)
@@ -471,6 +507,7 @@ def main():
 
     def step():
         x, y = data.batch(args.batch_size)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,6 +536,9 @@ def main():
         "warmup_steps": args.warmup_steps,
         "batch_size": args.batch_size,
         "threads": args.threads,
+        "device": str(device),
+        "input": args.input,
+        "data": args.data,
         "params": sum(t.numel() for t in stored_tensors(model).values()),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

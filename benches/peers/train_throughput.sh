@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Training throughput of the zoo's trainer against the PyTorch CPU peer, side by side.
+# Training throughput of the zoo's trainer against the PyTorch peer, side by side, on the CPU
+# or a GPU.
 #
 # In each of ROUNDS rounds, runs `zoo train` and benches/peers/torch_quicknet.py on each model
-# (QuickNet, QuickNet-LAB) in turn, on Fashion-MNIST (32x32x1, 10 classes), batch 64, THREADS
-# threads; prints the median images per second of each and their ratio and, when both models
+# (QuickNet, QuickNet-LAB) in turn, on Fashion-MNIST (32x32x1, 10 classes) or at another INPUT,
+# batch 64, THREADS threads; prints the median images per second of each and their ratio and, when both models
 # run, LAB's cost over sign in step time for each trainer (the median over rounds of each
 # round's ratio, so that the two models of a round see the same machine).
 #
@@ -21,6 +22,12 @@
 #   WARMUP       untimed PyTorch steps first [2, as the zoo's]
 #   BATCH        batch size [64]
 #   THREADS      threads for both [2]
+#   DEVICE       where both train: cpu, cuda or cuda:N [cpu]; the zoo needs its `cuda` feature
+#   INPUT        HxWxC [32x32x1: Fashion-MNIST]. Another size needs DATA, an image folder
+#                (train/<class>/*.JPEG, val/<class>/*.JPEG) that the zoo reads at INPUT with its
+#                decoded images cached; the peer trains on random images of that size
+#   ZOO          our trainer [target/release/zoo]
+#   PEER_PYTHON  an interpreter that has torch already (a GPU machine's python3): no venv
 #   RESULTS_DIR  where the raw results of every run go [target/peers-results/<date-time>]
 set -euo pipefail
 
@@ -35,9 +42,22 @@ WARMUP=${WARMUP:-2}
 ZOO_UNTIMED=2  # steps zoo train leaves out of train_images_per_second
 BATCH=${BATCH:-64}
 THREADS=${THREADS:-2}
+DEVICE=${DEVICE:-cpu}
+INPUT=${INPUT:-32x32x1}
+DATA=${DATA:-}
 RESULTS_DIR=${RESULTS_DIR:-target/peers-results/$(date +%Y%m%d-%H%M%S)}
 REQUIREMENTS=benches/peers/requirements-torch.txt
-ZOO=target/release/zoo
+ZOO=${ZOO:-target/release/zoo}
+if [[ $INPUT == 32x32x1 ]]; then
+    zoo_data=(--data fashion-mnist)
+    peer_data=(--data fashion-mnist)
+elif [[ -n $DATA ]]; then
+    zoo_data=(--data "$DATA" --input "${INPUT%x*}" --cache)
+    peer_data=(--data random --input "$INPUT")
+else
+    echo "error: INPUT=$INPUT needs DATA, an image folder of that many channels" >&2
+    exit 2
+fi
 
 pytorch_only=0
 skip_build=0
@@ -53,13 +73,15 @@ done
 log() { echo "[train_throughput] $*" >&2; }
 
 # (a) The peer's virtual environment, (re)filled when the pinned requirements change.
-VPY="$PEERS_VENV/bin/python"
+VPY="${PEER_PYTHON:-$PEERS_VENV/bin/python}"
 STAMP="$PEERS_VENV/.requirements-torch.txt"
-if [[ ! -x "$VPY" ]]; then
+if [[ -n ${PEER_PYTHON:-} ]]; then
+    log "the peer runs on $PEER_PYTHON as it is"
+elif [[ ! -x "$VPY" ]]; then
     log "creating the virtual environment $PEERS_VENV"
     "$PYTHON" -m venv "$PEERS_VENV"
 fi
-if ! cmp -s "$REQUIREMENTS" "$STAMP"; then
+if [[ -z ${PEER_PYTHON:-} ]] && ! cmp -s "$REQUIREMENTS" "$STAMP"; then
     log "installing $REQUIREMENTS into $PEERS_VENV (torch's PyPI wheel and its CUDA runtime: ~5 GiB)"
     "$VPY" -m pip install --disable-pip-version-check -q -r "$REQUIREMENTS"
     cp "$REQUIREMENTS" "$STAMP"
@@ -92,8 +114,9 @@ run_zoo() {
     local model=$1 round=$2
     local out="$RESULTS_DIR/zoo-$model-round$round"
     rm -rf "$out"
-    if ! "$ZOO" train "$model" --data fashion-mnist --batch-size "$BATCH" --threads "$THREADS" \
-        --max-steps $((ZOO_UNTIMED + STEPS)) --no-eval --out "$out" >"$out.log" 2>&1; then
+    if ! "$ZOO" --device "$DEVICE" train "$model" "${zoo_data[@]}" --batch-size "$BATCH" \
+        --threads "$THREADS" --max-steps $((ZOO_UNTIMED + STEPS)) --no-eval --out "$out" \
+        >"$out.log" 2>&1; then
         echo "error: zoo train $model failed; its output is in $out.log:" >&2
         tail -n 20 "$out.log" >&2
         return 1
@@ -113,9 +136,9 @@ EOF
 run_torch() {
     local model=$1 round=$2
     local out="$RESULTS_DIR/pytorch-$model-round$round.json"
-    if ! "$VPY" benches/peers/torch_quicknet.py --model "$model" --data fashion-mnist \
-        --batch-size "$BATCH" --threads "$THREADS" --steps "$STEPS" --warmup-steps "$WARMUP" \
-        >"$out" 2>"$out.stderr"; then
+    if ! "$VPY" benches/peers/torch_quicknet.py --model "$model" "${peer_data[@]}" \
+        --device "$DEVICE" --batch-size "$BATCH" --threads "$THREADS" --steps "$STEPS" \
+        --warmup-steps "$WARMUP" >"$out" 2>"$out.stderr"; then
         echo "error: the PyTorch peer failed on $model:" >&2
         cat "$out.stderr" >&2
         return 1
@@ -148,7 +171,7 @@ done
 
 torch_version=$("$VPY" -c 'import torch; print(torch.__version__)')
 echo
-echo "Training throughput, Fashion-MNIST 32x32x1, batch $BATCH, $THREADS threads, median of $ROUNDS rounds"
+echo "Training throughput on $DEVICE, ${zoo_data[*]} (zoo) at $INPUT, batch $BATCH, $THREADS threads, median of $ROUNDS rounds"
 echo "(PyTorch $torch_version: $WARMUP warm-up + $STEPS timed steps; zoo: --max-steps $((ZOO_UNTIMED + STEPS)), the first $ZOO_UNTIMED untimed)"
 "$VPY" - "${rows[@]}" <<'EOF'
 import math, statistics, sys

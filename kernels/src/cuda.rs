@@ -38,6 +38,11 @@ pub(crate) const BINARY_CONV: Module = Module {
     name: "binary_conv",
     source: include_str!("../cuda/binary_conv.cu"),
 };
+/// The fused Adam update.
+pub(crate) const ADAM: Module = Module {
+    name: "adam",
+    source: include_str!("../cuda/adam.cu"),
+};
 /// Max and average pooling, forward and backward.
 pub(crate) const POOL: Module = Module {
     name: "pool",

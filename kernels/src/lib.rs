@@ -17,13 +17,16 @@
 //!   pooling) for CPU inference.
 //! - [`lab`]: the Learnable Activation Binarizer (depthwise 3x3 pair, scale, strict threshold)
 //!   fused into one op, with all four gradients (input, kernel, bias, beta) in one backward op.
+//! - [`adam_step`]: the fused Adam (and AdamW) update of a weight and its moments, in place.
 //! - [`binary_conv2d`]: the training-time binary convolution, bit-packed exact forward and GEMM
 //!   backward with the straight-through masks fused.
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout. With the `cuda` feature, the
-//! binarizers, LAB and the binary convolution's forward pass also run on NVIDIA GPUs through
-//! the zoo's own kernels (`kernels/cuda/*.cu`, compiled by NVRTC at run time).
+//! binarizers, LAB, the binary convolution's forward pass, pooling and the Adam update also run
+//! on NVIDIA GPUs through the zoo's own kernels (`kernels/cuda/*.cu`, compiled by NVRTC at run
+//! time); the other ops run there as candle ops.
 
+mod adam;
 mod batch_norm;
 mod binary_conv;
 #[cfg(feature = "cuda")]
@@ -36,6 +39,7 @@ mod unfold;
 
 pub mod packed;
 
+pub use adam::{adam_step, AdamStep, BETA1, BETA2, EPSILON};
 pub use batch_norm::batch_norm_train;
 pub use binary_conv::{binary_conv2d, BinaryConv2d};
 pub use depthwise::depthwise_conv2d;

@@ -5,14 +5,16 @@
 //! identical: the inputs are drawn away from the thresholds), gradients agree within 1e-4
 //! relative to the largest.
 //!
+//! The Adam update runs three steps in place on each device from the same state.
+//!
 //! Without a GPU every test prints why it did not run and passes. Build and run them with
 //! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda`.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use zoo_kernels::{
-    avg_pool2d, batch_norm_train, binary_conv2d, conv2d_gemm, depthwise_conv2d, lab, lab_sign,
-    max_pool2d, sign, ste_sign, BinaryConv2d, Pairing, Pool2d,
+    adam_step, avg_pool2d, batch_norm_train, binary_conv2d, conv2d_gemm, depthwise_conv2d, lab,
+    lab_sign, max_pool2d, sign, ste_sign, AdamStep, BinaryConv2d, Pairing, Pool2d,
 };
 
 /// The first GPU, or `None` after printing why there is none.
@@ -352,6 +354,40 @@ fn convolutions_and_batch_norm_match_the_cpu() -> Result<()> {
                 rtol,
                 rtol,
             )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_adam_update_matches_the_cpu() -> Result<()> {
+    let Some(dev) = gpu("the_adam_update_matches_the_cpu") else {
+        return Ok(());
+    };
+    let step = AdamStep {
+        alpha: 2.5e-3,
+        decay: 1.0 - 2.5e-3 * 1e-4,
+        l2: 1e-5,
+        clip: 1.25,
+    };
+    for dtype in [DType::F32, DType::F64] {
+        for (seed, shape) in [(1, vec![3, 5, 7, 9]), (2, vec![1]), (3, vec![70_001])] {
+            let what = format!("{dtype:?} {shape:?}");
+            let n: usize = shape.iter().product();
+            let w = (tensor(seed, &shape, 0.0, dtype, &Device::Cpu)? * 1.3)?;
+            let g = tensor(seed + 1, &shape, 0.0, dtype, &Device::Cpu)?;
+            // Moments as after some steps: m of either sign, v positive.
+            let m = (tensor(seed + 2, &[n], 0.0, dtype, &Device::Cpu)? * 0.1)?;
+            let v = (tensor(seed + 3, &[n], 0.0, dtype, &Device::Cpu)?.sqr()? * 0.01)?;
+            let mv = Tensor::cat(&[m, v], 0)?;
+            let (wg, gg, mvg) = (w.to_device(&dev)?, g.to_device(&dev)?, mv.to_device(&dev)?);
+            for _ in 0..3 {
+                adam_step(&w, &g, &mv, step)?;
+                adam_step(&wg, &gg, &mvg, step)?;
+            }
+            let rtol = if dtype == DType::F32 { 1e-6 } else { 1e-14 };
+            assert_close(&wg, &w, rtol, &format!("adam weights {what}"));
+            assert_close(&mvg, &mv, rtol, &format!("adam moments {what}"));
         }
     }
     Ok(())

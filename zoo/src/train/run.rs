@@ -245,15 +245,15 @@ fn build_optimizer(
     let mut slots = Vec::new();
     for p in params.iter().filter(|p| p.trainable) {
         let var = data[&p.name].clone();
-        let (m, v) = match resumed.map(|c| c.moments.get(&p.name)) {
-            Some(Some((m, v))) => (m.to_device(var.device())?, v.to_device(var.device())?),
+        let moments = match resumed.map(|c| c.moments.get(&p.name)) {
+            Some(Some((m, v))) => Slot::moments(&var, Some((m, v)))?,
             Some(None) => {
                 return Err(run_error(
                     dir,
                     format!("the checkpoint lacks Adam's moments of `{}`", p.name),
                 ));
             }
-            None => (var.zeros_like()?, var.zeros_like()?),
+            None => Slot::moments(&var, None)?,
         };
         slots.push(Slot {
             name: p.name.clone(),
@@ -265,8 +265,7 @@ fn build_optimizer(
             } else {
                 0.0
             },
-            m,
-            v,
+            moments,
         });
     }
     Ok(Adam {
@@ -481,8 +480,8 @@ impl<'a> Run<'a> {
             .optimizer
             .slots
             .iter()
-            .map(|s| (s.name.clone(), s.m.clone(), s.v.clone()))
-            .collect();
+            .map(|s| Ok((s.name.clone(), s.m()?, s.v()?)))
+            .collect::<candle_core::Result<_>>()?;
         let all_moments = moments
             .iter()
             .flat_map(|(name, m, v)| [(name.as_str(), m), (name.as_str(), v)]);

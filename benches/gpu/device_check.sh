@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# The GPU check of the CUDA training issue, as one call on a lent GPU machine: the machine and
+# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, a whole training step of
+# every registered model against the CPU), then training throughput side by side with PyTorch
+# on the same card (benches/peers/train_throughput.sh): QuickNet and QuickNet-LAB at 32x32x1
+# (Fashion-MNIST) and 224x224x3 (a folder of random JPEGs made on the spot), batch 256.
+#
+# The GPU machines have no Rust toolchain. Here, first:
+#   benches/gpu/device_check.sh --bundle     # builds with kernels/cuda/build.sh, packs
+#                                            # target/device/bundle.tar.xz (carry it)
+# There (`run` with carry ["target/device"]), from the repository root:
+#   benches/gpu/device_check.sh              # results under $OUT (or target/device/out)
+#
+# Environment: ROUNDS [2], STEPS_SMALL [30] and STEPS_LARGE [10] timed steps per run,
+# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bundle=target/device/bundle.tar.xz
+
+if [[ ${1:-} == --bundle ]]; then
+    set -e
+    kernels/cuda/build.sh build --release --features cuda -p zoo --bin zoo
+    tests=$(kernels/cuda/build.sh test --release --features cuda -p zoo-kernels -p zoo \
+        --test cuda --test gpu_training --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    if not line.startswith("{"):
+        continue  # build.sh prints the nvcc version first
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])')
+    stage=$(mktemp -d)
+    mkdir -p "$stage/bin"
+    cp target/cuda/release/zoo "$stage/bin/zoo"
+    while read -r name exe; do cp "$exe" "$stage/bin/test-$name"; done <<<"$tests"
+    strip "$stage"/bin/*
+    mkdir -p target/device
+    tar -C "$stage" -cJf "$bundle" bin
+    rm -rf "$stage"
+    ls -l "$bundle"
+    tar -tvf "$bundle"
+    exit 0
+fi
+
+OUT=${OUT:-target/device/out}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/device_check.log") 2>&1
+step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
+
+step "the machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
+nproc
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(0))'
+
+step "the CUDA libraries the zoo links (cudart, cublas, cublasLt, curand, nvrtc)"
+libs=$(python3 - <<'EOF'
+import glob, os, site
+wanted = ["libcudart.so.13", "libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10",
+          "libnvrtc.so.13"]
+roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets"]
+dirs = []
+for name in wanted:
+    hits = [h for r in roots for h in glob.glob(os.path.join(r, "**", name), recursive=True)]
+    print(f"{name}: {hits[0] if hits else 'MISSING'}", file=__import__("sys").stderr)
+    for h in hits[:1]:
+        if os.path.dirname(h) not in dirs:
+            dirs.append(os.path.dirname(h))
+print(":".join(dirs))
+EOF
+)
+export LD_LIBRARY_PATH=$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+
+bin=$(mktemp -d)
+tar -C "$bin" -xJf "$bundle" || { echo "no bundle at $bundle: build it here with --bundle"; exit 1; }
+bin=$bin/bin
+ldd "$bin/zoo" | grep -E "not found|cuda|cublas|curand|nvrtc" || true
+
+failed=0
+if [[ -z ${SKIP_TESTS:-} ]]; then
+    step "GPU tests: every CUDA op against the CPU"
+    "$bin/test-cuda" --nocapture --test-threads 1 || failed=1
+    step "GPU tests: a training step of every registered model against the CPU"
+    "$bin/test-gpu_training" --nocapture || failed=1
+fi
+
+if [[ -z ${SKIP_BENCH:-} ]]; then
+    step "random JPEGs for 224x224x3 (the zoo reads them with --cache; PyTorch trains on random tensors)"
+    images=$(mktemp -d)
+    python3 - "$images" <<'EOF'
+import os, sys
+import numpy as np
+from PIL import Image
+root, rng = sys.argv[1], np.random.default_rng(0)
+for split, count in [("train", 26), ("val", 2)]:
+    for c in range(10):
+        os.makedirs(f"{root}/{split}/class{c}", exist_ok=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(f"{root}/{split}/class{c}/{i}.JPEG", quality=90)
+EOF
+    common=(DEVICE=cuda ZOO="$bin/zoo" PEER_PYTHON=python3 BATCH=256 ROUNDS="${ROUNDS:-2}"
+        THREADS="${THREADS:-$(nproc)}")
+    step "training throughput at 32x32x1 (Fashion-MNIST), batch 256"
+    env "${common[@]}" STEPS="${STEPS_SMALL:-30}" RESULTS_DIR="$OUT/small" \
+        benches/peers/train_throughput.sh --skip-build || failed=1
+    step "training throughput at 224x224x3, batch 256"
+    env "${common[@]}" STEPS="${STEPS_LARGE:-10}" INPUT=224x224x3 DATA="$images" \
+        RESULTS_DIR="$OUT/large" benches/peers/train_throughput.sh --skip-build || failed=1
+fi
+step "done (failures: $failed)"
+exit $failed
