@@ -233,12 +233,7 @@ pub fn eval_image(path: &Path, side: usize) -> Result<Vec<f32>, DataError> {
             "Fashion-MNIST images need an input of at least {SIDE}x{SIDE}, found {side}x{side}"
         )));
     }
-    let small = image::imageops::resize(
-        &image,
-        SIDE as u32,
-        SIDE as u32,
-        image::imageops::FilterType::Triangle,
-    );
+    let small = super::folder::resize(&image, SIDE as u32, SIDE as u32);
     let offset = (side - SIDE) / 2;
     let mut out = vec![-MEAN / STD; side * side];
     for (y, row) in small.as_raw().chunks(SIDE).enumerate() {
