@@ -381,6 +381,29 @@ fn float_layers_and_pools_match_candle() {
         let (text, spec) = layer_spec([7, 9, 6], layer, 0, window);
         check(&text, &spec, spec.default_config(), 50 + i as u64, 2);
     }
+    // 20 channels: one block of 16 in registers and 4 one by one (depthwise and pools).
+    for (i, (layer, kernel, stride, padding)) in [
+        (
+            "depthwise_conv: {kernel: 3, stride: 2}",
+            [3, 3],
+            [2, 2],
+            Same,
+        ),
+        ("max_pool: {size: 2, stride: 1}", [2, 2], [1, 1], Valid),
+        (
+            "avg_pool: {size: 3, stride: 2, padding: same}",
+            [3, 3],
+            [2, 2],
+            Same,
+        ),
+        ("blur_pool: {stride: 2}", [3, 3], [2, 2], Same),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (text, spec) = layer_spec([9, 8, 20], layer, 0, (kernel, stride, padding, 20));
+        check(&text, &spec, spec.default_config(), 70 + i as u64, 2);
+    }
     // A float kernel on binarized inputs pads with +1.
     for (i, filters) in [5, 16].into_iter().enumerate() {
         let layer = format!(

@@ -620,56 +620,79 @@ def load_json(path):
         return json.load(f)
 
 
+def stats(values):
+    """Median, range and spread (max/min - 1) of per-process medians."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "spread": max(values) / min(values) - 1, "processes": len(values)}
+
+
+def round_ratios(a, b):
+    """LAB's cost from {round: ms} of quicknet-lab (a) and quicknet (b): the median, minimum and
+    maximum over rounds of a/b - 1 (processes of one round ran back to back)."""
+    ratios = [a[r] / b[r] - 1 for r in sorted(set(a) & set(b))]
+    if not ratios:
+        return None
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
+
+
 def report(args):
-    """The side-by-side table of lce_latency.sh from the lce-*.json and zoo-*.json files in
-    args.out (and OUT/lce.json's own timings for pairs without such files); writes
-    OUT/compare.json."""
+    """The side-by-side table of lce_latency.sh from the lce-*, zoo-* and floor-*.json files in
+    args.out; writes OUT/compare.json."""
     lce_doc = load_json(os.path.join(args.out, "lce.json"))
-    lce_runs, zoo_runs = {}, {}  # (model, threads) -> {lce kernel: [latency_ms]} / [zoo docs]
+    # {key: {round: per-process median ms}}; keys (model, threads, kernel) for the zoo and LCE,
+    # (threads, kernel) for the floor loop.
+    zoo, lce, floor = {}, {}, {}
     for name in sorted(os.listdir(args.out)):
-        m = re.fullmatch(r"(lce|zoo)-(.+)-t(\d+)(-r\d+)?\.json", name)
+        m = re.fullmatch(r"(lce|zoo|floor)-(?:(.+)-)?t(\d+)(?:-k(\w+))?-r(\d+)\.json", name)
         if not m:
             continue
+        kind, model, threads, rnd = m.group(1), m.group(2), int(m.group(3)), int(m.group(5))
         doc = load_json(os.path.join(args.out, name))
-        if m.group(1) == "lce":
+        if kind == "lce":
             for r in doc["results"]:
-                runs = lce_runs.setdefault((r["model"], r["threads"]), {})
-                runs.setdefault(r["lce_kernel"], []).append(r["latency_ms"])
+                key = (r["model"], r["threads"], r["lce_kernel"])
+                lce.setdefault(key, {})[rnd] = r["latency_ms"]["median"]
+        elif kind == "zoo":
+            zoo.setdefault((model, threads, doc["kernel"]), {})[rnd] = doc["latency_ms"]["median"]
         else:
-            zoo_runs.setdefault((m.group(2), int(doc.get("threads", m.group(3)))), []).append(doc)
-    for r in lce_doc.get("results", []):
-        key = (r["model"], r["threads"])
-        if key not in lce_runs or r["lce_kernel"] not in lce_runs[key]:
-            lce_runs.setdefault(key, {})[r["lce_kernel"]] = [r["latency_ms"]]
-    kernels = [k for k in LCE_KERNELS if any(k in v for v in lce_runs.values())]
-
-    def median_of(runs):
-        return statistics.median(r["median"] for r in runs) if runs else None
+            floor.setdefault((threads, doc["kernel"]), {})[rnd] = doc["latency_ms"]["median"]
+    if not zoo and not lce:
+        sys.exit(f"error: no zoo-*, floor-* or lce-* results in {args.out}")
+    kernels = [k for k in LCE_KERNELS if any(key[2] == k for key in lce)]
+    zoo_kernels = sorted({key[2] for key in zoo} | {key[1] for key in floor},
+                         key=lambda k: ["avx512", "avx2", "portable"].index(k)
+                         if k in ("avx512", "avx2", "portable") else 9)
+    pairs = sorted({key[:2] for key in zoo} | {key[:2] for key in lce}, key=lambda k: (k[1], k[0]))
+    ratio = lambda a, b: a / b if a and b else None  # noqa: E731
 
     rows = []
-    for model, threads in sorted(set(lce_runs) | set(zoo_runs), key=lambda k: (k[1], k[0])):
-        lce = {k: median_of(lce_runs.get((model, threads), {}).get(k, [])) for k in kernels}
-        zdocs = zoo_runs.get((model, threads), [])
-        zoo = median_of([d["latency_ms"] for d in zdocs])
-        known = {k: v for k, v in lce.items() if v is not None}
-        best = min(known, key=known.get) if known else None
-        rows.append({
-            "model": model, "threads": threads, "lce_median_ms": lce,
-            "lce_rounds": {k: len(v) for k, v in lce_runs.get((model, threads), {}).items()},
-            "zoo_median_ms": zoo, "zoo_rounds": len(zdocs),
-            "zoo_kernel": ",".join(sorted({str(d.get("kernel", "?")) for d in zdocs})) or None,
-            "lce_best_kernel": best,
-            "speedup_lce_best_over_zoo": known[best] / zoo if best and zoo else None,
-        })
-    by = {(r["model"], r["threads"]): r for r in rows}
-    overhead = lambda a, b: a / b - 1 if a and b else None  # noqa: E731
-    for r in rows:
-        base = by.get(("quicknet", r["threads"]))
-        if r["model"] == "quicknet-lab" and base:
-            r["lab_overhead"] = {
-                **{f"lce {k}": overhead(r["lce_median_ms"][k], base["lce_median_ms"][k])
-                   for k in kernels},
-                "zoo": overhead(r["zoo_median_ms"], base["zoo_median_ms"])}
+    for model, threads in pairs:
+        lce_stats = {k: stats(list(lce[(model, threads, k)].values()))
+                     for k in kernels if (model, threads, k) in lce}
+        for kernel in zoo_kernels or [None]:
+            z = zoo.get((model, threads, kernel))
+            f = floor.get((threads, kernel))
+            zs = stats(list(z.values())) if z else None
+            fs = stats(list(f.values())) if f else None
+            zm = zs and zs["median"]
+            rows.append({
+                "model": model, "threads": threads, "zoo_kernel": kernel, "zoo_ms": zs,
+                "floor_ms": fs, "lce_ms": lce_stats,
+                "zoo_over_floor": ratio(zm, fs and fs["median"]),
+                "lce_over_zoo": {k: ratio(v["median"], zm) for k, v in lce_stats.items()},
+            })
+    lab = []
+    for threads in sorted({t for _, t in pairs}):
+        for kernel in zoo_kernels:
+            a, b = zoo.get(("quicknet-lab", threads, kernel)), zoo.get(("quicknet", threads, kernel))
+            if a and b:
+                lab.append({"threads": threads, "engine": f"zoo {kernel}",
+                            "cost": round_ratios(a, b)})
+        for k in kernels:
+            a, b = lce.get(("quicknet-lab", threads, k)), lce.get(("quicknet", threads, k))
+            if a and b:
+                lab.append({"threads": threads, "engine": f"LCE {k}", "cost": round_ratios(a, b)})
 
     sizes = {}
     for model, info in lce_doc["models"].items():
@@ -677,38 +700,42 @@ def report(args):
         sizes[model] = {"tflite_bytes": info["tflite_bytes"],
                         "zoo_bytes": os.path.getsize(zoo_path) if os.path.exists(zoo_path) else None}
 
+    def cell(st):
+        return "-" if not st else f"{st['median']:.2f} ({100 * st['spread']:.0f}%)"
+
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
-    pct = lambda v: "-" if v is None else f"{100 * v:+.0f}%"  # noqa: E731
     first = next(iter(lce_doc["models"].values()))
     print(f"\nLCE {lce_doc['versions']['larq_compute_engine']} vs zoo, batch 1, input "
           f"{first['input']}, {first['classes']} classes, CPU: "
           f"{lce_doc['cpu'].get('model_name', '?')} ({lce_doc['cpu'].get('processors')} logical"
-          " CPUs); median latency in ms (median over rounds); LCE/zoo = best LCE column / zoo")
-    head = "".join(f" {'LCE ' + k:>{max(12, len(k) + 5)}}" for k in kernels)
-    print(f"{'model':<14} {'threads':>7}{head} {'zoo':>9} {'LCE/zoo':>8}  zoo kernel")
+          " CPUs). Milliseconds: the median over processes of each process's median, and in"
+          " brackets the spread of those medians (slowest / fastest - 1); floor: the fixed"
+          " XNOR-popcount loop over the binary MACs (the machine's own spread).")
+    head = "".join(f" {'LCE ' + k:>17} {'/zoo':>6}" for k in kernels)
+    print(f"{'model':<13} {'thr':>3} {'kernel':<8} {'zoo':>14} {'floor':>14} {'zoo/floor':>9}{head}")
     for r in rows:
-        cells = "".join(f" {fmt(r['lce_median_ms'][k]):>{max(12, len(k) + 5)}}" for k in kernels)
-        print(f"{r['model']:<14} {r['threads']:>7}{cells} {fmt(r['zoo_median_ms']):>9} "
-              f"{fmt(r['speedup_lce_best_over_zoo'], '{:.2f}x'):>8}  {r['zoo_kernel'] or '-'}")
-    lab_rows = [r for r in rows if "lab_overhead" in r]
-    if lab_rows:
-        print("\nLAB overhead (quicknet-lab latency / quicknet latency - 1):")
-        cols = list(lab_rows[0]["lab_overhead"])
-        print(f"{'threads':>7}" + "".join(f" {c:>{max(10, len(c))}}" for c in cols))
-        for r in lab_rows:
-            print(f"{r['threads']:>7}" + "".join(
-                f" {pct(r['lab_overhead'][c]):>{max(10, len(c))}}" for c in cols))
+        cells = "".join(f" {cell(r['lce_ms'].get(k)):>17} "
+                        f"{fmt(r['lce_over_zoo'].get(k), '{:.1f}x'):>6}" for k in kernels)
+        print(f"{r['model']:<13} {r['threads']:>3} {r['zoo_kernel'] or '-':<8} "
+              f"{cell(r['zoo_ms']):>14} {cell(r['floor_ms']):>14} "
+              f"{fmt(r['zoo_over_floor'], '{:.2f}x'):>9}{cells}")
+    if lab:
+        print("\nLAB's cost (quicknet-lab / quicknet - 1 within each round): median over rounds"
+              " [smallest, largest]")
+        for r in lab:
+            c = r["cost"]
+            print(f"{r['threads']:>3} thread(s) {r['engine']:<22} {100 * c['median']:+6.1f}% "
+                  f"[{100 * c['min']:+.1f}%, {100 * c['max']:+.1f}%] over {c['rounds']} rounds")
     print(f"\n{'model':<14} {'.tflite bytes':>14} {'MiB':>7} {'.zoo bytes':>12} {'MiB':>7}")
     for model, sz in sizes.items():
         z = sz["zoo_bytes"]
         print(f"{model:<14} {sz['tflite_bytes']:>14,} {sz['tflite_bytes'] / MIB:>7.2f} "
               f"{fmt(z, '{:,}'):>12} {fmt(None if z is None else z / MIB):>7}")
-    floor = lce_doc.get("floor")
-    if floor:
-        print()
-        print_floor(lce_doc["models"], floor)
+    if lce_doc.get("floor"):
+        print("\nThe C reference of the floor loop (--floor), best of 5 repetitions:")
+        print_floor(lce_doc["models"], lce_doc["floor"])
     summary = {"date": lce_doc["date"], "cpu": lce_doc["cpu"], "versions": lce_doc["versions"],
-               "rows": rows, "sizes": sizes, "floor": floor}
+               "rows": rows, "lab_cost": lab, "sizes": sizes, "c_floor": lce_doc.get("floor")}
     with open(os.path.join(args.out, "compare.json"), "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")

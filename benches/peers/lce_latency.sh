@@ -9,10 +9,16 @@
 #    weights, saves them as OUT/<model>.h5, converts them with LCE to OUT/<model>.tflite, and
 #    measures the XNOR-popcount rate for the arithmetic floor of the binary layers.
 # 3. zoo import-larq OUT/<model>.h5 -> OUT/<model>.safetensors, then zoo export -> OUT/<model>.zoo.
-# 4. For each round, model and thread count: zoo bench, then LCE (lce_latency.py --time-only),
-#    one after the other, into OUT/zoo-<model>-t<N>-r<round>.json and OUT/lce-...json.
-# 5. The side-by-side table (lce_latency.py --report; also OUT/compare.json): LCE and zoo
-#    median ms, LCE/zoo, LAB's overhead in both, .tflite and .zoo sizes, the floor.
+# 4. ROUNDS rounds; in each, for each thread count: the floor loop (`zoo bench --floor`, a fixed
+#    XNOR-popcount loop over QuickNet's binary MACs) with every zoo kernel, then for each model
+#    zoo bench with every kernel and LCE (lce_latency.py --time-only, both LCE kernels), one
+#    process after another, into OUT/floor-t<N>-k<kernel>-r<round>.json,
+#    OUT/zoo-<model>-t<N>-k<kernel>-r<round>.json and OUT/lce-<model>-t<N>-r<round>.json.
+# 5. The side-by-side table (lce_latency.py --report; also OUT/compare.json): per model, thread
+#    count and zoo kernel, the median over processes of each process's median, with the spread
+#    of those medians (max/min - 1) for the zoo, LCE and the floor loop (the machine's own
+#    spread: fixed work); LCE/zoo, zoo/floor, LAB's cost as the median of the per-round ratios
+#    with their range; .tflite and .zoo sizes.
 # --lce-only skips the zoo (steps 1, 3 and its half of 4).
 #
 # Environment (defaults in brackets):
@@ -20,12 +26,13 @@
 #   OUT          output folder [target/lce-results]
 #   MODELS       models ["quicknet quicknet-lab"]
 #   THREADS      thread counts ["1 2"]
-#   RUNS         timed LCE runs per measurement [50]
-#   ZOO_RUNS     timed zoo runs per measurement [500]: a zoo run takes milliseconds, so a
-#                median over more runs costs little and resists brief interference
+#   RUNS         timed LCE runs per process [50]
+#   ZOO_RUNS     timed zoo runs per process [300]: a zoo run takes milliseconds, so a median
+#                over more runs costs little and resists brief interference
 #   WARMUP       untimed LCE runs before those [5]
-#   ROUNDS       alternating zoo/LCE rounds per model and thread count [1]; the table shows the
-#                median over rounds of each run's median
+#   ROUNDS       alternating rounds [10]: processes per model, engine, kernel and thread count
+#   ZOO_KERNELS  zoo kernels to time (ZOO_PACKED_KERNEL) [every one this CPU runs, of
+#                "avx512 avx2 portable"]
 #   LCE_KERNELS  LCE interpreter settings to time ["bgemm indirect-bgemm"]; see
 #                lce_latency.py --help
 #   ZOO          the zoo binary [target/release/zoo]
@@ -37,9 +44,10 @@ OUT=${OUT:-target/lce-results}
 MODELS=${MODELS:-"quicknet quicknet-lab"}
 THREADS=${THREADS:-"1 2"}
 RUNS=${RUNS:-50}
-ZOO_RUNS=${ZOO_RUNS:-500}
+ZOO_RUNS=${ZOO_RUNS:-300}
 WARMUP=${WARMUP:-5}
-ROUNDS=${ROUNDS:-1}
+ROUNDS=${ROUNDS:-10}
+ZOO_KERNELS=${ZOO_KERNELS:-}
 LCE_KERNELS=${LCE_KERNELS:-"bgemm indirect-bgemm"}
 ZOO=${ZOO:-target/release/zoo}
 INPUT=224x224x3  # the specs' own input and classes
@@ -82,7 +90,7 @@ if [[ $lce_only == 0 ]]; then
             echo "error: $ZOO has no working '$sub' subcommand. This script needs" >&2
             echo "       zoo import-larq <H5> --spec S --input HxWxC --classes N -o <W.safetensors>," >&2
             echo "       zoo export <W.safetensors> --spec S --input HxWxC --classes N -o <M.zoo>," >&2
-            echo "       zoo bench <M.zoo> --input HxWxC --threads N --runs N --json FILE." >&2
+            echo "       zoo bench <M.zoo> --input HxWxC --threads N --runs N --batch 0 [--floor] --json FILE." >&2
             echo "       --lce-only measures LCE alone." >&2
             exit 1
         fi
@@ -90,7 +98,7 @@ if [[ $lce_only == 0 ]]; then
 fi
 
 mkdir -p "$OUT"
-rm -f "$OUT"/zoo-*.json "$OUT"/lce-*-t*.json "$OUT"/*.zoo "$OUT"/*.safetensors "$OUT"/compare.json
+rm -f "$OUT"/zoo-*.json "$OUT"/zoo-*.log "$OUT"/floor-*.json "$OUT"/floor-*.log "$OUT"/lce-*-t*.json "$OUT"/*.zoo "$OUT"/*.safetensors "$OUT"/compare.json
 log "results in $OUT"
 
 # (2) The Keras models, their .h5 weights, the .tflite files, the popcount rate.
@@ -110,24 +118,53 @@ if [[ $lce_only == 0 ]]; then
 fi
 
 # (4) Alternating measurements.
+if [[ $lce_only == 0 && -z $ZOO_KERNELS ]]; then
+    # The kernels this CPU runs: an unavailable ZOO_PACKED_KERNEL falls back to the best one.
+    for kernel in avx512 avx2 portable; do
+        ZOO_PACKED_KERNEL=$kernel "$ZOO" bench quicknet --input 32x32x1 --runs 1 --warmup 0 \
+            --batch 0 --json "$OUT/kernel-probe.json" >/dev/null
+        if grep -q "\"kernel\": \"$kernel\"" "$OUT/kernel-probe.json"; then
+            ZOO_KERNELS="$ZOO_KERNELS $kernel"
+        fi
+    done
+    rm -f "$OUT/kernel-probe.json"
+    log "zoo kernels this CPU runs:$ZOO_KERNELS"
+fi
+
+# `zoo bench` of one process into $1 (JSON), with kernel $2, the rest of the arguments its own.
+zoo_bench() {
+    local json=$1 kernel=$2
+    shift 2
+    ZOO_PACKED_KERNEL=$kernel "$ZOO" bench "$@" --input $INPUT --runs "$ZOO_RUNS" --batch 0 \
+        --json "$json" >"${json%.json}.log" 2>&1 || {
+        echo "error: zoo bench failed; its output (${json%.json}.log):" >&2
+        tail -n 20 "${json%.json}.log" >&2
+        exit 1
+    }
+}
+
 for round in $(seq 1 "$ROUNDS"); do
-    for model in $MODELS; do
-        for threads in $THREADS; do
-            tag="$model-t$threads-r$round"
+    for threads in $THREADS; do
+        if [[ $lce_only == 0 ]]; then
+            log "round $round: the floor loop, $threads thread(s), kernels$ZOO_KERNELS"
+            for kernel in $ZOO_KERNELS; do
+                zoo_bench "$OUT/floor-t$threads-k$kernel-r$round.json" "$kernel" quicknet \
+                    --classes $CLASSES --threads "$threads" --floor
+            done
+        fi
+        for model in $MODELS; do
             if [[ $lce_only == 0 ]]; then
-                log "round $round: zoo bench $model, $threads thread(s)"
-                "$ZOO" bench "$OUT/$model.zoo" --input $INPUT --threads "$threads" --runs "$ZOO_RUNS" \
-                    --json "$OUT/zoo-$tag.json" >"$OUT/zoo-$tag.log" 2>&1 || {
-                    echo "error: zoo bench failed; its output ($OUT/zoo-$tag.log):" >&2
-                    tail -n 20 "$OUT/zoo-$tag.log" >&2
-                    exit 1
-                }
+                log "round $round: zoo bench $model, $threads thread(s), kernels$ZOO_KERNELS"
+                for kernel in $ZOO_KERNELS; do
+                    zoo_bench "$OUT/zoo-$model-t$threads-k$kernel-r$round.json" "$kernel" \
+                        "$OUT/$model.zoo" --threads "$threads"
+                done
             fi
             log "round $round: LCE $model, $threads thread(s)"
             # shellcheck disable=SC2086
             "$VPY" "$PEER" --out "$OUT" --time-only --models "$model" --threads "$threads" \
                 --runs "$RUNS" --warmup "$WARMUP" --lce-kernels $LCE_KERNELS --seed 20240611 \
-                --json "$OUT/lce-$tag.json"
+                --json "$OUT/lce-$model-t$threads-r$round.json"
         done
     done
 done

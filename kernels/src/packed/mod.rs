@@ -13,7 +13,9 @@
 //!   output row to a caller's epilogue; [`BinaryConv`] prepares the weights once for many
 //!   calls and binarizes a float input (sign or LAB) on the fly into the padded input;
 //! - [`lab_pack`]: LAB's 3x3 depthwise float comparison, thresholded and packed;
-//! - [`max_pool`]: max pooling of a ±1 map (a bit AND).
+//! - [`max_pool`]: max pooling of a ±1 map (a bit AND);
+//! - [`floor::xnor_popcount`]: a fixed XNOR-popcount loop, the arithmetic floor of the
+//!   binary convolutions and a reference for timing the machine.
 //!
 //! Parallel work runs on the current rayon pool (install a pool to choose the thread count),
 //! split over output rows. The convolution has a portable path and, on x86-64, AVX2 and
@@ -22,6 +24,7 @@
 //! choice falls back to the best available variant).
 
 mod conv;
+pub mod floor;
 mod lab;
 mod pool;
 #[cfg(test)]

@@ -10,15 +10,21 @@ use rand::{Rng, SeedableRng};
 use crate::spec::{self, ModelConfig};
 use crate::Error;
 
+use zoo_kernels::packed;
+
 use super::{export, Engine, OpTime, ZooModel};
 
-/// Median, minimum and maximum of a set of timings, in milliseconds.
+/// Order statistics of a set of timings, in milliseconds.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Latency {
     /// Median.
     pub median: f64,
     /// Fastest run.
     pub min: f64,
+    /// First quartile.
+    pub p25: f64,
+    /// Third quartile.
+    pub p75: f64,
     /// Slowest run.
     pub max: f64,
     /// Timed runs.
@@ -26,14 +32,33 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(mut ms: Vec<f64>) -> Latency {
+    /// The statistics of `ms` (at least one timing).
+    pub fn of(mut ms: Vec<f64>) -> Latency {
         ms.sort_by(f64::total_cmp);
+        // The value at quantile `q`, interpolated between the nearest ranks.
+        let at = |q: f64| {
+            let rank = q * (ms.len() - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            ms[lo] + (ms[hi] - ms[lo]) * (rank - lo as f64)
+        };
         Latency {
-            median: ms[ms.len() / 2],
+            median: at(0.5),
             min: ms[0],
+            p25: at(0.25),
+            p75: at(0.75),
             max: ms[ms.len() - 1],
             runs: ms.len(),
         }
+    }
+}
+
+impl std::fmt::Display for Latency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.3} ms (min {:.3}, quartiles {:.3} / {:.3}, max {:.3}, {} runs)",
+            self.median, self.min, self.p25, self.p75, self.max, self.runs
+        )
     }
 }
 
@@ -44,6 +69,16 @@ pub struct Throughput {
     pub batch: usize,
     /// Median images per second.
     pub images_per_s: f64,
+}
+
+/// What a [`Report`] timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Measure {
+    /// The model, batch 1.
+    Engine,
+    /// The arithmetic floor of the model's binary layers (see [`floor`]).
+    Floor,
 }
 
 /// What `zoo bench` measures and writes as JSON.
@@ -57,13 +92,35 @@ pub struct Report {
     pub threads: usize,
     /// The binary convolution kernel (`avx2`, `portable`, ...).
     pub kernel: String,
+    /// What was timed.
+    pub measure: Measure,
+    /// Binary multiply-accumulates of one image.
+    pub binary_macs: u64,
     /// Batch-1 latency.
     pub latency_ms: Latency,
-    /// Throughput with a larger batch.
-    pub throughput: Throughput,
+    /// Throughput with a larger batch, when measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throughput: Option<Throughput>,
     /// Per-layer medians, when profiled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<OpTime>>,
+}
+
+impl Report {
+    fn new(engine: &Engine, measure: Measure, latency: Latency) -> Result<Report, Error> {
+        let analysis = spec::analyze(engine.spec(), engine.config())?;
+        Ok(Report {
+            model: engine.spec().name.clone(),
+            input: engine.config().input.to_string(),
+            threads: engine.threads(),
+            kernel: engine.kernel().to_string(),
+            measure,
+            binary_macs: analysis.totals().binary_macs,
+            latency_ms: latency,
+            throughput: None,
+            profile: None,
+        })
+    }
 }
 
 /// Random images (standard normal), NCHW.
@@ -75,8 +132,27 @@ pub fn random_images(engine: &Engine, batch: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Times `runs` batch-1 calls after `warmup` untimed ones, then `batch`-image calls for
-/// throughput (a third as many, at least 3); with `profile`, also a per-layer table.
+/// Milliseconds of each of `runs` calls of `call`, after `warmup` untimed ones.
+fn time_calls(
+    runs: usize,
+    warmup: usize,
+    mut call: impl FnMut() -> Result<(), Error>,
+) -> Result<Vec<f64>, Error> {
+    for _ in 0..warmup {
+        call()?;
+    }
+    let mut ms = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        call()?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(ms)
+}
+
+/// Times `runs` batch-1 calls after `warmup` untimed ones, then, unless `batch` is 0,
+/// `batch`-image calls for throughput (a third as many, at least 3); with `profile`, also a
+/// per-layer table.
 pub fn bench(
     engine: &Engine,
     runs: usize,
@@ -84,44 +160,44 @@ pub fn bench(
     batch: usize,
     profile: bool,
 ) -> Result<Report, Error> {
-    let runs = runs.max(1);
     let image = random_images(engine, 1, 1);
-    for _ in 0..warmup {
-        engine.run(&image, 1)?;
-    }
-    let mut ms = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let start = Instant::now();
+    let ms = time_calls(runs, warmup, || {
         std::hint::black_box(engine.run(&image, 1)?);
-        ms.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    let latency = Latency::of(ms);
-    let batch = batch.max(1);
-    let images = random_images(engine, batch, 2);
-    engine.run(&images, batch)?;
-    let mut rates = Vec::new();
-    for _ in 0..(runs / 3).max(3) {
-        let start = Instant::now();
-        std::hint::black_box(engine.run(&images, batch)?);
-        rates.push(batch as f64 / start.elapsed().as_secs_f64());
-    }
-    rates.sort_by(f64::total_cmp);
-    let profile = match profile {
-        true => Some(engine.profile(&image, runs)?),
-        false => None,
-    };
-    Ok(Report {
-        model: engine.spec().name.clone(),
-        input: engine.config().input.to_string(),
-        threads: engine.threads(),
-        kernel: engine.kernel().to_string(),
-        latency_ms: latency,
-        throughput: Throughput {
+        Ok(())
+    })?;
+    let mut report = Report::new(engine, Measure::Engine, Latency::of(ms))?;
+    if batch > 0 {
+        let images = random_images(engine, batch, 2);
+        let ms = time_calls((runs / 3).max(3), 1, || {
+            std::hint::black_box(engine.run(&images, batch)?);
+            Ok(())
+        })?;
+        let median = Latency::of(ms).median;
+        report.throughput = Some(Throughput {
             batch,
-            images_per_s: rates[rates.len() / 2],
-        },
-        profile,
-    })
+            images_per_s: batch as f64 / (median / 1e3),
+        });
+    }
+    if profile {
+        report.profile = Some(engine.profile(&image, runs)?);
+    }
+    Ok(report)
+}
+
+/// Times the arithmetic floor of `engine`'s binary layers as [`bench`] times the engine:
+/// `runs` calls (after `warmup`), each running [`packed::floor::xnor_popcount`] over the
+/// model's binary MACs of one image on the engine's threads, with its kernel variant. The
+/// loop is fixed work, so the spread of its medians over processes is the machine's own.
+pub fn floor(engine: &Engine, runs: usize, warmup: usize) -> Result<Report, Error> {
+    let macs = spec::analyze(engine.spec(), engine.config())?
+        .totals()
+        .binary_macs;
+    let tiles = macs.div_ceil(packed::floor::TILE_MACS);
+    let ms = time_calls(runs, warmup, || {
+        std::hint::black_box(engine.pool.install(|| packed::floor::xnor_popcount(tiles)));
+        Ok(())
+    })?;
+    Report::new(engine, Measure::Floor, Latency::of(ms))
 }
 
 /// The per-layer table of a profile: op, shape, ms, share.

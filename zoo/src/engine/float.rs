@@ -3,6 +3,8 @@
 //! depthwise convolution, pooling, the dense head, and the per-channel output transforms that
 //! every layer applies on the fly.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 /// A float feature map of one image, NHWC.
@@ -89,26 +91,115 @@ impl Epilogue {
     /// `residual` if given.
     #[inline]
     pub fn apply(&self, values: &mut [f32], residual: Option<&[f32]>) {
+        self.dispatch(None, values, residual);
+    }
+
+    /// [`Epilogue::apply`] to the integer `dots` of one pixel, written as floats to `values`.
+    #[inline]
+    pub fn apply_dots(&self, dots: &[i32], values: &mut [f32], residual: Option<&[f32]>) {
+        assert_eq!(dots.len(), values.len(), "one dot per output value");
+        self.dispatch(Some(dots), values, residual);
+    }
+
+    /// [`Epilogue::transform`] compiled for AVX2 where the CPU has it.
+    #[inline]
+    fn dispatch(&self, dots: Option<&[i32]>, values: &mut [f32], residual: Option<&[f32]>) {
+        if has_avx2() {
+            // SAFETY: AVX2 is available.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                self.transform_avx2(dots, values, residual)
+            };
+        } else {
+            self.transform(dots, values, residual);
+        }
+    }
+
+    /// [`Epilogue::transform`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn transform_avx2(
+        &self,
+        dots: Option<&[i32]>,
+        values: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        self.transform(dots, values, residual)
+    }
+
+    /// The transforms of one pixel in one pass: each block of [`CHANNEL_BLOCK`] channels is
+    /// read (from `dots` if given, else from `values`), taken through every op and the residual
+    /// in registers, and stored.
+    #[inline(always)]
+    fn transform(&self, dots: Option<&[i32]>, values: &mut [f32], residual: Option<&[f32]>) {
+        let n = values.len();
+        let blocks = n - n % CHANNEL_BLOCK;
+        for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
+            self.transform_block::<CHANNEL_BLOCK>(c0, dots, values, residual);
+        }
+        for c in blocks..n {
+            self.transform_block::<1>(c, dots, values, residual);
+        }
+    }
+
+    /// [`Epilogue::transform`] of channels `c0..c0 + N`.
+    #[inline(always)]
+    fn transform_block<const N: usize>(
+        &self,
+        c0: usize,
+        dots: Option<&[i32]>,
+        values: &mut [f32],
+        residual: Option<&[f32]>,
+    ) {
+        let block = |v: &[f32]| -> [f32; N] { v[c0..c0 + N].try_into().expect("N values") };
+        let mut v: [f32; N] = match dots {
+            Some(d) => {
+                let d: &[i32; N] = d[c0..c0 + N].try_into().expect("N dots");
+                d.map(|d| d as f32)
+            }
+            None => block(values),
+        };
         for op in &self.ops {
             match op {
                 ChannelOp::Affine { mul, add } => {
-                    for ((v, m), a) in values.iter_mut().zip(mul).zip(add) {
-                        *v = *v * m + a;
+                    let (mul, add) = (block(mul), block(add));
+                    for i in 0..N {
+                        v[i] = v[i] * mul[i] + add[i];
                     }
                 }
-                ChannelOp::Scale(mul) => values.iter_mut().zip(mul).for_each(|(v, m)| *v *= m),
-                ChannelOp::Add(add) => values.iter_mut().zip(add).for_each(|(v, a)| *v += a),
-                ChannelOp::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
-                ChannelOp::PRelu(alpha) => values.iter_mut().zip(alpha).for_each(|(v, a)| {
-                    if *v <= 0.0 {
-                        *v *= a;
+                ChannelOp::Scale(mul) => {
+                    let mul = block(mul);
+                    for i in 0..N {
+                        v[i] *= mul[i];
                     }
-                }),
+                }
+                ChannelOp::Add(add) => {
+                    let add = block(add);
+                    for i in 0..N {
+                        v[i] += add[i];
+                    }
+                }
+                ChannelOp::Relu => v.iter_mut().for_each(|v| *v = v.max(0.0)),
+                ChannelOp::PRelu(alpha) => {
+                    let alpha = block(alpha);
+                    for i in 0..N {
+                        if v[i] <= 0.0 {
+                            v[i] *= alpha[i];
+                        }
+                    }
+                }
             }
         }
         if let Some(r) = residual {
-            values.iter_mut().zip(r).for_each(|(v, r)| *v += r);
+            let r = block(r);
+            for i in 0..N {
+                v[i] += r[i];
+            }
         }
+        values[c0..c0 + N].copy_from_slice(&v);
     }
 
     /// Applies [`Epilogue::apply`] to every pixel of `map` (`channels` values each) in parallel.
@@ -148,6 +239,28 @@ impl Window {
             (h + top + bottom - self.kernel[0]) / self.stride[0] + 1,
             (w + left + right - self.kernel[1]) / self.stride[1] + 1,
         )
+    }
+
+    /// The kernel rows and columns whose taps for output `(oy, ox)` lie inside an `h x w`
+    /// image, and the input row and column of tap `(0, 0)` (which may lie outside, as may
+    /// the taps outside the ranges).
+    #[inline]
+    fn taps_inside(
+        &self,
+        oy: usize,
+        ox: usize,
+        h: usize,
+        w: usize,
+    ) -> (Range<usize>, Range<usize>, isize, isize) {
+        let inside = |o: usize, stride: usize, pad: usize, k: usize, n: usize| {
+            let start = (o * stride) as isize - pad as isize;
+            let lo = (-start).clamp(0, k as isize) as usize;
+            let hi = (n as isize - start).clamp(lo as isize, k as isize) as usize;
+            (lo..hi, start)
+        };
+        let (rows, y0) = inside(oy, self.stride[0], self.pads[0], self.kernel[0], h);
+        let (cols, x0) = inside(ox, self.stride[1], self.pads[2], self.kernel[1], w);
+        (rows, cols, y0, x0)
     }
 
     /// The input row and column of tap `(ky, kx)` for output `(oy, ox)`, if inside the image.
@@ -494,39 +607,169 @@ pub fn depthwise(
     residual: Option<&[f32]>,
 ) -> FloatMap {
     let (oh, ow) = window.output(x.height, x.width);
-    let [kh, kw] = window.kernel;
-    let c = x.channels;
-    let co = c * multiplier;
+    let co = x.channels * multiplier;
     let mut out = FloatMap::zeros(oh, ow, co);
+    if ow * co == 0 {
+        return out;
+    }
     out.data
         .par_chunks_mut(ow * co)
         .enumerate()
         .for_each(|(oy, row)| {
-            for ox in 0..ow {
-                let px = &mut row[ox * co..(ox + 1) * co];
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) else {
-                            continue;
-                        };
-                        let input = &x.data[(y * x.width + xx) * c..][..c];
-                        let taps = &weight[(ky * kw + kx) * co..][..co];
-                        if multiplier == 1 {
-                            for ((o, &v), &t) in px.iter_mut().zip(input).zip(taps) {
-                                *o += v * t;
-                            }
-                        } else {
-                            for (j, (o, &t)) in px.iter_mut().zip(taps).enumerate() {
-                                *o += input[j / multiplier] * t;
-                            }
-                        }
-                    }
-                }
+            if multiplier == 1 && has_avx2() {
+                // SAFETY: AVX2 is available.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    depthwise_row_avx2(x, weight, window, oy, row)
+                };
+            } else if multiplier == 1 {
+                depthwise_row(x, weight, window, oy, row);
+            } else {
+                depthwise_row_multiplier(x, weight, multiplier, window, oy, row);
+            }
+            for (ox, px) in row.chunks_exact_mut(co).enumerate() {
                 let at = (oy * ow + ox) * co;
                 epilogue.apply(px, residual.map(|r| &r[at..at + co]));
             }
         });
     out
+}
+
+/// Whether the CPU runs AVX2 (the window ops' rows then run in copies compiled for it).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The taps of one output pixel's window that lie inside the image.
+struct Taps {
+    /// Kernel rows inside.
+    rows: Range<usize>,
+    /// Kernel columns inside.
+    cols: Range<usize>,
+    /// Input row and column of tap `(0, 0)` (perhaps outside).
+    y0: isize,
+    x0: isize,
+    /// The input's width and channels.
+    width: usize,
+    channels: usize,
+}
+
+impl Taps {
+    /// The taps of output `(oy, ox)` of `window` over `x`.
+    #[inline(always)]
+    fn of(x: &FloatMap, window: Window, oy: usize, ox: usize) -> Taps {
+        let (rows, cols, y0, x0) = window.taps_inside(oy, ox, x.height, x.width);
+        Taps {
+            rows,
+            cols,
+            y0,
+            x0,
+            width: x.width,
+            channels: x.channels,
+        }
+    }
+
+    /// The offset of the first value of tap `(ky, kx)`'s input pixel (a tap inside).
+    #[inline(always)]
+    fn at(&self, ky: usize, kx: usize) -> usize {
+        let (y, x) = (self.y0 + ky as isize, self.x0 + kx as isize);
+        (y * self.width as isize + x) as usize * self.channels
+    }
+
+    /// How many taps lie inside.
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.rows.len() * self.cols.len()
+    }
+}
+
+/// Channels handled together in registers by the window ops (two AVX2 vectors).
+const CHANNEL_BLOCK: usize = 16;
+
+/// Output row `oy` of a depthwise convolution with multiplier 1, before the epilogue.
+#[inline(always)]
+fn depthwise_row(x: &FloatMap, weight: &[f32], window: Window, oy: usize, row: &mut [f32]) {
+    for (ox, px) in row.chunks_exact_mut(x.channels).enumerate() {
+        let taps = Taps::of(x, window, oy, ox);
+        depthwise_pixel(x, weight, window.kernel[1], px, &taps);
+    }
+}
+
+/// [`depthwise_row`] compiled for AVX2.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn depthwise_row_avx2(
+    x: &FloatMap,
+    weight: &[f32],
+    window: Window,
+    oy: usize,
+    row: &mut [f32],
+) {
+    depthwise_row(x, weight, window, oy, row)
+}
+
+/// `px[c] = sum over the taps inside, in weight order, of input * weight` (from zero) for a
+/// depthwise convolution with multiplier 1 and kernel width `kw`: channels in blocks of
+/// [`CHANNEL_BLOCK`] summed in registers, the rest one by one.
+#[inline(always)]
+fn depthwise_pixel(x: &FloatMap, weight: &[f32], kw: usize, px: &mut [f32], taps: &Taps) {
+    let c = px.len();
+    let blocks = c - c % CHANNEL_BLOCK;
+    for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
+        let mut acc = [0.0f32; CHANNEL_BLOCK];
+        for ky in taps.rows.clone() {
+            for kx in taps.cols.clone() {
+                let input = &x.data[taps.at(ky, kx) + c0..][..CHANNEL_BLOCK];
+                let w = &weight[(ky * kw + kx) * c + c0..][..CHANNEL_BLOCK];
+                for ((a, &v), &t) in acc.iter_mut().zip(input).zip(w) {
+                    *a += v * t;
+                }
+            }
+        }
+        px[c0..c0 + CHANNEL_BLOCK].copy_from_slice(&acc);
+    }
+    for (ch, o) in px.iter_mut().enumerate().skip(blocks) {
+        let mut acc = 0.0f32;
+        for ky in taps.rows.clone() {
+            for kx in taps.cols.clone() {
+                acc += x.data[taps.at(ky, kx) + ch] * weight[(ky * kw + kx) * c + ch];
+            }
+        }
+        *o = acc;
+    }
+}
+
+/// Output row `oy` of a depthwise convolution with a channel multiplier (output channel
+/// `k * multiplier + q` reads input channel `k`), before the epilogue.
+fn depthwise_row_multiplier(
+    x: &FloatMap,
+    weight: &[f32],
+    multiplier: usize,
+    window: Window,
+    oy: usize,
+    row: &mut [f32],
+) {
+    let kw = window.kernel[1];
+    let co = x.channels * multiplier;
+    for (ox, px) in row.chunks_exact_mut(co).enumerate() {
+        let taps = Taps::of(x, window, oy, ox);
+        for (j, o) in px.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for ky in taps.rows.clone() {
+                for kx in taps.cols.clone() {
+                    acc +=
+                        x.data[taps.at(ky, kx) + j / multiplier] * weight[(ky * kw + kx) * co + j];
+                }
+            }
+            *o = acc;
+        }
+    }
 }
 
 /// The fixed `[1,2,1] x [1,2,1] / 16` blur with SAME zero padding and stride `stride`.
@@ -547,9 +790,13 @@ pub fn blur(x: &FloatMap, stride: usize) -> FloatMap {
     depthwise(x, &weight, 1, window, &Epilogue::default(), None)
 }
 
-/// Max pooling; padding never wins.
-pub fn max_pool(x: &FloatMap, window: Window) -> FloatMap {
-    pool(x, window, f32::NEG_INFINITY, f32::max, |m, _| m)
+/// Max pooling; padding never wins. With `relu`, of the map's ReLU (the same as the ReLU of
+/// the maxima), in one pass.
+pub fn max_pool(x: &FloatMap, window: Window, relu: bool) -> FloatMap {
+    let init = if relu { 0.0 } else { f32::NEG_INFINITY };
+    // `f32::max` without its NaN check (a NaN input never wins, as there).
+    let max = |a: f32, v: f32| if v > a { v } else { a };
+    pool(x, window, init, max, |m, _| m)
 }
 
 /// Average pooling over the taps inside the image.
@@ -557,6 +804,8 @@ pub fn avg_pool(x: &FloatMap, window: Window) -> FloatMap {
     pool(x, window, 0.0, |a, b| a + b, |s, n| s / n as f32)
 }
 
+/// A pooling op: each output value is `finish(combine(...combine(init, v1)..., vn), n)` over
+/// the `n` taps of its window inside the image, in row-major order.
 fn pool(
     x: &FloatMap,
     window: Window,
@@ -567,29 +816,85 @@ fn pool(
     let (oh, ow) = window.output(x.height, x.width);
     let c = x.channels;
     let mut out = FloatMap::zeros(oh, ow, c);
+    if ow * c == 0 {
+        return out;
+    }
+    let (combine, finish) = (&combine, &finish);
     out.data
         .par_chunks_mut(ow * c)
         .enumerate()
         .for_each(|(oy, row)| {
-            for ox in 0..ow {
-                let px = &mut row[ox * c..(ox + 1) * c];
-                px.fill(init);
-                let mut count = 0;
-                for ky in 0..window.kernel[0] {
-                    for kx in 0..window.kernel[1] {
-                        if let Some((y, xx)) = window.source(oy, ox, ky, kx, x.height, x.width) {
-                            count += 1;
-                            let input = &x.data[(y * x.width + xx) * c..][..c];
-                            px.iter_mut()
-                                .zip(input)
-                                .for_each(|(o, &v)| *o = combine(*o, v));
-                        }
-                    }
-                }
-                px.iter_mut().for_each(|o| *o = finish(*o, count));
+            if has_avx2() {
+                // SAFETY: AVX2 is available.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    pool_row_avx2(x, window, oy, row, init, combine, finish)
+                };
+            } else {
+                pool_row(x, window, oy, row, init, combine, finish);
             }
         });
     out
+}
+
+/// Output row `oy` of [`pool`]: channels in blocks of [`CHANNEL_BLOCK`] combined in
+/// registers, the rest one by one.
+#[inline(always)]
+fn pool_row(
+    x: &FloatMap,
+    window: Window,
+    oy: usize,
+    row: &mut [f32],
+    init: f32,
+    combine: impl Fn(f32, f32) -> f32,
+    finish: impl Fn(f32, usize) -> f32,
+) {
+    let c = x.channels;
+    let blocks = c - c % CHANNEL_BLOCK;
+    for (ox, px) in row.chunks_exact_mut(c).enumerate() {
+        let taps = Taps::of(x, window, oy, ox);
+        for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
+            let mut acc = [init; CHANNEL_BLOCK];
+            for ky in taps.rows.clone() {
+                for kx in taps.cols.clone() {
+                    let input = &x.data[taps.at(ky, kx) + c0..][..CHANNEL_BLOCK];
+                    for (a, &v) in acc.iter_mut().zip(input) {
+                        *a = combine(*a, v);
+                    }
+                }
+            }
+            for (o, a) in px[c0..c0 + CHANNEL_BLOCK].iter_mut().zip(acc) {
+                *o = finish(a, taps.count());
+            }
+        }
+        for (ch, o) in px.iter_mut().enumerate().skip(blocks) {
+            let mut acc = init;
+            for ky in taps.rows.clone() {
+                for kx in taps.cols.clone() {
+                    acc = combine(acc, x.data[taps.at(ky, kx) + ch]);
+                }
+            }
+            *o = finish(acc, taps.count());
+        }
+    }
+}
+
+/// [`pool_row`] compiled for AVX2.
+///
+/// # Safety
+/// AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn pool_row_avx2(
+    x: &FloatMap,
+    window: Window,
+    oy: usize,
+    row: &mut [f32],
+    init: f32,
+    combine: impl Fn(f32, f32) -> f32,
+    finish: impl Fn(f32, usize) -> f32,
+) {
+    pool_row(x, window, oy, row, init, combine, finish)
 }
 
 /// The mean over height and width: a `1 x 1 x C` map.

@@ -176,6 +176,8 @@ enum Step {
     MaxPool {
         op: usize,
         window: Window,
+        /// Of the ReLU of the input (a ReLU before the pool, joined to it).
+        relu: bool,
     },
     AvgPool {
         op: usize,
@@ -495,14 +497,14 @@ impl Run<'_> {
             Step::Binarize { op, signs } => {
                 self.timed(*op, || Value::Packed(signs.apply(x).into_owned()))
             }
-            Step::MaxPool { op, window } => self.timed(*op, || match x {
+            Step::MaxPool { op, window, relu } => self.timed(*op, || match x {
                 Value::Packed(p) => Value::Packed(packed::max_pool(
                     p,
                     window.kernel,
                     window.stride,
                     window.pads,
                 )),
-                Value::Float(m) => Value::Float(float::max_pool(m, *window)),
+                Value::Float(m) => Value::Float(float::max_pool(m, *window, *relu)),
             }),
             Step::AvgPool { op, window } => self.timed(*op, || {
                 Value::Float(float::avg_pool(&x.to_float(), *window))
@@ -568,10 +570,7 @@ fn binary_conv(
         conv.run(input, &mut data, |_, dots, row| {
             let mut values = vec![0.0f32; co];
             for (ox, out) in row.chunks_mut(words).enumerate() {
-                for (v, &d) in values.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
-                    *v = d as f32;
-                }
-                epilogue.apply(&mut values, None);
+                epilogue.apply_dots(&dots[ox * co..(ox + 1) * co], &mut values, None);
                 out.fill(0);
                 for (c, v) in values.iter().enumerate() {
                     out[c / 64] |= u64::from(*v < 0.0) << (c % 64);
@@ -589,11 +588,12 @@ fn binary_conv(
     let mut data = vec![0.0f32; oh * ow * co];
     conv.run(input, &mut data, |oy, dots, row| {
         for (ox, px) in row.chunks_mut(co).enumerate() {
-            for (v, &d) in px.iter_mut().zip(&dots[ox * co..(ox + 1) * co]) {
-                *v = d as f32;
-            }
             let at = (oy * ow + ox) * co;
-            epilogue.apply(px, residual.map(|r| &r[at..at + co]));
+            epilogue.apply_dots(
+                &dots[ox * co..(ox + 1) * co],
+                px,
+                residual.map(|r| &r[at..at + co]),
+            );
         }
     });
     Value::Float(FloatMap {
@@ -873,17 +873,25 @@ impl Compiler<'_> {
                     signs,
                 }
             }
-            Op::MaxPool(p) => Step::MaxPool {
-                op: self.op(
-                    node,
-                    if input.binary {
-                        "max_pool (bits)"
-                    } else {
-                        "max_pool"
-                    },
-                ),
-                window: self.window(input, p.size, p.stride, p.padding),
-            },
+            Op::MaxPool(p) => {
+                // A ReLU just before a float max pool runs inside it.
+                let relu = !input.binary
+                    && matches!(steps.last(), Some(Step::Channel { epilogue, .. })
+                        if epilogue.ops == [ChannelOp::Relu]);
+                if relu {
+                    steps.pop();
+                }
+                let kind = match (input.binary, relu) {
+                    (true, _) => "max_pool (bits)",
+                    (false, true) => "relu+max_pool",
+                    (false, false) => "max_pool",
+                };
+                Step::MaxPool {
+                    op: self.op(node, kind),
+                    window: self.window(input, p.size, p.stride, p.padding),
+                    relu,
+                }
+            }
             Op::AvgPool(p) => Step::AvgPool {
                 op: self.op(node, "avg_pool"),
                 window: self.window(input, p.size, p.stride, p.padding),

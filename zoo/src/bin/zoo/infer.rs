@@ -25,13 +25,19 @@ pub struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 5)]
     warmup: usize,
-    /// Images per call for the throughput figure.
+    /// Images per call for the throughput figure (0: no throughput figure).
     #[arg(long, default_value_t = 16)]
     batch: usize,
     /// Also time every layer and print a table (op, shape, ms, share), written as CSV and
     /// JSON too.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "floor")]
     profile: bool,
+    /// Time the arithmetic floor of the model's binary layers instead of the model: a fixed
+    /// XNOR-popcount loop (all in L1, no layout or epilogue) over the model's binary MACs,
+    /// with the same kernel and threads. Fixed work: its spread over processes is the
+    /// machine's own.
+    #[arg(long)]
+    floor: bool,
     /// Where the profile goes: `<PREFIX>.csv` and `<PREFIX>.json` (default:
     /// `runs/profiles/<model>-<input>-<threads>t`).
     #[arg(long)]
@@ -57,14 +63,31 @@ pub struct PredictArgs {
 /// Times the engine.
 pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     let engine = engine_for(&args.model, args.input, args.classes, threads)?;
-    let report =
-        zoo::engine::bench::bench(&engine, args.runs, args.warmup, args.batch, args.profile)?;
-    let l = &report.latency_ms;
+    let report = if args.floor {
+        zoo::engine::bench::floor(&engine, args.runs, args.warmup)?
+    } else {
+        zoo::engine::bench::bench(&engine, args.runs, args.warmup, args.batch, args.profile)?
+    };
+    let floor = report.measure == zoo::engine::bench::Measure::Floor;
+    let what = match floor {
+        true => format!(
+            "floor of {}'s binary layers ({} binary MACs)",
+            report.model,
+            zoo::summary::si(report.binary_macs)
+        ),
+        false => report.model.clone(),
+    };
     println!(
-        "{} at {}, {} thread(s), {} kernel: batch 1 median {:.3} ms (min {:.3}, max {:.3}, {} runs); batch {}: {:.1} images/s",
-        report.model, report.input, report.threads, report.kernel, l.median, l.min, l.max,
-        l.runs, report.throughput.batch, report.throughput.images_per_s
+        "{what} at {}, {} thread(s), {} kernel: batch 1 {}",
+        report.input, report.threads, report.kernel, report.latency_ms
     );
+    if floor {
+        let rate = report.binary_macs as f64 / (report.latency_ms.median / 1e3);
+        println!("{:.0} G binary MACs/s", rate / 1e9);
+    }
+    if let Some(t) = &report.throughput {
+        println!("batch {}: {:.1} images/s", t.batch, t.images_per_s);
+    }
     if let Some(ops) = &report.profile {
         print!("{}", zoo::engine::bench::render_profile(ops));
         let prefix = args.profile_out.unwrap_or_else(|| {
