@@ -107,20 +107,26 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(engine: &Engine, measure: Measure, latency: Latency) -> Result<Report, Error> {
-        let analysis = spec::analyze(engine.spec(), engine.config())?;
-        Ok(Report {
+    fn new(engine: &Engine, measure: Measure, binary_macs: u64, latency: Latency) -> Report {
+        Report {
             model: engine.spec().name.clone(),
             input: engine.config().input.to_string(),
             threads: engine.threads(),
             kernel: engine.kernel().to_string(),
             measure,
-            binary_macs: analysis.totals().binary_macs,
+            binary_macs,
             latency_ms: latency,
             throughput: None,
             profile: None,
-        })
+        }
     }
+}
+
+/// Binary multiply-accumulates of one image of `engine`'s model.
+fn binary_macs(engine: &Engine) -> Result<u64, Error> {
+    Ok(spec::analyze(engine.spec(), engine.config())?
+        .totals()
+        .binary_macs)
 }
 
 /// Random images (standard normal), NCHW.
@@ -165,7 +171,12 @@ pub fn bench(
         std::hint::black_box(engine.run(&image, 1)?);
         Ok(())
     })?;
-    let mut report = Report::new(engine, Measure::Engine, Latency::of(ms))?;
+    let mut report = Report::new(
+        engine,
+        Measure::Engine,
+        binary_macs(engine)?,
+        Latency::of(ms),
+    );
     if batch > 0 {
         let images = random_images(engine, batch, 2);
         let ms = time_calls((runs / 3).max(3), 1, || {
@@ -189,15 +200,13 @@ pub fn bench(
 /// model's binary MACs of one image on the engine's threads, with its kernel variant. The
 /// loop is fixed work, so the spread of its medians over processes is the machine's own.
 pub fn floor(engine: &Engine, runs: usize, warmup: usize) -> Result<Report, Error> {
-    let macs = spec::analyze(engine.spec(), engine.config())?
-        .totals()
-        .binary_macs;
+    let macs = binary_macs(engine)?;
     let tiles = macs.div_ceil(packed::floor::TILE_MACS);
     let ms = time_calls(runs, warmup, || {
         std::hint::black_box(engine.pool.install(|| packed::floor::xnor_popcount(tiles)));
         Ok(())
     })?;
-    Report::new(engine, Measure::Floor, Latency::of(ms))
+    Ok(Report::new(engine, Measure::Floor, macs, Latency::of(ms)))
 }
 
 /// The per-layer table of a profile: op, shape, ms, share.

@@ -722,27 +722,35 @@ fn depthwise_pixel(x: &FloatMap, weight: &[f32], kw: usize, px: &mut [f32], taps
     let c = px.len();
     let blocks = c - c % CHANNEL_BLOCK;
     for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
-        let mut acc = [0.0f32; CHANNEL_BLOCK];
-        for ky in taps.rows.clone() {
-            for kx in taps.cols.clone() {
-                let input = &x.data[taps.at(ky, kx) + c0..][..CHANNEL_BLOCK];
-                let w = &weight[(ky * kw + kx) * c + c0..][..CHANNEL_BLOCK];
-                for ((a, &v), &t) in acc.iter_mut().zip(input).zip(w) {
-                    *a += v * t;
-                }
+        depthwise_block::<CHANNEL_BLOCK>(x, weight, kw, px, taps, c0);
+    }
+    for ch in blocks..c {
+        depthwise_block::<1>(x, weight, kw, px, taps, ch);
+    }
+}
+
+/// [`depthwise_pixel`] of channels `c0..c0 + N`.
+#[inline(always)]
+fn depthwise_block<const N: usize>(
+    x: &FloatMap,
+    weight: &[f32],
+    kw: usize,
+    px: &mut [f32],
+    taps: &Taps,
+    c0: usize,
+) {
+    let c = px.len();
+    let mut acc = [0.0f32; N];
+    for ky in taps.rows.clone() {
+        for kx in taps.cols.clone() {
+            let input = &x.data[taps.at(ky, kx) + c0..][..N];
+            let w = &weight[(ky * kw + kx) * c + c0..][..N];
+            for ((a, &v), &t) in acc.iter_mut().zip(input).zip(w) {
+                *a += v * t;
             }
         }
-        px[c0..c0 + CHANNEL_BLOCK].copy_from_slice(&acc);
     }
-    for (ch, o) in px.iter_mut().enumerate().skip(blocks) {
-        let mut acc = 0.0f32;
-        for ky in taps.rows.clone() {
-            for kx in taps.cols.clone() {
-                acc += x.data[taps.at(ky, kx) + ch] * weight[(ky * kw + kx) * c + ch];
-            }
-        }
-        *o = acc;
-    }
+    px[c0..c0 + N].copy_from_slice(&acc);
 }
 
 /// Output row `oy` of a depthwise convolution with a channel multiplier (output channel
@@ -854,28 +862,36 @@ fn pool_row(
     for (ox, px) in row.chunks_exact_mut(c).enumerate() {
         let taps = Taps::of(x, window, oy, ox);
         for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
-            let mut acc = [init; CHANNEL_BLOCK];
-            for ky in taps.rows.clone() {
-                for kx in taps.cols.clone() {
-                    let input = &x.data[taps.at(ky, kx) + c0..][..CHANNEL_BLOCK];
-                    for (a, &v) in acc.iter_mut().zip(input) {
-                        *a = combine(*a, v);
-                    }
-                }
-            }
-            for (o, a) in px[c0..c0 + CHANNEL_BLOCK].iter_mut().zip(acc) {
-                *o = finish(a, taps.count());
+            pool_block::<CHANNEL_BLOCK>(x, &taps, px, c0, init, &combine, &finish);
+        }
+        for ch in blocks..c {
+            pool_block::<1>(x, &taps, px, ch, init, &combine, &finish);
+        }
+    }
+}
+
+/// [`pool_row`] of channels `c0..c0 + N` of one pixel.
+#[inline(always)]
+fn pool_block<const N: usize>(
+    x: &FloatMap,
+    taps: &Taps,
+    px: &mut [f32],
+    c0: usize,
+    init: f32,
+    combine: impl Fn(f32, f32) -> f32,
+    finish: impl Fn(f32, usize) -> f32,
+) {
+    let mut acc = [init; N];
+    for ky in taps.rows.clone() {
+        for kx in taps.cols.clone() {
+            let input = &x.data[taps.at(ky, kx) + c0..][..N];
+            for (a, &v) in acc.iter_mut().zip(input) {
+                *a = combine(*a, v);
             }
         }
-        for (ch, o) in px.iter_mut().enumerate().skip(blocks) {
-            let mut acc = init;
-            for ky in taps.rows.clone() {
-                for kx in taps.cols.clone() {
-                    acc = combine(acc, x.data[taps.at(ky, kx) + ch]);
-                }
-            }
-            *o = finish(acc, taps.count());
-        }
+    }
+    for (o, a) in px[c0..c0 + N].iter_mut().zip(acc) {
+        *o = finish(a, taps.count());
     }
 }
 
