@@ -210,6 +210,51 @@ impl BinaryConv {
         out: &mut [T],
         epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
     ) {
+        let [h, w, _] = self.check(input);
+        self.run_padded(self.pad(input), [h, w], out, epilogue);
+    }
+
+    /// [`BinaryConv::run`] on a float image `x` (`height * width * in_channels`, NHWC; signs,
+    /// or LAB where `lab` is given) whose output overwrites it: the whole input is binarized
+    /// before the first row is computed, so `epilogue(oy, dots, row)` finds in `row` the input's
+    /// values at the same pixels (a residual), and no output map is allocated.
+    ///
+    /// # Panics
+    /// As [`BinaryConv::run`], and if the output's shape is not the input's (stride 1 with
+    /// "same" padding, as many output channels as input channels).
+    pub fn run_in_place(
+        &self,
+        x: &mut [f32],
+        height: usize,
+        width: usize,
+        lab: Option<&LabKernel>,
+        epilogue: impl Fn(usize, &[i32], &mut [f32]) + Sync,
+    ) {
+        assert!(
+            self.output_size(height, width) == (height, width)
+                && self.out_channels == self.in_channels,
+            "binary_conv: in place needs the output shape of the input"
+        );
+        let input = match lab {
+            None => ConvInput::Signs {
+                x: &*x,
+                height,
+                width,
+            },
+            Some(lab) => ConvInput::Lab {
+                x: &*x,
+                height,
+                width,
+                lab,
+            },
+        };
+        self.check(input);
+        let padded = Cow::Owned(self.pad(input).into_owned());
+        self.run_padded(padded, [height, width], x, epilogue);
+    }
+
+    /// Asserts that `input` fits the weights; returns its dimensions.
+    fn check(&self, input: ConvInput) -> [usize; 3] {
         let [h, w, c] = input.dims();
         assert_eq!(
             c, self.in_channels,
@@ -223,6 +268,17 @@ impl BinaryConv {
                 "binary_conv: expected {h}x{w}x{c} input values"
             );
         }
+        [h, w, c]
+    }
+
+    /// [`BinaryConv::run`] after [`BinaryConv::pad`].
+    fn run_padded<T: Send>(
+        &self,
+        padded: Cow<[u64]>,
+        [h, w]: [usize; 2],
+        out: &mut [T],
+        epilogue: impl Fn(usize, &[i32], &mut [T]) + Sync,
+    ) {
         let (oh, ow) = self.output_size(h, w);
         if oh == 0 {
             return;
@@ -233,7 +289,7 @@ impl BinaryConv {
             out.len()
         );
         let row_len = out.len() / oh;
-        let plan = Plan::new(self, self.pad(input), [h, w], [oh, ow]);
+        let plan = Plan::new(self, padded, [h, w], [oh, ow]);
         let oc = self.out_channels;
         let dots_len = ow * oc;
         // Few rows (small maps, many threads): split each row's channels too.

@@ -519,6 +519,56 @@ fn conv_binarizes_float_inputs_as_their_packed_maps() {
     }
 }
 
+/// A convolution over its own float input finds every input value in its rows (the whole
+/// input is binarized first) and computes the dots of the input's packed signs or LAB.
+#[test]
+fn conv_in_place_reads_its_input_before_writing() {
+    let mut rng = Rng(12);
+    for &(h, w, c) in &[(7, 5, 3), (1, 1, 1), (9, 8, 65), (3, 12, 128)] {
+        let x: Vec<f32> = (0..h * w * c).map(|_| rng.float()).collect();
+        let values = |rng: &mut Rng, n: usize| (0..n).map(|_| rng.float()).collect::<Vec<_>>();
+        let lab = LabKernel::folded(c, values(&mut rng, 9 * c), values(&mut rng, c));
+        let weights = PackedConvWeights::from_signs(&rng.signs(c * c * 9), c, c, [3, 3]);
+        for pad_value in [PadValue::One, PadValue::Zero] {
+            let g = ConvGeometry {
+                stride: [1, 1],
+                pads: [1, 1, 1, 1],
+                pad_value,
+            };
+            for variant in variants() {
+                let conv = BinaryConv::with_variant(variant, &weights, g);
+                let expected = |packed: &PackedMap| {
+                    let mut dots = vec![0; h * w * c];
+                    conv.run(ConvInput::Packed(packed), &mut dots, |_, d, row| {
+                        row.copy_from_slice(d)
+                    });
+                    dots.iter()
+                        .zip(&x)
+                        .map(|(&d, &x)| d as f32 + x)
+                        .collect::<Vec<_>>()
+                };
+                let what = format!("{variant:?} {h}x{w}x{c}, {pad_value:?}");
+                for threads in [1, 2, 3] {
+                    pool(threads).install(|| {
+                        for (lab, packed) in [
+                            (None, PackedMap::from_signs(&x, h, w, c)),
+                            (Some(&lab), lab_pack_with(variant, &x, h, w, &lab)),
+                        ] {
+                            let mut out = x.clone();
+                            conv.run_in_place(&mut out, h, w, lab, |_, dots, row| {
+                                for (v, &d) in row.iter_mut().zip(dots) {
+                                    *v += d as f32;
+                                }
+                            });
+                            assert_eq!(out, expected(&packed), "LAB {}, {what}", lab.is_some());
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn max_pool_matches_reference() {
     let mut rng = Rng(9);

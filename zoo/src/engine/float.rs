@@ -91,27 +91,54 @@ impl Epilogue {
     /// `residual` if given.
     #[inline]
     pub fn apply(&self, values: &mut [f32], residual: Option<&[f32]>) {
-        self.dispatch(None, values, residual);
+        self.apply_rows(values, values.len(), residual);
     }
 
-    /// [`Epilogue::apply`] to the integer `dots` of one pixel, written as floats to `values`.
+    /// [`Epilogue::apply`] to each pixel of `values` (`channels` values each).
     #[inline]
-    pub fn apply_dots(&self, dots: &[i32], values: &mut [f32], residual: Option<&[f32]>) {
+    pub fn apply_rows(&self, values: &mut [f32], channels: usize, residual: Option<&[f32]>) {
+        let residual = residual.map_or(Shortcut::None, Shortcut::From);
+        self.dispatch(None, values, channels, residual);
+    }
+
+    /// [`Epilogue::apply_rows`] to the integer `dots` of some pixels, written as floats to
+    /// `values`.
+    #[inline]
+    pub fn apply_dots(
+        &self,
+        dots: &[i32],
+        values: &mut [f32],
+        channels: usize,
+        residual: Option<&[f32]>,
+    ) {
         assert_eq!(dots.len(), values.len(), "one dot per output value");
-        self.dispatch(Some(dots), values, residual);
+        let residual = residual.map_or(Shortcut::None, Shortcut::From);
+        self.dispatch(Some(dots), values, channels, residual);
+    }
+
+    /// [`Epilogue::apply_dots`] with the residual in `values`: the transformed `dots` are
+    /// added to what `values` holds.
+    #[inline]
+    pub fn apply_dots_onto(&self, dots: &[i32], values: &mut [f32], channels: usize) {
+        assert_eq!(dots.len(), values.len(), "one dot per output value");
+        self.dispatch(Some(dots), values, channels, Shortcut::Values);
     }
 
     /// [`Epilogue::transform`] compiled for AVX2 where the CPU has it.
     #[inline]
-    fn dispatch(&self, dots: Option<&[i32]>, values: &mut [f32], residual: Option<&[f32]>) {
+    fn dispatch(&self, dots: Option<&[i32]>, values: &mut [f32], channels: usize, r: Shortcut) {
+        assert!(
+            channels > 0 && values.len().is_multiple_of(channels),
+            "whole pixels of {channels} channels"
+        );
         if has_avx2() {
             // SAFETY: AVX2 is available.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                self.transform_avx2(dots, values, residual)
+                self.transform_avx2(dots, values, channels, r)
             };
         } else {
-            self.transform(dots, values, residual);
+            self.transform(dots, values, channels, r);
         }
     }
 
@@ -125,84 +152,71 @@ impl Epilogue {
         &self,
         dots: Option<&[i32]>,
         values: &mut [f32],
-        residual: Option<&[f32]>,
+        channels: usize,
+        residual: Shortcut,
     ) {
-        self.transform(dots, values, residual)
+        self.transform(dots, values, channels, residual)
     }
 
-    /// The transforms of one pixel in one pass: each block of [`CHANNEL_BLOCK`] channels is
-    /// read (from `dots` if given, else from `values`), taken through every op and the residual
-    /// in registers, and stored.
+    /// The transforms of a run of pixels, one op at a time over all of them (the op chosen once
+    /// per call, its loop over the channels vectorized): the values (from `dots` if given, else
+    /// `values`), every op, then the residual.
     #[inline(always)]
-    fn transform(&self, dots: Option<&[i32]>, values: &mut [f32], residual: Option<&[f32]>) {
-        let n = values.len();
-        let blocks = n - n % CHANNEL_BLOCK;
-        for c0 in (0..blocks).step_by(CHANNEL_BLOCK) {
-            self.transform_block::<CHANNEL_BLOCK>(c0, dots, values, residual);
-        }
-        for c in blocks..n {
-            self.transform_block::<1>(c, dots, values, residual);
-        }
-    }
-
-    /// [`Epilogue::transform`] of channels `c0..c0 + N`.
-    #[inline(always)]
-    fn transform_block<const N: usize>(
+    fn transform(
         &self,
-        c0: usize,
         dots: Option<&[i32]>,
         values: &mut [f32],
-        residual: Option<&[f32]>,
+        channels: usize,
+        residual: Shortcut,
     ) {
-        let block = |v: &[f32]| -> [f32; N] { v[c0..c0 + N].try_into().expect("N values") };
-        let mut v: [f32; N] = match dots {
-            Some(d) => {
-                let d: &[i32; N] = d[c0..c0 + N].try_into().expect("N dots");
-                d.map(|d| d as f32)
-            }
-            None => block(values),
-        };
-        for op in &self.ops {
-            match op {
-                ChannelOp::Affine { mul, add } => {
-                    let (mul, add) = (block(mul), block(add));
-                    for i in 0..N {
-                        v[i] = v[i] * mul[i] + add[i];
-                    }
-                }
-                ChannelOp::Scale(mul) => {
-                    let mul = block(mul);
-                    for i in 0..N {
-                        v[i] *= mul[i];
-                    }
-                }
-                ChannelOp::Add(add) => {
-                    let add = block(add);
-                    for i in 0..N {
-                        v[i] += add[i];
-                    }
-                }
-                ChannelOp::Relu => v.iter_mut().for_each(|v| *v = v.max(0.0)),
-                ChannelOp::PRelu(alpha) => {
-                    let alpha = block(alpha);
-                    for i in 0..N {
-                        if v[i] <= 0.0 {
-                            v[i] *= alpha[i];
-                        }
-                    }
-                }
-            }
+        if let (Some(dots), Shortcut::Values) = (dots, residual) {
+            let mut t: Vec<f32> = dots.iter().map(|&d| d as f32).collect();
+            self.ops(&mut t, channels);
+            values.iter_mut().zip(&t).for_each(|(v, t)| *v += t);
+            return;
         }
-        if let Some(r) = residual {
-            let r = block(r);
-            for i in 0..N {
-                v[i] += r[i];
-            }
+        if let Some(dots) = dots {
+            values
+                .iter_mut()
+                .zip(dots)
+                .for_each(|(v, &d)| *v = d as f32);
         }
-        values[c0..c0 + N].copy_from_slice(&v);
+        self.ops(values, channels);
+        if let Shortcut::From(r) = residual {
+            values.iter_mut().zip(r).for_each(|(v, r)| *v += r);
+        }
     }
 
-    /// Applies [`Epilogue::apply`] to every pixel of `map` (`channels` values each) in parallel.
+    /// Every op on each pixel of `values`.
+    #[inline(always)]
+    fn ops(&self, values: &mut [f32], channels: usize) {
+        for op in &self.ops {
+            let pixels = values.chunks_exact_mut(channels);
+            match op {
+                ChannelOp::Affine { mul, add } => pixels.for_each(|px| {
+                    for ((v, m), a) in px.iter_mut().zip(mul).zip(add) {
+                        *v = *v * m + a;
+                    }
+                }),
+                ChannelOp::Scale(mul) => pixels.for_each(|px| {
+                    px.iter_mut().zip(mul).for_each(|(v, m)| *v *= m);
+                }),
+                ChannelOp::Add(add) => pixels.for_each(|px| {
+                    px.iter_mut().zip(add).for_each(|(v, a)| *v += a);
+                }),
+                ChannelOp::Relu => pixels.flatten().for_each(|v| *v = v.max(0.0)),
+                ChannelOp::PRelu(alpha) => pixels.for_each(|px| {
+                    for (v, a) in px.iter_mut().zip(alpha) {
+                        if *v <= 0.0 {
+                            *v *= a;
+                        }
+                    }
+                }),
+            }
+        }
+    }
+
+    /// [`Epilogue::apply_rows`] on `data`, in parallel.
     pub fn apply_map(&self, data: &mut [f32], channels: usize, residual: Option<&[f32]>) {
         if self.is_empty() && residual.is_none() {
             return;
@@ -212,12 +226,20 @@ impl Epilogue {
         data.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, block)| {
-                for (j, px) in block.chunks_mut(channels).enumerate() {
-                    let at = (i * chunk) + j * channels;
-                    self.apply(px, residual.map(|r| &r[at..at + channels]));
-                }
+                let at = i * chunk;
+                self.apply_rows(block, channels, residual.map(|r| &r[at..at + block.len()]));
             });
     }
+}
+
+/// What [`Epilogue::transform`] adds after the transforms.
+#[derive(Clone, Copy)]
+enum Shortcut<'a> {
+    None,
+    /// One value per output value.
+    From(&'a [f32]),
+    /// The values the output overwrites.
+    Values,
 }
 
 /// Geometry of a window op: kernel, stride and `[top, bottom, left, right]` padding.
@@ -377,10 +399,8 @@ fn conv_direct(
             }
             #[cfg(not(target_arch = "x86_64"))]
             direct_row(x, weight, window, pad_value, offsets, oy, row);
-            for (ox, px) in row.chunks_exact_mut(out_channels).enumerate() {
-                let at = (oy * ow + ox) * out_channels;
-                epilogue.apply(px, residual.map(|r| &r[at..at + out_channels]));
-            }
+            let at = oy * row_len;
+            epilogue.apply_rows(row, out_channels, residual.map(|r| &r[at..at + row_len]));
         });
     out
 }
@@ -627,10 +647,8 @@ pub fn depthwise(
             } else {
                 depthwise_row_multiplier(x, weight, multiplier, window, oy, row);
             }
-            for (ox, px) in row.chunks_exact_mut(co).enumerate() {
-                let at = (oy * ow + ox) * co;
-                epilogue.apply(px, residual.map(|r| &r[at..at + co]));
-            }
+            let at = oy * ow * co;
+            epilogue.apply_rows(row, co, residual.map(|r| &r[at..at + ow * co]));
         });
     out
 }

@@ -15,15 +15,20 @@
 //!   layer only needs signs, the transform emits packed bits instead of floats;
 //! - LAB runs as one fused depthwise-threshold-pack pass;
 //! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM, or direct for
-//!   short windows such as the stem's).
+//!   short windows such as the stem's);
+//! - a binary convolution whose residual is its own input, or a map the shortcut computed,
+//!   writes its output over that map instead of a new one.
 //!
-//! Work inside each layer is split over the engine's own thread pool.
+//! Work inside each layer is split over the engine's own thread pool, whose threads spin
+//! between layers while a call runs ([`awake`]).
 
+mod awake;
 pub mod bench;
 mod export;
 pub mod float;
 mod format;
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -39,6 +44,7 @@ pub use export::export;
 pub use float::FloatMap;
 pub use format::{Stored, ZooModel, FORMAT};
 
+use awake::with_threads_awake;
 use float::{ChannelOp, Epilogue, Window};
 
 /// A model ready to run: its layers compiled from a [`ZooModel`] and a thread pool.
@@ -75,6 +81,7 @@ pub struct OpTime {
 }
 
 /// A feature map between layers: floats, or packed signs.
+#[derive(Clone)]
 enum Value {
     Float(FloatMap),
     Packed(PackedMap),
@@ -82,10 +89,10 @@ enum Value {
 
 impl Value {
     /// The map as floats (`±1` for packed signs).
-    fn to_float(&self) -> std::borrow::Cow<'_, FloatMap> {
+    fn to_float(&self) -> Cow<'_, FloatMap> {
         match self {
-            Value::Float(m) => std::borrow::Cow::Borrowed(m),
-            Value::Packed(p) => std::borrow::Cow::Owned(FloatMap {
+            Value::Float(m) => Cow::Borrowed(m),
+            Value::Packed(p) => Cow::Owned(FloatMap {
                 height: p.height,
                 width: p.width,
                 channels: p.channels,
@@ -125,8 +132,7 @@ impl Signs {
         }
     }
 
-    fn apply<'a>(&self, x: &'a Value) -> std::borrow::Cow<'a, PackedMap> {
-        use std::borrow::Cow;
+    fn apply<'a>(&self, x: &'a Value) -> Cow<'a, PackedMap> {
         match (self, x) {
             (Signs::Sign, Value::Packed(p)) => Cow::Borrowed(p),
             (Signs::Sign, Value::Float(m)) => Cow::Owned(PackedMap::from_signs(
@@ -228,6 +234,14 @@ impl Step {
         }
     }
 
+    /// True when the step, given `x` as input and as the residual to add, can write its output
+    /// over `x` ([`Run::step_in_place`]).
+    fn runs_in_place(&self, x: &FloatMap) -> bool {
+        matches!(self, Step::BinaryConv { conv, pack_output: false, .. }
+            if conv.output_size(x.height, x.width) == (x.height, x.width)
+                && conv.out_channels() == x.channels)
+    }
+
     /// True when the step adds a residual inside its output transform.
     fn fuses_residual(&self) -> bool {
         matches!(
@@ -315,10 +329,12 @@ impl Engine {
         }
         let logits = self.pool.install(|| {
             use rayon::prelude::*;
-            images
-                .par_chunks(per_image)
-                .map(|image| self.run_image(image, None))
-                .collect::<Vec<_>>()
+            with_threads_awake(|| {
+                images
+                    .par_chunks(per_image)
+                    .map(|image| self.run_image(image, None))
+                    .collect::<Vec<_>>()
+            })
         });
         Ok(logits.concat())
     }
@@ -335,10 +351,12 @@ impl Engine {
         }
         let times = Mutex::new(vec![Vec::new(); self.ops.len()]);
         self.pool.install(|| {
-            self.run_image(image, None);
-            for _ in 0..runs.max(1) {
-                self.run_image(image, Some(&times));
-            }
+            with_threads_awake(|| {
+                self.run_image(image, None);
+                for _ in 0..runs.max(1) {
+                    self.run_image(image, Some(&times));
+                }
+            })
         });
         let times = times.into_inner().expect("no panics while profiling");
         let medians: Vec<Option<f64>> = times
@@ -388,7 +406,7 @@ impl Engine {
             data: nhwc,
         });
         let run = Run { times };
-        match run.sequence(&self.steps, &x, None) {
+        match run.sequence(&self.steps, Cow::Owned(x), None) {
             Value::Float(m) => m.data,
             p => p.to_float().data.clone(),
         }
@@ -401,22 +419,24 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn sequence(&self, steps: &[Step], x: &Value, residual: Option<&FloatMap>) -> Value {
-        let mut current: Option<Value> = None;
-        let mut residual = residual;
+    /// Runs `steps` on `x`, adding `residual` to the output (inside the last step's output
+    /// transform where it can; an owned residual's buffer may become the output).
+    fn sequence(
+        &self,
+        steps: &[Step],
+        x: Cow<Value>,
+        mut residual: Option<Cow<FloatMap>>,
+    ) -> Value {
+        let mut current = x;
         for (i, step) in steps.iter().enumerate() {
-            let input = current.as_ref().unwrap_or(x);
             let fused = if i + 1 == steps.len() && step.fuses_residual() {
                 residual.take()
             } else {
                 None
             };
-            current = Some(self.step(step, input, fused));
+            current = Cow::Owned(self.step(step, current, fused));
         }
-        let out = current.unwrap_or_else(|| match x {
-            Value::Float(m) => Value::Float(m.clone()),
-            Value::Packed(p) => Value::Packed(p.clone()),
-        });
+        let out = current.into_owned();
         match residual {
             None => out,
             Some(r) => {
@@ -425,6 +445,31 @@ impl Run<'_> {
                 Value::Float(m)
             }
         }
+    }
+
+    /// `step` ([`Step::runs_in_place`]) on `x` with `x` as its residual, writing over `x`.
+    fn step_in_place(&self, step: &Step, mut x: FloatMap) -> Value {
+        let Step::BinaryConv {
+            op,
+            signs,
+            conv,
+            epilogue,
+            ..
+        } = step
+        else {
+            unreachable!("only binary convolutions run in place")
+        };
+        self.timed(*op, || {
+            let lab = match signs {
+                Signs::Lab(lab) => Some(lab),
+                Signs::Sign => None,
+            };
+            let co = x.channels;
+            conv.run_in_place(&mut x.data, x.height, x.width, lab, |_, dots, row| {
+                epilogue.apply_dots_onto(dots, row, co)
+            });
+            Value::Float(x)
+        })
     }
 
     fn timed(&self, op: usize, f: impl FnOnce() -> Value) -> Value {
@@ -439,8 +484,24 @@ impl Run<'_> {
         }
     }
 
-    fn step(&self, step: &Step, x: &Value, residual: Option<&FloatMap>) -> Value {
-        let r = residual.map(|r| r.data.as_slice());
+    fn step(&self, step: &Step, input: Cow<Value>, residual: Option<Cow<FloatMap>>) -> Value {
+        let x: &Value = &input;
+        // A binary convolution writes its floats over an owned residual.
+        let (onto, residual) = match residual {
+            Some(Cow::Owned(m))
+                if matches!(
+                    step,
+                    Step::BinaryConv {
+                        pack_output: false,
+                        ..
+                    }
+                ) =>
+            {
+                (Some(m), None)
+            }
+            residual => (None, residual),
+        };
+        let r = residual.as_ref().map(|r| r.data.as_slice());
         match step {
             Step::FloatConv {
                 op,
@@ -470,7 +531,10 @@ impl Run<'_> {
                     _ => None,
                 };
                 let input = signs.input(floats.as_ref().unwrap_or(x));
-                binary_conv(input, conv, epilogue, *pack_output, r)
+                match onto {
+                    Some(onto) => Value::Float(binary_conv_onto(input, conv, epilogue, onto)),
+                    None => binary_conv(input, conv, epilogue, *pack_output, r),
+                }
             }),
             Step::Depthwise {
                 op,
@@ -536,21 +600,59 @@ impl Run<'_> {
                 let m = x.to_float();
                 Value::Float(float::concat(&[m.as_ref().clone(), m.into_owned()]))
             }),
-            Step::Residual { body, shortcut } => {
+            Step::Residual { body, shortcut } if shortcut.is_empty() => {
+                if let (Cow::Owned(Value::Float(m)), [only]) = (&input, body.as_slice()) {
+                    if only.runs_in_place(m) {
+                        let Cow::Owned(Value::Float(m)) = input else {
+                            unreachable!("matched above")
+                        };
+                        return self.step_in_place(only, m);
+                    }
+                }
                 // An identity shortcut reads the input itself, without a copy.
-                let computed = (!shortcut.is_empty()).then(|| self.sequence(shortcut, x, None));
-                let short = computed.as_ref().unwrap_or(x).to_float();
-                self.sequence(body, x, Some(&short))
+                self.sequence(body, Cow::Borrowed(x), Some(x.to_float()))
+            }
+            Step::Residual { body, shortcut } => {
+                let short = match self.sequence(shortcut, Cow::Borrowed(x), None) {
+                    Value::Float(m) => m,
+                    p => p.to_float().into_owned(),
+                };
+                self.sequence(body, input, Some(Cow::Owned(short)))
             }
             Step::Concat { branches } => {
                 let outs: Vec<FloatMap> = branches
                     .iter()
-                    .map(|b| self.sequence(b, x, None).to_float().into_owned())
+                    .map(|b| {
+                        self.sequence(b, Cow::Borrowed(x), None)
+                            .to_float()
+                            .into_owned()
+                    })
                     .collect();
                 Value::Float(float::concat(&outs))
             }
         }
     }
+}
+
+/// A binary convolution with its output transform, added to the residual `onto`, whose buffer
+/// holds the output.
+fn binary_conv_onto(
+    input: ConvInput,
+    conv: &BinaryConv,
+    epilogue: &Epilogue,
+    mut onto: FloatMap,
+) -> FloatMap {
+    let [height, width, _] = input.dims();
+    assert_eq!(
+        (conv.output_size(height, width), conv.out_channels()),
+        ((onto.height, onto.width), onto.channels),
+        "the residual has the output's shape"
+    );
+    let co = onto.channels;
+    conv.run(input, &mut onto.data, |_, dots, row| {
+        epilogue.apply_dots_onto(dots, row, co)
+    });
+    onto
 }
 
 /// A binary convolution with its output transform; floats (plus `residual`) or packed signs.
@@ -568,11 +670,11 @@ fn binary_conv(
         let words = co.div_ceil(64);
         let mut data = vec![0u64; oh * ow * words];
         conv.run(input, &mut data, |_, dots, row| {
-            let mut values = vec![0.0f32; co];
-            for (ox, out) in row.chunks_mut(words).enumerate() {
-                epilogue.apply_dots(&dots[ox * co..(ox + 1) * co], &mut values, None);
+            let mut values = vec![0.0f32; dots.len()];
+            epilogue.apply_dots(dots, &mut values, co, None);
+            for (px, out) in values.chunks_exact(co).zip(row.chunks_mut(words)) {
                 out.fill(0);
-                for (c, v) in values.iter().enumerate() {
+                for (c, v) in px.iter().enumerate() {
                     out[c / 64] |= u64::from(*v < 0.0) << (c % 64);
                 }
             }
@@ -587,14 +689,8 @@ fn binary_conv(
     }
     let mut data = vec![0.0f32; oh * ow * co];
     conv.run(input, &mut data, |oy, dots, row| {
-        for (ox, px) in row.chunks_mut(co).enumerate() {
-            let at = (oy * ow + ox) * co;
-            epilogue.apply_dots(
-                &dots[ox * co..(ox + 1) * co],
-                px,
-                residual.map(|r| &r[at..at + co]),
-            );
-        }
+        let at = oy * ow * co;
+        epilogue.apply_dots(dots, row, co, residual.map(|r| &r[at..at + ow * co]));
     });
     Value::Float(FloatMap {
         height: oh,
