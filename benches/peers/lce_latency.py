@@ -642,7 +642,8 @@ def report(args):
     lce_doc = load_json(os.path.join(args.out, "lce.json"))
     # {key: {round: per-process median ms}}; keys (model, threads, kernel) for the zoo and LCE,
     # (threads, kernel) for the floor loop.
-    zoo, lce, floor = {}, {}, {}
+    # paired: {(first, second, threads, kernel): {round: the process's median ratio}}.
+    zoo, lce, floor, paired = {}, {}, {}, {}
     for name in sorted(os.listdir(args.out)):
         m = re.fullmatch(r"(lce|zoo|floor)-(?:(.+)-)?t(\d+)(?:-k(\w+))?-r(\d+)\.json", name)
         if not m:
@@ -654,7 +655,14 @@ def report(args):
                 key = (r["model"], r["threads"], r["lce_kernel"])
                 lce.setdefault(key, {})[rnd] = r["latency_ms"]["median"]
         elif kind == "zoo":
-            zoo.setdefault((model, threads, doc["kernel"]), {})[rnd] = doc["latency_ms"]["median"]
+            zoo.setdefault((doc["model"], threads, doc["kernel"]), {})[rnd] = \
+                doc["latency_ms"]["median"]
+            other = doc.get("against")
+            if other:
+                zoo.setdefault((other["model"], threads, doc["kernel"]), {})[rnd] = \
+                    other["latency_ms"]["median"]
+                key = (doc["model"], other["model"], threads, doc["kernel"])
+                paired.setdefault(key, {})[rnd] = other["ratio"]["median"]
         else:
             floor.setdefault((threads, doc["kernel"]), {})[rnd] = doc["latency_ms"]["median"]
     if not zoo and not lce:
@@ -685,8 +693,14 @@ def report(args):
     lab = []
     for threads in sorted({t for _, t in pairs}):
         for kernel in zoo_kernels:
+            p = paired.get(("quicknet", "quicknet-lab", threads, kernel))
             a, b = zoo.get(("quicknet-lab", threads, kernel)), zoo.get(("quicknet", threads, kernel))
-            if a and b:
+            if p:
+                costs = [v - 1 for v in p.values()]
+                lab.append({"threads": threads, "engine": f"zoo {kernel} (paired calls)",
+                            "cost": {"median": statistics.median(costs), "min": min(costs),
+                                     "max": max(costs), "rounds": len(costs)}})
+            elif a and b:
                 lab.append({"threads": threads, "engine": f"zoo {kernel}",
                             "cost": round_ratios(a, b)})
         for k in kernels:
@@ -720,8 +734,9 @@ def report(args):
               f"{cell(r['zoo_ms']):>14} {cell(r['floor_ms']):>14} "
               f"{fmt(r['zoo_over_floor'], '{:.2f}x'):>9}{cells}")
     if lab:
-        print("\nLAB's cost (quicknet-lab / quicknet - 1 within each round): median over rounds"
-              " [smallest, largest]")
+        print("\nLAB's cost (quicknet-lab / quicknet - 1): median over rounds [smallest, largest];"
+              " zoo: each round's process times both models call for call, its median ratio;"
+              " LCE: the ratio of the two processes of a round")
         for r in lab:
             c = r["cost"]
             print(f"{r['threads']:>3} thread(s) {r['engine']:<22} {100 * c['median']:+6.1f}% "

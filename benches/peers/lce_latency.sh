@@ -10,21 +10,23 @@
 #    measures the XNOR-popcount rate for the arithmetic floor of the binary layers.
 # 3. zoo import-larq OUT/<model>.h5 -> OUT/<model>.safetensors, then zoo export -> OUT/<model>.zoo.
 # 4. ROUNDS rounds; in each, for each thread count: the floor loop (`zoo bench --floor`, a fixed
-#    XNOR-popcount loop over QuickNet's binary MACs) with every zoo kernel, then for each model
-#    zoo bench with every kernel and LCE (lce_latency.py --time-only, both LCE kernels), one
-#    process after another, into OUT/floor-t<N>-k<kernel>-r<round>.json,
-#    OUT/zoo-<model>-t<N>-k<kernel>-r<round>.json and OUT/lce-<model>-t<N>-r<round>.json.
+#    XNOR-popcount loop over QuickNet's binary MACs) with every zoo kernel; zoo bench with every
+#    kernel, the second model timed against the first in the same process (`--against`: one
+#    call of each in turn); LCE for each model (lce_latency.py --time-only, both LCE kernels);
+#    one process after another, into OUT/floor-t<N>-k<kernel>-r<round>.json,
+#    OUT/zoo-<model>[+<model>]-t<N>-k<kernel>-r<round>.json and OUT/lce-<model>-t<N>-r<round>.json.
 # 5. The side-by-side table (lce_latency.py --report; also OUT/compare.json): per model, thread
 #    count and zoo kernel, the median over processes of each process's median, with the spread
 #    of those medians (max/min - 1) for the zoo, LCE and the floor loop (the machine's own
-#    spread: fixed work); LCE/zoo, zoo/floor, LAB's cost as the median of the per-round ratios
-#    with their range; .tflite and .zoo sizes.
+#    spread: fixed work); LCE/zoo, zoo/floor; LAB's cost: for the zoo the median over processes
+#    of each process's median ratio of paired calls, for LCE the median of the per-round
+#    ratios, each with its range; .tflite and .zoo sizes.
 # --lce-only skips the zoo (steps 1, 3 and its half of 4).
 #
 # Environment (defaults in brackets):
 #   LCE_VENV     virtual environment with benches/peers/requirements-lce.txt [target/lce-venv]
 #   OUT          output folder [target/lce-results]
-#   MODELS       models ["quicknet quicknet-lab"]
+#   MODELS       one or two models ["quicknet quicknet-lab"]
 #   THREADS      thread counts ["1 2"]
 #   RUNS         timed LCE runs per process [50]
 #   ZOO_RUNS     timed zoo runs per process [300]: a zoo run takes milliseconds, so a median
@@ -90,7 +92,7 @@ if [[ $lce_only == 0 ]]; then
             echo "error: $ZOO has no working '$sub' subcommand. This script needs" >&2
             echo "       zoo import-larq <H5> --spec S --input HxWxC --classes N -o <W.safetensors>," >&2
             echo "       zoo export <W.safetensors> --spec S --input HxWxC --classes N -o <M.zoo>," >&2
-            echo "       zoo bench <M.zoo> --input HxWxC --threads N --runs N --batch 0 [--floor] --json FILE." >&2
+            echo "       zoo bench <M.zoo> --input HxWxC --threads N --runs N --batch 0 [--floor | --against <M2.zoo>] --json FILE." >&2
             echo "       --lce-only measures LCE alone." >&2
             exit 1
         fi
@@ -143,6 +145,14 @@ zoo_bench() {
     }
 }
 
+# shellcheck disable=SC2086
+set -- $MODELS
+if (( $# > 2 )); then
+    echo "error: MODELS names at most two models (the second is timed against the first)" >&2
+    exit 2
+fi
+first=$1 second=${2:-}
+
 for round in $(seq 1 "$ROUNDS"); do
     for threads in $THREADS; do
         if [[ $lce_only == 0 ]]; then
@@ -152,14 +162,15 @@ for round in $(seq 1 "$ROUNDS"); do
                     --classes $CLASSES --threads "$threads" --floor
             done
         fi
+        if [[ $lce_only == 0 ]]; then
+            log "round $round: zoo bench $first${second:+ against $second}, $threads thread(s), kernels$ZOO_KERNELS"
+            for kernel in $ZOO_KERNELS; do
+                zoo_bench "$OUT/zoo-$first${second:++$second}-t$threads-k$kernel-r$round.json" \
+                    "$kernel" "$OUT/$first.zoo" ${second:+--against "$OUT/$second.zoo"} \
+                    --threads "$threads"
+            done
+        fi
         for model in $MODELS; do
-            if [[ $lce_only == 0 ]]; then
-                log "round $round: zoo bench $model, $threads thread(s), kernels$ZOO_KERNELS"
-                for kernel in $ZOO_KERNELS; do
-                    zoo_bench "$OUT/zoo-$model-t$threads-k$kernel-r$round.json" "$kernel" \
-                        "$OUT/$model.zoo" --threads "$threads"
-                done
-            fi
             log "round $round: LCE $model, $threads thread(s)"
             # shellcheck disable=SC2086
             "$VPY" "$PEER" --out "$OUT" --time-only --models "$model" --threads "$threads" \

@@ -14,7 +14,7 @@ use zoo_kernels::packed;
 
 use super::{export, Engine, OpTime, ZooModel};
 
-/// Order statistics of a set of timings, in milliseconds.
+/// Order statistics of a set of timings, in milliseconds (of ratios, in [`Against::ratio`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Latency {
     /// Median.
@@ -104,6 +104,22 @@ pub struct Report {
     /// Per-layer medians, when profiled.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<OpTime>>,
+    /// A second model timed in turn with this one, when asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub against: Option<Against>,
+}
+
+/// A second model timed by [`bench`] call for call with the first, and how the two compare.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Against {
+    /// The second model's name.
+    pub model: String,
+    /// Its batch-1 latency.
+    pub latency_ms: Latency,
+    /// Its time over the first model's, per pair of calls made one right after the other
+    /// (unitless): a slow spell of the machine slows both calls of a pair alike, so the ratio
+    /// holds where the latencies of separate processes disagree.
+    pub ratio: Latency,
 }
 
 impl Report {
@@ -118,6 +134,7 @@ impl Report {
             latency_ms: latency,
             throughput: None,
             profile: None,
+            against: None,
         }
     }
 }
@@ -158,25 +175,37 @@ fn time_calls(
 
 /// Times `runs` batch-1 calls after `warmup` untimed ones, then, unless `batch` is 0,
 /// `batch`-image calls for throughput (a third as many, at least 3); with `profile`, also a
-/// per-layer table.
+/// per-layer table. With `against`, each timed call of `engine` is paired with one of that
+/// engine (the order alternating from pair to pair) and the report compares the two.
 pub fn bench(
     engine: &Engine,
     runs: usize,
     warmup: usize,
     batch: usize,
     profile: bool,
+    against: Option<&Engine>,
 ) -> Result<Report, Error> {
     let image = random_images(engine, 1, 1);
-    let ms = time_calls(runs, warmup, || {
-        std::hint::black_box(engine.run(&image, 1)?);
-        Ok(())
-    })?;
+    let (ms, against) = match against {
+        None => (time_calls(runs, warmup, || call(engine, &image))?, None),
+        Some(other) => {
+            let (ms, other_ms) = time_pairs(engine, other, runs, warmup)?;
+            let ratio = other_ms.iter().zip(&ms).map(|(b, a)| b / a).collect();
+            let against = Against {
+                model: other.spec().name.clone(),
+                latency_ms: Latency::of(other_ms),
+                ratio: Latency::of(ratio),
+            };
+            (ms, Some(against))
+        }
+    };
     let mut report = Report::new(
         engine,
         Measure::Engine,
         binary_macs(engine)?,
         Latency::of(ms),
     );
+    report.against = against;
     if batch > 0 {
         let images = random_images(engine, batch, 2);
         let ms = time_calls((runs / 3).max(3), 1, || {
@@ -193,6 +222,43 @@ pub fn bench(
         report.profile = Some(engine.profile(&image, runs)?);
     }
     Ok(report)
+}
+
+/// One batch-1 call of `engine` on `image`.
+fn call(engine: &Engine, image: &[f32]) -> Result<(), Error> {
+    std::hint::black_box(engine.run(image, 1)?);
+    Ok(())
+}
+
+/// Milliseconds of `runs` batch-1 calls of `a` and of `b` in pairs (after `warmup` untimed
+/// pairs), `a` first in even pairs and `b` first in odd ones.
+fn time_pairs(
+    a: &Engine,
+    b: &Engine,
+    runs: usize,
+    warmup: usize,
+) -> Result<(Vec<f64>, Vec<f64>), Error> {
+    let (image_a, image_b) = (random_images(a, 1, 1), random_images(b, 1, 1));
+    for _ in 0..warmup {
+        call(a, &image_a)?;
+        call(b, &image_b)?;
+    }
+    let time = |engine: &Engine, image: &[f32]| -> Result<f64, Error> {
+        let start = Instant::now();
+        call(engine, image)?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    let (mut ms_a, mut ms_b) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for i in 0..runs.max(1) {
+        if i % 2 == 0 {
+            ms_a.push(time(a, &image_a)?);
+            ms_b.push(time(b, &image_b)?);
+        } else {
+            ms_b.push(time(b, &image_b)?);
+            ms_a.push(time(a, &image_a)?);
+        }
+    }
+    Ok((ms_a, ms_b))
 }
 
 /// Times the arithmetic floor of `engine`'s binary layers as [`bench`] times the engine:

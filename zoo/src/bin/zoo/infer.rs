@@ -38,6 +38,12 @@ pub struct BenchArgs {
     /// machine's own.
     #[arg(long)]
     floor: bool,
+    /// Also time a second model (same forms as MODEL; the same --input and --classes), one
+    /// call of each in turn, and print its latency and its time over MODEL's per pair of
+    /// calls: a slow spell of the machine slows both calls of a pair alike, so this ratio
+    /// (LAB's cost over sign, say) holds where separate processes disagree.
+    #[arg(long, value_name = "MODEL", conflicts_with_all = ["floor", "profile"])]
+    against: Option<String>,
     /// Where the profile goes: `<PREFIX>.csv` and `<PREFIX>.json` (default:
     /// `runs/profiles/<model>-<input>-<threads>t`).
     #[arg(long)]
@@ -63,10 +69,22 @@ pub struct PredictArgs {
 /// Times the engine.
 pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     let engine = engine_for(&args.model, args.input, args.classes, threads)?;
+    let against = match &args.against {
+        Some(model) => Some(engine_for(model, args.input, args.classes, threads)?),
+        None => None,
+    };
     let report = if args.floor {
         zoo::engine::bench::floor(&engine, args.runs, args.warmup)?
     } else {
-        zoo::engine::bench::bench(&engine, args.runs, args.warmup, args.batch, args.profile)?
+        let (runs, warmup) = (args.runs, args.warmup);
+        zoo::engine::bench::bench(
+            &engine,
+            runs,
+            warmup,
+            args.batch,
+            args.profile,
+            against.as_ref(),
+        )?
     };
     let floor = report.measure == zoo::engine::bench::Measure::Floor;
     let what = match floor {
@@ -84,6 +102,19 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     if floor {
         let rate = report.binary_macs as f64 / (report.latency_ms.median / 1e3);
         println!("{:.0} G binary MACs/s", rate / 1e9);
+    }
+    if let Some(a) = &report.against {
+        println!("{}, in turn with it: batch 1 {}", a.model, a.latency_ms);
+        let r = &a.ratio;
+        println!(
+            "{} / {} per pair of calls: median {:.3} (quartiles {:.3} / {:.3}), {:+.1}%",
+            a.model,
+            report.model,
+            r.median,
+            r.p25,
+            r.p75,
+            (r.median - 1.0) * 100.0
+        );
     }
     if let Some(t) = &report.throughput {
         println!("batch {}: {:.1} images/s", t.batch, t.images_per_s);
