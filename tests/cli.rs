@@ -167,6 +167,42 @@ fn export_bench_and_predict_a_model() {
     assert!(csv.starts_with("op,kind,output,ms,share\n") && csv.contains("lab+binary_conv"));
     assert!(std::fs::metadata(path("profile.json")).is_ok());
 
+    // The model against QuickNet with random weights, call for call.
+    let (ok, out, err) = zoo(&[
+        "bench",
+        &path("m.zoo"),
+        "--against",
+        "quicknet",
+        "--input",
+        "32x32x1",
+        "--classes",
+        "10",
+        "--runs",
+        "4",
+        "--batch",
+        "0",
+        "--json",
+        &path("against.json"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("quicknet / quicknet-lab per pair of calls"),
+        "{out}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path("against.json")).unwrap()).unwrap();
+    let against = &report["against"];
+    assert_eq!(against["model"], "quicknet");
+    assert_eq!(against["latency_ms"]["runs"], 4);
+    // Each pair's ratio lies between the extremes of the two models' times.
+    let ms = |r: &serde_json::Value, q: &str| r["latency_ms"][q].as_f64().unwrap();
+    let ratio = against["ratio"]["median"].as_f64().unwrap();
+    let (low, high) = (
+        ms(against, "min") / ms(&report, "max"),
+        ms(against, "max") / ms(&report, "min"),
+    );
+    assert!(low <= ratio && ratio <= high, "{low} <= {ratio} <= {high}");
+
     // A 28x28 gray image, as Fashion-MNIST's.
     let image =
         image::GrayImage::from_fn(28, 28, |x, y| image::Luma([((x * 9 + y * 5) % 256) as u8]));
