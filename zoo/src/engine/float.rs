@@ -131,6 +131,13 @@ impl Epilogue {
             channels > 0 && values.len().is_multiple_of(channels),
             "whole pixels of {channels} channels"
         );
+        if let Shortcut::From(residual) = r {
+            assert_eq!(
+                residual.len(),
+                values.len(),
+                "one residual per output value"
+            );
+        }
         if has_avx2() {
             // SAFETY: AVX2 is available.
             #[cfg(target_arch = "x86_64")]
