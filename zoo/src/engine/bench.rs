@@ -164,13 +164,14 @@ fn time_calls(
     for _ in 0..warmup {
         call()?;
     }
-    let mut ms = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        let start = Instant::now();
-        call()?;
-        ms.push(start.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok(ms)
+    (0..runs.max(1)).map(|_| time_ms(&mut call)).collect()
+}
+
+/// Milliseconds of one call of `call`.
+fn time_ms(call: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
+    let start = Instant::now();
+    call()?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Times `runs` batch-1 calls after `warmup` untimed ones, then, unless `batch` is 0,
@@ -187,9 +188,9 @@ pub fn bench(
 ) -> Result<Report, Error> {
     let image = random_images(engine, 1, 1);
     let (ms, against) = match against {
-        None => (time_calls(runs, warmup, || call(engine, &image))?, None),
+        None => (time_calls(runs, warmup, || call(engine, &image, 1))?, None),
         Some(other) => {
-            let (ms, other_ms) = time_pairs(engine, other, runs, warmup)?;
+            let (ms, other_ms) = time_pairs(engine, &image, other, runs, warmup)?;
             let ratio = other_ms.iter().zip(&ms).map(|(b, a)| b / a).collect();
             let against = Against {
                 model: other.spec().name.clone(),
@@ -208,10 +209,7 @@ pub fn bench(
     report.against = against;
     if batch > 0 {
         let images = random_images(engine, batch, 2);
-        let ms = time_calls((runs / 3).max(3), 1, || {
-            std::hint::black_box(engine.run(&images, batch)?);
-            Ok(())
-        })?;
+        let ms = time_calls((runs / 3).max(3), 1, || call(engine, &images, batch))?;
         let median = Latency::of(ms).median;
         report.throughput = Some(Throughput {
             batch,
@@ -224,38 +222,35 @@ pub fn bench(
     Ok(report)
 }
 
-/// One batch-1 call of `engine` on `image`.
-fn call(engine: &Engine, image: &[f32]) -> Result<(), Error> {
-    std::hint::black_box(engine.run(image, 1)?);
+/// One call of `engine` on `batch` images.
+fn call(engine: &Engine, images: &[f32], batch: usize) -> Result<(), Error> {
+    std::hint::black_box(engine.run(images, batch)?);
     Ok(())
 }
 
-/// Milliseconds of `runs` batch-1 calls of `a` and of `b` in pairs (after `warmup` untimed
-/// pairs), `a` first in even pairs and `b` first in odd ones.
+/// Milliseconds of `runs` batch-1 calls of `a` (on `image_a`) and of `b` in pairs (after
+/// `warmup` untimed pairs), `a` first in even pairs and `b` first in odd ones.
 fn time_pairs(
     a: &Engine,
+    image_a: &[f32],
     b: &Engine,
     runs: usize,
     warmup: usize,
 ) -> Result<(Vec<f64>, Vec<f64>), Error> {
-    let (image_a, image_b) = (random_images(a, 1, 1), random_images(b, 1, 1));
+    let image_b = random_images(b, 1, 1);
     for _ in 0..warmup {
-        call(a, &image_a)?;
-        call(b, &image_b)?;
+        call(a, image_a, 1)?;
+        call(b, &image_b, 1)?;
     }
-    let time = |engine: &Engine, image: &[f32]| -> Result<f64, Error> {
-        let start = Instant::now();
-        call(engine, image)?;
-        Ok(start.elapsed().as_secs_f64() * 1e3)
-    };
+    let time = |engine: &Engine, image: &[f32]| time_ms(|| call(engine, image, 1));
     let (mut ms_a, mut ms_b) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for i in 0..runs.max(1) {
         if i % 2 == 0 {
-            ms_a.push(time(a, &image_a)?);
+            ms_a.push(time(a, image_a)?);
             ms_b.push(time(b, &image_b)?);
         } else {
             ms_b.push(time(b, &image_b)?);
-            ms_a.push(time(a, &image_a)?);
+            ms_a.push(time(a, image_a)?);
         }
     }
     Ok((ms_a, ms_b))

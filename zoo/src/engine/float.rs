@@ -397,15 +397,15 @@ fn conv_direct(
         .par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(oy, row)| {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
+            if has_avx2() {
                 // SAFETY: AVX2 is available.
-                unsafe { direct_row_avx2(x, weight, window, pad_value, offsets, oy, row) };
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    direct_row_avx2(x, weight, window, pad_value, offsets, oy, row)
+                };
             } else {
                 direct_row(x, weight, window, pad_value, offsets, oy, row);
             }
-            #[cfg(not(target_arch = "x86_64"))]
-            direct_row(x, weight, window, pad_value, offsets, oy, row);
             let at = oy * row_len;
             epilogue.apply_rows(row, out_channels, residual.map(|r| &r[at..at + row_len]));
         });

@@ -600,18 +600,13 @@ impl Run<'_> {
                 let m = x.to_float();
                 Value::Float(float::concat(&[m.as_ref().clone(), m.into_owned()]))
             }),
-            Step::Residual { body, shortcut } if shortcut.is_empty() => {
-                if let (Cow::Owned(Value::Float(m)), [only]) = (&input, body.as_slice()) {
-                    if only.runs_in_place(m) {
-                        let Cow::Owned(Value::Float(m)) = input else {
-                            unreachable!("matched above")
-                        };
-                        return self.step_in_place(only, m);
-                    }
+            Step::Residual { body, shortcut } if shortcut.is_empty() => match (input, &body[..]) {
+                (Cow::Owned(Value::Float(m)), [only]) if only.runs_in_place(&m) => {
+                    self.step_in_place(only, m)
                 }
                 // An identity shortcut reads the input itself, without a copy.
-                self.sequence(body, Cow::Borrowed(x), Some(x.to_float()))
-            }
+                (input, _) => self.sequence(body, Cow::Borrowed(&input), Some(input.to_float())),
+            },
             Step::Residual { body, shortcut } => {
                 let short = match self.sequence(shortcut, Cow::Borrowed(x), None) {
                     Value::Float(m) => m,

@@ -76,11 +76,10 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     let report = if args.floor {
         zoo::engine::bench::floor(&engine, args.runs, args.warmup)?
     } else {
-        let (runs, warmup) = (args.runs, args.warmup);
         zoo::engine::bench::bench(
             &engine,
-            runs,
-            warmup,
+            args.runs,
+            args.warmup,
             args.batch,
             args.profile,
             against.as_ref(),
