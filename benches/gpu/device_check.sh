@@ -12,7 +12,9 @@
 #   benches/gpu/device_check.sh              # results under $OUT (or target/device/out)
 #
 # Environment: ROUNDS [2], STEPS_SMALL [30] and STEPS_LARGE [10] timed steps per run,
-# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1.
+# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1, PROFILE=1 (also: every GPU kernel of one
+# QuickNet-LAB training step at 224x224x3, batch PROFILE_BATCH [64], timed by Nsight Compute,
+# summed by kernel name into $OUT/kernels.txt).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=target/device/bundle.tar.xz
@@ -84,9 +86,9 @@ if [[ -z ${SKIP_TESTS:-} ]]; then
     "$bin/test-gpu_training" --nocapture || failed=1
 fi
 
-if [[ -z ${SKIP_BENCH:-} ]]; then
+images=$(mktemp -d)
+if [[ -z ${SKIP_BENCH:-} || -n ${PROFILE:-} ]]; then
     step "random JPEGs for 224x224x3 (the zoo reads them with --cache; PyTorch trains on random tensors)"
-    images=$(mktemp -d)
     python3 - "$images" <<'EOF'
 import os, sys
 import numpy as np
@@ -99,6 +101,35 @@ for split, count in [("train", 26), ("val", 2)]:
             pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(f"{root}/{split}/class{c}/{i}.JPEG", quality=90)
 EOF
+fi
+
+if [[ -n ${PROFILE:-} ]]; then
+    step "GPU kernel times of one QuickNet-LAB training step at 224x224x3 (ncu)"
+    timeout "${PROFILE_TIMEOUT:-300}" ncu --clock-control none --metrics gpu__time_duration.sum \
+        --csv --log-file "$OUT/ncu.csv" "$bin/zoo" --device cuda train quicknet-lab \
+        --data "$images" --input 224x224 --cache --batch-size "${PROFILE_BATCH:-64}" --max-steps 1 \
+        --no-eval --out "$(mktemp -d)/run" >"$OUT/profile.log" 2>&1 || failed=1
+    python3 - "$OUT/ncu.csv" <<'EOF' | tee "$OUT/kernels.txt"
+import collections, csv, sys
+rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
+head, rows = rows[0], rows[1:]
+name, metric, value = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+unit = head.index("Metric Unit")
+scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+total, count = collections.Counter(), collections.Counter()
+for r in rows:
+    if r[metric] == "gpu__time_duration.sum":
+        kernel = r[name].split("(")[0]
+        total[kernel] += float(r[value].replace(",", "")) * scale.get(r[unit], float("nan"))
+        count[kernel] += 1
+whole = sum(total.values())
+print(f"{sum(count.values())} kernels, {whole:.1f} ms of GPU time")
+for kernel, ms in total.most_common(30):
+    print(f"{ms:10.2f} ms {100 * ms / whole:5.1f}% {count[kernel]:6d}x  {kernel}")
+EOF
+fi
+
+if [[ -z ${SKIP_BENCH:-} ]]; then
     common=(DEVICE=cuda ZOO="$bin/zoo" PEER_PYTHON=python3 BATCH=256 ROUNDS="${ROUNDS:-2}"
         THREADS="${THREADS:-$(nproc)}")
     step "training throughput at 32x32x1 (Fashion-MNIST), batch 256"

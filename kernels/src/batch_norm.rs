@@ -30,7 +30,7 @@ pub fn batch_norm_train(
             beta.dims()
         );
     }
-    if !xs.device().is_cpu() {
+    if !crate::fused_on(xs.device()) {
         return composed(xs, gamma, beta, epsilon);
     }
     let op = BatchNormTrain {

@@ -48,8 +48,9 @@ pub struct BinaryConv2d {
 /// (`N x O x OH x OW`, integers) is exact; the gradients are Larq's straight-through ones:
 /// `x` gets the convolution's input gradient, without the padded positions, masked by
 /// `1{|x| <= input_clip}` (unmasked when `input_clip` is `None`), and `weight` gets the kernel
-/// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64, CPU; both gradients come from one
-/// backward op. (A NaN input or weight counts as `+1`, as in [`crate::packed`].)
+/// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64; on the CPU both gradients come from
+/// one backward op, on a CUDA GPU the forward pass is a kernel of ours and the backward pass
+/// candle's convolutions. (A NaN input or weight counts as `+1`, as in [`crate::packed`].)
 pub fn binary_conv2d(x: &Tensor, weight: &Tensor, conv: &BinaryConv2d) -> Result<Tensor> {
     let geometry = Geometry::new(x.dims4()?, weight.dims4()?, conv)?;
     x.contiguous()?.apply_op2(
@@ -249,7 +250,7 @@ impl CustomOp2 for BinaryConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        if !x.device().is_cpu() {
+        if !crate::fused_on(x.device()) {
             let (dx, dw) = backward_composed(x, weight, grad, &self.conv)?;
             return Ok((Some(dx), Some(dw)));
         }

@@ -38,6 +38,11 @@ pub(crate) const BINARY_CONV: Module = Module {
     name: "binary_conv",
     source: include_str!("../cuda/binary_conv.cu"),
 };
+/// Depthwise convolution, forward and both gradients.
+pub(crate) const DEPTHWISE: Module = Module {
+    name: "depthwise",
+    source: include_str!("../cuda/depthwise.cu"),
+};
 /// The fused Adam update.
 pub(crate) const ADAM: Module = Module {
     name: "adam",

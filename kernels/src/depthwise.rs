@@ -250,6 +250,19 @@ impl CustomOp2 for Forward {
         Ok((out, Shape::from((d.n, d.c, d.oh(), d.ow()))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = &self.0;
+        let out = gpu::run(self.name(), gpu::Pass::Forward, d, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((d.n, d.c, d.oh(), d.ow()))))
+    }
+
     fn bwd(
         &self,
         xs: &Tensor,
@@ -287,6 +300,19 @@ impl CustomOp2 for GradInput {
         )?;
         Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = &self.0;
+        let out = gpu::run(self.name(), gpu::Pass::GradInput, d, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
+    }
 }
 
 impl CustomOp2 for GradKernel {
@@ -311,6 +337,130 @@ impl CustomOp2 for GradKernel {
         )?;
         Ok((out, Shape::from((d.c, 1, d.kh, d.kw))))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = &self.0;
+        let out = gpu::run(self.name(), gpu::Pass::GradKernel, d, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from((d.c, 1, d.kh, d.kw))))
+    }
+}
+
+/// The GPU passes (`kernels/cuda/depthwise.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use super::Dims;
+    use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, BLOCK, DEPTHWISE};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
+    use candle_core::cuda_backend::CudaStorage;
+    use candle_core::{Layout, Result};
+
+    /// `struct Depthwise` of `depthwise.cu`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Shape {
+        n: i64,
+        c: i64,
+        h: i64,
+        w: i64,
+        kh: i64,
+        kw: i64,
+        sy: i64,
+        sx: i64,
+        oh: i64,
+        ow: i64,
+    }
+
+    // SAFETY: plain data, laid out as the kernel's `struct Depthwise`.
+    unsafe impl DeviceRepr for Shape {}
+
+    /// Which pass, and so which two tensors it reads.
+    #[derive(Clone, Copy)]
+    pub(super) enum Pass {
+        /// `(input, kernel) -> output`.
+        Forward,
+        /// `(output gradient, kernel) -> input gradient`.
+        GradInput,
+        /// `(input, output gradient) -> kernel gradient`.
+        GradKernel,
+    }
+
+    /// Runs `pass` on the two contiguous tensors `a` and `b` (in the pass's order).
+    pub(super) fn run(
+        op: &str,
+        pass: Pass,
+        d: &Dims,
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        fn typed<T: Real>(
+            op: &str,
+            pass: Pass,
+            shape: Shape,
+            (s1, l1): (&CudaStorage, &Layout),
+            (s2, l2): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = s1.device();
+            let (a, b) = (view::<T>(op, s1, l1)?, view::<T>(op, s2, l2)?);
+            let Shape { n, c, h, w, .. } = shape;
+            let (taps, outputs) = (shape.kh * shape.kw, shape.oh * shape.ow);
+            let len = match pass {
+                Pass::Forward => n * c * outputs,
+                Pass::GradInput => n * c * h * w,
+                Pass::GradKernel => c * taps,
+            } as usize;
+            let mut out = zeros::<T>(dev, len)?;
+            if len > 0 {
+                match pass {
+                    // SAFETY: `depthwise_forward(Depthwise, const T* x, const T* k, T* out)`;
+                    // `x` holds N*C*H*W values, `k` C*kh*kw, `out` N*C*OH*OW.
+                    Pass::Forward => {
+                        launch!(dev, DEPTHWISE, &T::kernel("depthwise_forward"),
+                            elementwise(len); &shape, &a, &b, &mut out)
+                    }
+                    // SAFETY: `depthwise_grad_input(Depthwise, const T* g, const T* k, T* dx)`;
+                    // `g` holds N*C*OH*OW values, `k` C*kh*kw, `dx` N*C*H*W.
+                    Pass::GradInput => {
+                        launch!(dev, DEPTHWISE, &T::kernel("depthwise_grad_input"),
+                            elementwise(len); &shape, &a, &b, &mut out)
+                    }
+                    // SAFETY: `depthwise_grad_kernel(Depthwise, const T* x, const T* g, T* dk)`
+                    // with one block of BLOCK threads per (channel, tap); `x` holds N*C*H*W
+                    // values, `g` N*C*OH*OW, `dk` C*kh*kw.
+                    Pass::GradKernel => {
+                        let cfg = LaunchConfig {
+                            grid_dim: (len as u32, 1, 1),
+                            block_dim: (BLOCK, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        launch!(dev, DEPTHWISE, &T::kernel("depthwise_grad_kernel"), cfg;
+                            &shape, &a, &b, &mut out)
+                    }
+                }
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        let shape = Shape {
+            n: d.n as i64,
+            c: d.c as i64,
+            h: d.h as i64,
+            w: d.w as i64,
+            kh: d.kh as i64,
+            kw: d.kw as i64,
+            sy: d.stride[0] as i64,
+            sx: d.stride[1] as i64,
+            oh: d.oh() as i64,
+            ow: d.ow() as i64,
+        };
+        by_dtype!(op, a.0, typed(op, pass, shape, a, b))
+    }
 }
 
 /// A depthwise VALID convolution of an already padded `N x C x H x W` input with a
@@ -326,7 +476,8 @@ pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Res
              a {n}x{c}x{h}x{w} input (expected a {c}x1xkhxkw kernel, kh <= {h}, kw <= {w})"
         );
     }
-    if !xs.device().is_cpu() {
+    if !(xs.device().is_cpu() || xs.device().is_cuda()) {
+        // Devices without kernels of ours (Metal): candle's grouped convolution.
         return crate::unfold::candle_conv2d("depthwise_conv2d", xs, kernel, stride, c);
     }
     let dims = Dims {

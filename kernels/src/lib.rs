@@ -22,9 +22,9 @@
 //!   backward with the straight-through masks fused.
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout. With the `cuda` feature, the
-//! binarizers, LAB, the binary convolution's forward pass, pooling and the Adam update also run
-//! on NVIDIA GPUs through the zoo's own kernels (`kernels/cuda/*.cu`, compiled by NVRTC at run
-//! time); the other ops run there as candle ops.
+//! binarizers, LAB, the binary convolution's forward pass, the depthwise convolution, pooling
+//! and the Adam update also run on NVIDIA GPUs through the zoo's own kernels
+//! (`kernels/cuda/*.cu`, compiled by NVRTC at run time); the other ops run there as candle ops.
 
 mod adam;
 mod batch_norm;
@@ -47,6 +47,22 @@ pub use lab::{lab, Pairing};
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
 pub use sign::{lab_sign, sign, ste_sign};
 pub use unfold::{conv2d_gemm, unfold};
+
+/// Set by [`compose_on_cpu`].
+static COMPOSED_ON_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the CPU run the compositions of candle ops that the GPU runs in place of fused CPU
+/// kernels (batch norm, the GEMM convolution, the binary convolution's backward), process-wide, so that a test can check them against the fused kernels without a
+/// GPU. Ops that have kernels of their own on every device are unaffected.
+pub fn compose_on_cpu(on: bool) {
+    COMPOSED_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether ops on `dev` run their fused CPU kernels: on the CPU unless [`compose_on_cpu`] says
+/// otherwise.
+pub fn fused_on(dev: &candle_core::Device) -> bool {
+    dev.is_cpu() && !COMPOSED_ON_CPU.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The storage of a CPU tensor as a contiguous slice of `T`, or an error naming the op.
 fn contiguous_slice<'a, T: candle_core::WithDType>(

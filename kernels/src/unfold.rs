@@ -156,7 +156,7 @@ impl CustomOp1 for Fold {
 /// A VALID convolution of an already padded `N x C x H x W` input with an `O x C x kh x kw`
 /// kernel, as [`unfold`] followed by one matrix multiply (forward and backward on GEMMs).
 pub fn conv2d_gemm(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
-    if !xs.device().is_cpu() {
+    if !crate::fused_on(xs.device()) {
         return candle_conv2d("conv2d_gemm", xs, kernel, stride, 1);
     }
     let (n, c, h, w) = xs.dims4()?;

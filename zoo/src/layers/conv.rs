@@ -123,7 +123,7 @@ impl QuantConv2d {
     /// The convolution as one [`zoo_kernels::binary_conv2d`] (exact bit-packed forward, GEMM
     /// backward with the straight-through masks fused) when the layer is one it covers: a
     /// binary input, a `ste_sign` or magnitude-aware kernel, pad value 0 or 1, f32 or f64 on
-    /// the CPU. `None` otherwise (the caller then takes the general path).
+    /// the CPU or a CUDA GPU. `None` otherwise (the caller then takes the general path).
     fn binary_forward(&self, xs: &Tensor) -> Result<Option<Tensor>> {
         let cfg = &self.config;
         let (kernel_clip, magnitude) = match cfg.kernel_quantizer {
@@ -131,7 +131,7 @@ impl QuantConv2d {
             KernelQuantizer::MagnitudeAwareSign { clip } => (clip, true),
             KernelQuantizer::None | KernelQuantizer::XnorWeightScale => return Ok(None),
         };
-        let covered = xs.device().is_cpu()
+        let covered = (xs.device().is_cpu() || xs.device().is_cuda())
             && matches!(xs.dtype(), DType::F32 | DType::F64)
             && xs.dtype() == self.weight.dtype()
             && (cfg.pad_value == 0.0 || cfg.pad_value == 1.0);
