@@ -44,14 +44,14 @@ impl Side {
     }
 }
 
-/// Models whose step differs, in f64 and with no tie in the forward pass, beyond rounding: they
-/// are reported with their table but do not fail the test. LAB-BNN: on the CPU with the
-/// composed ops (2026-12-04), the forward pass and the loss agree to rounding, but some
-/// gradients differ by up to 1% of their tensor's largest (LAB's beta, PReLU, batch norm), a
-/// discrete event in the backward pass (a tie in the max pool's argmax or at a kink, or an op
-/// that differs) not yet found; Bi-Real-LAB, which shares its blocks without the PReLU and the
-/// QuickNet stem, matches.
-const UNDER_INVESTIGATION: &[&str] = &["labbnn"];
+/// Models whose backward pass meets a tie that the forward pass does not show, so that some
+/// gradients differ though every binarizer input and decision agrees: reported with their
+/// table, not failed. LAB-BNN at 32x32 (batch 4): some of its PReLU inputs are exactly 0 (22-25
+/// of 2048 after each 1x1 stage-4 block), and a few of those come out as exactly 0 on one side
+/// and about 1e-17 on the other; PReLU's gradient jumps there (0 at 0, 1 above), moving its
+/// batch norms' gradients by up to 10% (found 2026-12-04 by composing one op kind at a time:
+/// only the batch norms over 1x1 maps change the result, and the same model at 64x64 matches).
+const BACKWARD_TIES: &[&str] = &["labbnn"];
 
 /// Checks one training step of every registered model on `side` against the CPU's fused
 /// kernels, printing each model's result and, where it differs, [`diagnose`]'s table; fails
@@ -107,10 +107,8 @@ pub fn every_model_matches(side: &Side) -> Result<()> {
                 println!("  {p}");
             }
             diagnose(name, &config, &init, &xs, side)?;
-            if UNDER_INVESTIGATION.contains(&name) {
-                println!(
-                    "{name}: a known difference, under investigation (see UNDER_INVESTIGATION)"
-                );
+            if BACKWARD_TIES.contains(&name) {
+                println!("{name}: not failed: a known tie in its backward pass (BACKWARD_TIES)");
             } else {
                 failed.push(name);
             }
