@@ -52,8 +52,9 @@ pub use unfold::{conv2d_gemm, unfold};
 static COMPOSED_ON_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Makes the CPU run the compositions of candle ops that the GPU runs in place of fused CPU
-/// kernels (batch norm, the GEMM convolution, the binary convolution's backward), process-wide, so that a test can check them against the fused kernels without a
-/// GPU. Ops that have kernels of their own on every device are unaffected.
+/// kernels (batch norm, the GEMM convolution, the binary convolution's backward), process-wide,
+/// so that a test can check them against the fused kernels without a GPU. Ops that have kernels
+/// of their own on both devices are unaffected.
 pub fn compose_on_cpu(on: bool) {
     COMPOSED_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -85,9 +85,9 @@ pub fn every_model_matches(side: &Side) -> Result<()> {
         let xs = Tensor::from_vec(pixels, (batch, c, h, w), &Device::Cpu)?;
         let ys = Tensor::new(&[1u32, 4, 7, 9], &Device::Cpu)?;
 
-        let batch = (&xs, &ys);
-        let reference = step(name, &config, &init, batch, (DType::F64, &Side::cpu()))?;
-        let other = step(name, &config, &init, batch, (DType::F64, side))?;
+        let data = (&xs, &ys);
+        let reference = step(name, &config, &init, data, (DType::F64, &Side::cpu()))?;
+        let other = step(name, &config, &init, data, (DType::F64, side))?;
         let problems = differences(&reference, &other, &F64);
         let input = config.input;
         if problems.is_empty() {
