@@ -31,6 +31,28 @@ impl Dims {
     }
 }
 
+/// One of the op's three passes, which decides the shape of what it computes.
+#[derive(Clone, Copy)]
+enum Pass {
+    /// `(input, kernel) -> output`.
+    Forward,
+    /// `(output gradient, kernel) -> input gradient`.
+    GradInput,
+    /// `(input, output gradient) -> kernel gradient`.
+    GradKernel,
+}
+
+impl Pass {
+    /// The shape of what this pass computes for `d`.
+    fn output(self, d: &Dims) -> Shape {
+        match self {
+            Pass::Forward => Shape::from((d.n, d.c, d.oh(), d.ow())),
+            Pass::GradInput => Shape::from((d.n, d.c, d.h, d.w)),
+            Pass::GradKernel => Shape::from((d.c, 1, d.kh, d.kw)),
+        }
+    }
+}
+
 /// Items per rayon task so that each task does at least about this many multiply-adds.
 fn min_len(work_per_item: usize) -> usize {
     const MIN_WORK: usize = 1 << 14;
@@ -247,7 +269,7 @@ impl CustomOp2 for Forward {
             |x, k| forward(d, x, k),
             |x, k| forward(d, x, k),
         )?;
-        Ok((out, Shape::from((d.n, d.c, d.oh(), d.ow()))))
+        Ok((out, Pass::Forward.output(d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -258,9 +280,11 @@ impl CustomOp2 for Forward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = &self.0;
-        let out = gpu::run(self.name(), gpu::Pass::Forward, d, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from((d.n, d.c, d.oh(), d.ow()))))
+        let (pass, d) = (Pass::Forward, &self.0);
+        Ok((
+            gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
+            pass.output(d),
+        ))
     }
 
     fn bwd(
@@ -298,7 +322,7 @@ impl CustomOp2 for GradInput {
             |g, k| grad_input(d, g, k),
             |g, k| grad_input(d, g, k),
         )?;
-        Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
+        Ok((out, Pass::GradInput.output(d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -309,9 +333,11 @@ impl CustomOp2 for GradInput {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = &self.0;
-        let out = gpu::run(self.name(), gpu::Pass::GradInput, d, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from((d.n, d.c, d.h, d.w))))
+        let (pass, d) = (Pass::GradInput, &self.0);
+        Ok((
+            gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
+            pass.output(d),
+        ))
     }
 }
 
@@ -335,7 +361,7 @@ impl CustomOp2 for GradKernel {
             |x, g| grad_kernel(d, x, g),
             |x, g| grad_kernel(d, x, g),
         )?;
-        Ok((out, Shape::from((d.c, 1, d.kh, d.kw))))
+        Ok((out, Pass::GradKernel.output(d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -346,16 +372,18 @@ impl CustomOp2 for GradKernel {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = &self.0;
-        let out = gpu::run(self.name(), gpu::Pass::GradKernel, d, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from((d.c, 1, d.kh, d.kw))))
+        let (pass, d) = (Pass::GradKernel, &self.0);
+        Ok((
+            gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
+            pass.output(d),
+        ))
     }
 }
 
 /// The GPU passes (`kernels/cuda/depthwise.cu`).
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::Dims;
+    use super::{Dims, Pass};
     use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, BLOCK, DEPTHWISE};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig};
@@ -381,17 +409,6 @@ mod gpu {
     // SAFETY: plain data, laid out as the kernel's `struct Depthwise`.
     unsafe impl DeviceRepr for Shape {}
 
-    /// Which pass, and so which two tensors it reads.
-    #[derive(Clone, Copy)]
-    pub(super) enum Pass {
-        /// `(input, kernel) -> output`.
-        Forward,
-        /// `(output gradient, kernel) -> input gradient`.
-        GradInput,
-        /// `(input, output gradient) -> kernel gradient`.
-        GradKernel,
-    }
-
     /// Runs `pass` on the two contiguous tensors `a` and `b` (in the pass's order).
     pub(super) fn run(
         op: &str,
@@ -402,20 +419,13 @@ mod gpu {
     ) -> Result<CudaStorage> {
         fn typed<T: Real>(
             op: &str,
-            pass: Pass,
+            (pass, len): (Pass, usize),
             shape: Shape,
             (s1, l1): (&CudaStorage, &Layout),
             (s2, l2): (&CudaStorage, &Layout),
         ) -> Result<CudaStorage> {
             let dev = s1.device();
             let (a, b) = (view::<T>(op, s1, l1)?, view::<T>(op, s2, l2)?);
-            let Shape { n, c, h, w, .. } = shape;
-            let (taps, outputs) = (shape.kh * shape.kw, shape.oh * shape.ow);
-            let len = match pass {
-                Pass::Forward => n * c * outputs,
-                Pass::GradInput => n * c * h * w,
-                Pass::GradKernel => c * taps,
-            } as usize;
             let mut out = zeros::<T>(dev, len)?;
             if len > 0 {
                 match pass {
@@ -459,7 +469,8 @@ mod gpu {
             oh: d.oh() as i64,
             ow: d.ow() as i64,
         };
-        by_dtype!(op, a.0, typed(op, pass, shape, a, b))
+        let len = pass.output(d).elem_count();
+        by_dtype!(op, a.0, typed(op, (pass, len), shape, a, b))
     }
 }
 

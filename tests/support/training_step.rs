@@ -267,13 +267,11 @@ fn diagnose(
         let other = binarizers(name, config, init, (xs, train), (dtype, side))?;
         println!("{name} in {dtype:?}, training {train}, forward against the fused CPU:");
         for (r, o) in reference.iter().zip(&other) {
-            let scale = r.input.iter().fold(0f64, |m, v| m.max(v.abs()));
-            let worst = (r.input.iter().zip(&o.input))
-                .map(|(a, b)| (a - b).abs())
-                .fold(0., f64::max);
-            let flips = (r.output.iter().zip(&o.output))
-                .filter(|(a, b)| (**a < 0.) != (**b < 0.))
-                .count();
+            let Parting {
+                worst,
+                scale,
+                flips,
+            } = parting(r, o);
             println!(
                 "  {}: input differs by {worst:.3e} (largest {scale:.3e}), {flips} of {} decisions",
                 r.layer,
@@ -282,6 +280,37 @@ fn diagnose(
         }
     }
     Ok(())
+}
+
+/// How one binarizer's pass differs between two sides: the largest difference of its inputs,
+/// the reference input's largest magnitude, and how many of its decisions differ.
+struct Parting {
+    worst: f64,
+    scale: f64,
+    flips: usize,
+}
+
+fn parting(reference: &Seen, other: &Seen) -> Parting {
+    Parting {
+        worst: largest_difference(&reference.input, &other.input),
+        scale: largest(&reference.input),
+        flips: (reference.output.iter().zip(&other.output))
+            .filter(|(a, b)| (**a < 0.) != (**b < 0.))
+            .count(),
+    }
+}
+
+/// The largest magnitude in `v` (0 when empty).
+fn largest(v: &[f64]) -> f64 {
+    v.iter().fold(0f64, |m, x| m.max(x.abs()))
+}
+
+/// The largest `|a[i] - b[i]|`.
+fn largest_difference(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0., f64::max)
 }
 
 fn host(t: &Tensor) -> Vec<f64> {
@@ -316,16 +345,15 @@ const F64: Tolerance = Tolerance {
 /// compared. `None` when inputs part before any decision does.
 fn tie(reference: &[Seen], other: &[Seen], rounding: f64) -> Option<String> {
     for (r, o) in reference.iter().zip(other) {
-        let scale = r.input.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let worst = (r.input.iter().zip(&o.input))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0., f64::max);
+        let Parting {
+            worst,
+            scale,
+            flips,
+        } = parting(r, o);
+        let scale = scale.max(1e-30);
         if worst > rounding * scale {
             return None;
         }
-        let flips = (r.output.iter().zip(&o.output))
-            .filter(|(a, b)| (**a < 0.) != (**b < 0.))
-            .count();
         if flips > 0 {
             return Some(format!(
                 "a tie: {flips} decisions of `{}` differ on inputs that agree to {:.1e} of their largest",
@@ -337,8 +365,7 @@ fn tie(reference: &[Seen], other: &[Seen], rounding: f64) -> Option<String> {
     None
 }
 
-/// What differs between the reference step and the other beyond `tol`, with the largest
-/// gradient difference found (relative to its tensor's largest magnitude) first.
+/// What differs between the reference step and the other beyond `tol`.
 fn differences(reference: &Step, other: &Step, tol: &Tolerance) -> Vec<String> {
     let mut found = Vec::new();
     let (loss, loss_ref) = (other.loss, reference.loss);
@@ -359,12 +386,8 @@ fn differences(reference: &Step, other: &Step, tol: &Tolerance) -> Vec<String> {
             continue;
         };
         let (a, b) = (host(g), host(g_ref));
-        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
-        let worst = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0., f64::max);
+        let scale = largest(&b).max(1e-30);
+        let worst = largest_difference(&a, &b);
         if worst > tol.grad * scale {
             found.push(format!(
                 "gradient of `{k}` differs by {worst:.3e} (largest {scale:.3e})"
@@ -374,9 +397,7 @@ fn differences(reference: &Step, other: &Step, tol: &Tolerance) -> Vec<String> {
     for (k, t_ref) in &reference.after {
         let (a, b) = (host(&other.after[k]), host(t_ref));
         let grad = reference.grads.get(k).map(host);
-        let scale = grad
-            .as_ref()
-            .map_or(0., |g| g.iter().fold(0f64, |m, v| m.max(v.abs())));
+        let scale = grad.as_deref().map_or(0., largest);
         let wrong = (0..b.len()).find(|&i| {
             let settled = grad.as_ref().is_none_or(|g| g[i].abs() > 1e-3 * scale);
             settled && (a[i] - b[i]).abs() > tol.weight * (1.0 + b[i].abs())
