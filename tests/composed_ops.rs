@@ -1,8 +1,8 @@
-//! The compositions of candle ops that a GPU runs in place of fused CPU kernels (batch norm, the
-//! GEMM convolution, the binary convolution's backward pass), checked on the CPU: a whole
-//! training step of every registered model with them against the same step with the fused
-//! kernels (the step and its tolerances: `support/training_step.rs`). The GPU runs these
-//! compositions with candle's CUDA ops; `gpu_training` checks those on a GPU.
+//! The composition of candle ops that a GPU runs in place of a fused CPU kernel (the binary
+//! convolution's backward pass as GEMMs on im2col patches), checked on the CPU: a whole
+//! training step of every registered model with it against the same step with the fused
+//! kernels (the step and its tolerances: `support/training_step.rs`). The GPU runs it with
+//! our im2col kernels and cuBLAS; `gpu_training` checks that on a GPU.
 
 #[path = "support/training_step.rs"]
 mod training_step;

@@ -1,6 +1,7 @@
 //! Batch normalisation in training mode as one fused op, forward and backward: per-channel
 //! statistics, normalisation, scale and shift in two passes over the data, where composite
-//! candle ops spend most of their time in strided reductions of broadcast gradients.
+//! candle ops spend most of their time in strided reductions of broadcast gradients. On a GPU
+//! (feature `cuda`) the same op runs `kernels/cuda/batch_norm.cu`, its statistics kept there.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,8 +10,18 @@ use rayon::prelude::*;
 
 use crate::dispatch3;
 
-/// Per-channel batch mean and biased variance of one forward pass.
-type Stats = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
+/// Per-channel batch mean and biased variance of one forward pass, on its device.
+#[derive(Clone)]
+enum Saved {
+    /// `(mean, var)` in host memory.
+    Host(Vec<f64>, Vec<f64>),
+    /// `[mean..., var...]` on the GPU.
+    #[cfg(feature = "cuda")]
+    Device(Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f64>>),
+}
+
+/// Where the forward pass leaves its statistics for the caller and the backward pass.
+type Stats = Arc<Mutex<Option<Saved>>>;
 
 /// Normalises `N x C x H x W` input with its batch statistics, then scales by `gamma` and
 /// shifts by `beta` (both of length `C`): `y = gamma (x - mean) / sqrt(var + eps) + beta`, mean
@@ -30,7 +41,8 @@ pub fn batch_norm_train(
             beta.dims()
         );
     }
-    if !crate::fused_on(xs.device()) {
+    let dev = xs.device();
+    if !(dev.is_cpu() || dev.is_cuda()) {
         return composed(xs, gamma, beta, epsilon);
     }
     let op = BatchNormTrain {
@@ -42,22 +54,31 @@ pub fn batch_norm_train(
         &beta.to_dtype(xs.dtype())?.contiguous()?,
         op.clone(),
     )?;
-    let (mean, var) = op
-        .stats
+    let (mean, var) = match saved(&op.stats) {
+        Saved::Host(mean, var) => (
+            Tensor::from_vec(mean, c, dev)?,
+            Tensor::from_vec(var, c, dev)?,
+        ),
+        #[cfg(feature = "cuda")]
+        Saved::Device(stats) => {
+            let both = gpu::tensor(&stats, dev)?;
+            (both.narrow(0, 0, c)?, both.narrow(0, c, c)?)
+        }
+    };
+    Ok((ys, mean.to_dtype(xs.dtype())?, var.to_dtype(xs.dtype())?))
+}
+
+/// The statistics the forward pass stored.
+fn saved(stats: &Stats) -> Saved {
+    stats
         .lock()
         .expect("the stats lock is not poisoned")
         .clone()
-        .expect("the forward pass stored its statistics");
-    let dev = xs.device();
-    Ok((
-        ys,
-        Tensor::from_vec(mean, c, dev)?.to_dtype(xs.dtype())?,
-        Tensor::from_vec(var, c, dev)?.to_dtype(xs.dtype())?,
-    ))
+        .expect("the forward pass stored its statistics")
 }
 
 /// [`batch_norm_train`] in candle's own ops (their autograd gives the gradients), for tensors on
-/// other devices than the CPU; checked against the fused op on the CPU.
+/// devices without kernels of ours; checked against the fused op on the CPU.
 fn composed(
     xs: &Tensor,
     gamma: &Tensor,
@@ -128,7 +149,7 @@ fn forward<T: WithDType>(
             *o = v * scale + shift;
         }
     });
-    *op.stats.lock().expect("the stats lock is not poisoned") = Some((mean, var));
+    *op.stats.lock().expect("the stats lock is not poisoned") = Some(Saved::Host(mean, var));
     y
 }
 
@@ -158,6 +179,30 @@ impl CustomOp3 for BatchNormTrain {
         Ok((out, l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let (y, stats) = gpu::forward(
+            self.name(),
+            dims,
+            self.epsilon,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        *self.stats.lock().expect("the stats lock is not poisoned") =
+            Some(Saved::Device(Arc::new(stats)));
+        Ok((y, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         xs: &Tensor,
@@ -166,16 +211,9 @@ impl CustomOp3 for BatchNormTrain {
         _ys: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (mean, var) = self
-            .stats
-            .lock()
-            .expect("the stats lock is not poisoned")
-            .clone()
-            .expect("the forward pass stored its statistics");
         let backward = Backward {
             epsilon: self.epsilon,
-            mean,
-            var,
+            stats: saved(&self.stats),
         };
         // One op computes the input gradient and, appended, the gamma and beta gradients.
         let packed =
@@ -192,14 +230,14 @@ impl CustomOp3 for BatchNormTrain {
 
 struct Backward {
     epsilon: f64,
-    mean: Vec<f64>,
-    var: Vec<f64>,
+    stats: Saved,
 }
 
 /// `grad_x = gamma / std * (g - mean(g) - x_hat * mean(g x_hat))`, `grad_gamma = sum(g x_hat)`,
 /// `grad_beta = sum(g)`, packed as `[grad_x..., grad_gamma..., grad_beta...]`.
 fn backward<T: WithDType>(
-    op: &Backward,
+    epsilon: f64,
+    (mean, var): (&[f64], &[f64]),
     x: &[T],
     gamma: &[T],
     g: &[T],
@@ -207,11 +245,7 @@ fn backward<T: WithDType>(
 ) -> Vec<T> {
     let plane = h * w;
     let count = (n * plane) as f64;
-    let inv_std: Vec<f64> = op
-        .var
-        .iter()
-        .map(|v| 1.0 / (v + op.epsilon).sqrt())
-        .collect();
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + epsilon).sqrt()).collect();
     let sums: Vec<(f64, f64)> = (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -221,7 +255,7 @@ fn backward<T: WithDType>(
                 for (&gv, &xv) in g[at..at + plane].iter().zip(&x[at..at + plane]) {
                     let gv = gv.to_f64();
                     sum_g += gv;
-                    sum_gx += gv * (xv.to_f64() - op.mean[ch]) * inv_std[ch];
+                    sum_gx += gv * (xv.to_f64() - mean[ch]) * inv_std[ch];
                 }
             }
             (sum_g, sum_gx)
@@ -243,7 +277,7 @@ fn backward<T: WithDType>(
                 .zip(&g[at..at + plane])
                 .zip(&x[at..at + plane])
             {
-                let x_hat = (xv.to_f64() - op.mean[ch]) * inv_std[ch];
+                let x_hat = (xv.to_f64() - mean[ch]) * inv_std[ch];
                 *d = T::from_f64(k * (gv.to_f64() - mean_g - x_hat * mean_gx));
             }
         });
@@ -269,15 +303,235 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims4()?;
+        let stats = match &self.stats {
+            Saved::Host(mean, var) => (mean.as_slice(), var.as_slice()),
+            #[cfg(feature = "cuda")]
+            Saved::Device(_) => candle_core::bail!("{}: statistics on the GPU", self.name()),
+        };
+        let eps = self.epsilon;
         let out = dispatch3(
             self.name(),
             (s1, l1),
             (s2, l2),
             (s3, l3),
-            |x, a, b| backward(self, x, a, b, dims),
-            |x, a, b| backward(self, x, a, b, dims),
+            |x, a, b| backward(eps, stats, x, a, b, dims),
+            |x, a, b| backward(eps, stats, x, a, b, dims),
         )?;
         Ok((out, Shape::from(l1.shape().elem_count() + 2 * dims.1)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        let Saved::Device(stats) = &self.stats else {
+            candle_core::bail!("{}: statistics in host memory", self.name())
+        };
+        let out = gpu::backward(
+            self.name(),
+            dims,
+            self.epsilon,
+            stats,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        Ok((out, Shape::from(l1.shape().elem_count() + 2 * dims.1)))
+    }
+}
+
+/// The GPU passes (`kernels/cuda/batch_norm.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use crate::cuda::{by_dtype, elementwise, launch, view, zeros, Real, BATCH_NORM, BLOCK};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+    use candle_core::{Device, Layout, Result, Storage, Tensor};
+
+    /// `struct Norm` of `batch_norm.cu`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Norm {
+        n: i64,
+        c: i64,
+        plane: i64,
+        parts: i64,
+    }
+
+    // SAFETY: plain data, laid out as the kernel's `struct Norm`.
+    unsafe impl DeviceRepr for Norm {}
+
+    impl Norm {
+        /// Blocks per channel: each thread of a part sums at least 16 values.
+        fn new((n, c, h, w): (usize, usize, usize, usize)) -> Norm {
+            let count = n * h * w;
+            let parts = count.div_ceil(BLOCK as usize * 16).clamp(1, 256);
+            Norm {
+                n: n as i64,
+                c: c as i64,
+                plane: (h * w) as i64,
+                parts: parts as i64,
+            }
+        }
+
+        /// One block of `BLOCK` threads per (part, channel).
+        fn partial_launch(&self) -> LaunchConfig {
+            LaunchConfig {
+                grid_dim: (self.parts as u32, self.c as u32, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        }
+
+        fn partials(&self, slots: usize) -> usize {
+            slots * self.parts as usize
+        }
+    }
+
+    /// `out[s] = sum of the parts of slot s / divisor` for the first `slots` slots.
+    fn finish(
+        dev: &CudaDevice,
+        d: &Norm,
+        partial: &CudaSlice<f64>,
+        slots: usize,
+        divisor: f64,
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<f64>,
+    ) -> Result<()> {
+        let n = slots as i64;
+        // SAFETY: `batch_norm_finish(Norm, const double* partial, i64 slots, double divisor,
+        // double* out)`; `partial` holds slots * parts values, `out` at least `slots`.
+        launch!(dev, BATCH_NORM, "batch_norm_finish", elementwise(slots);
+            d, partial, &n, &divisor, out);
+        Ok(())
+    }
+
+    /// The normalised output and the statistics (`[mean..., var...]`, doubles).
+    pub(super) fn forward(
+        op: &str,
+        dims: (usize, usize, usize, usize),
+        epsilon: f64,
+        x: (&CudaStorage, &Layout),
+        gamma: (&CudaStorage, &Layout),
+        beta: (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, CudaSlice<f64>)> {
+        fn typed<T: Real>(
+            op: &str,
+            dims: (usize, usize, usize, usize),
+            epsilon: f64,
+            (sx, lx): (&CudaStorage, &Layout),
+            (sg, lg): (&CudaStorage, &Layout),
+            (sb, lb): (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, CudaSlice<f64>)> {
+            let dev = sx.device();
+            let (x, gamma, beta) = (
+                view::<T>(op, sx, lx)?,
+                view::<T>(op, sg, lg)?,
+                view::<T>(op, sb, lb)?,
+            );
+            let d = Norm::new(dims);
+            let (c, len) = (dims.1, lx.shape().elem_count());
+            let count = (dims.0 * dims.2 * dims.3) as f64;
+            let mut stats = zeros::<f64>(dev, 2 * c)?;
+            let mut partial = zeros::<f64>(dev, d.partials(c))?;
+            let mut y = zeros::<T>(dev, len)?;
+            if len > 0 {
+                let moments = T::kernel("batch_norm_moments");
+                for (centered, at) in [(0i32, 0), (1, c)] {
+                    // SAFETY: `batch_norm_moments(Norm, const T* x, const double* stats,
+                    // int centered, double* partial)` over (parts, C) blocks; `x` holds
+                    // N*C*H*W values, `stats` 2C, `partial` C * parts.
+                    launch!(dev, BATCH_NORM, &moments, d.partial_launch();
+                        &d, &x, &stats, &centered, &mut partial);
+                    finish(
+                        dev,
+                        &d,
+                        &partial,
+                        c,
+                        count,
+                        &mut stats.slice_mut(at..at + c),
+                    )?;
+                }
+                // SAFETY: `batch_norm_normalize(Norm, const T* x, const T* gamma, const T* beta,
+                // const double* stats, double eps, T* y)`; `gamma` and `beta` hold C values,
+                // `x` and `y` N*C*H*W.
+                launch!(dev, BATCH_NORM, &T::kernel("batch_norm_normalize"), elementwise(len);
+                    &d, &x, &gamma, &beta, &stats, &epsilon, &mut y);
+            }
+            Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), stats))
+        }
+        by_dtype!(op, x.0, typed(op, dims, epsilon, x, gamma, beta))
+    }
+
+    /// `[dx..., dgamma..., dbeta...]` from the forward pass's statistics.
+    pub(super) fn backward(
+        op: &str,
+        dims: (usize, usize, usize, usize),
+        epsilon: f64,
+        stats: &CudaSlice<f64>,
+        x: (&CudaStorage, &Layout),
+        gamma: (&CudaStorage, &Layout),
+        grad: (&CudaStorage, &Layout),
+    ) -> Result<CudaStorage> {
+        fn typed<T: Real>(
+            op: &str,
+            dims: (usize, usize, usize, usize),
+            epsilon: f64,
+            stats: &CudaSlice<f64>,
+            (sx, lx): (&CudaStorage, &Layout),
+            (sg, lg): (&CudaStorage, &Layout),
+            (sd, ld): (&CudaStorage, &Layout),
+        ) -> Result<CudaStorage> {
+            let dev = sx.device();
+            let (x, gamma, g) = (
+                view::<T>(op, sx, lx)?,
+                view::<T>(op, sg, lg)?,
+                view::<T>(op, sd, ld)?,
+            );
+            let d = Norm::new(dims);
+            let (c, len) = (dims.1, lx.shape().elem_count());
+            let mut sums = zeros::<f64>(dev, 2 * c)?;
+            let mut partial = zeros::<f64>(dev, d.partials(2 * c))?;
+            let mut out = zeros::<T>(dev, len + 2 * c)?;
+            if len > 0 {
+                // SAFETY: `batch_norm_grad_sums(Norm, const T* x, const T* g, const double*
+                // stats, double eps, double* partial)` over (parts, C) blocks; `x` and `g` hold
+                // N*C*H*W values, `stats` 2C, `partial` 2C * parts.
+                launch!(dev, BATCH_NORM, &T::kernel("batch_norm_grad_sums"), d.partial_launch();
+                    &d, &x, &g, stats, &epsilon, &mut partial);
+                finish(dev, &d, &partial, 2 * c, 1.0, &mut sums.slice_mut(..))?;
+                // SAFETY: `batch_norm_grad_input(Norm, const T* x, const T* gamma, const T* g,
+                // const double* stats, const double* sums, double eps, T* out)`; `out` holds
+                // N*C*H*W + 2C values, `sums` and `stats` 2C.
+                launch!(dev, BATCH_NORM, &T::kernel("batch_norm_grad_input"), elementwise(len + c);
+                    &d, &x, &gamma, &g, stats, &sums, &epsilon, &mut out);
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        by_dtype!(op, x.0, typed(op, dims, epsilon, stats, x, gamma, grad))
+    }
+
+    /// A copy of the statistics as a tensor (`2C` doubles) on `dev`.
+    pub(super) fn tensor(stats: &CudaSlice<f64>, dev: &Device) -> Result<Tensor> {
+        let Device::Cuda(cuda) = dev else {
+            candle_core::bail!("batch_norm_train: statistics on the GPU for a tensor on {dev:?}");
+        };
+        let copy = stats.try_clone().w()?;
+        let len = copy.len();
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(copy, cuda.clone()));
+        Ok(Tensor::from_storage(
+            storage,
+            len,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 }
 

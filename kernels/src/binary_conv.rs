@@ -15,7 +15,8 @@
 //!
 //! On a GPU (feature `cuda`): the forward pass packs the signs and counts mismatches with
 //! `popc` (`kernels/cuda/binary_conv.cu`), and the backward pass is the same pair of products
-//! in candle's convolution ops ([`backward_composed`], checked against the fused op on the CPU).
+//! as matrix multiplies on im2col patches ([`backward_gemm`], checked against the fused op on
+//! the CPU).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -50,7 +51,7 @@ pub struct BinaryConv2d {
 /// `1{|x| <= input_clip}` (unmasked when `input_clip` is `None`), and `weight` gets the kernel
 /// gradient masked by `1{|w| <= kernel_clip}`. f32 or f64; on the CPU both gradients come from
 /// one backward op, on a CUDA GPU the forward pass is a kernel of ours and the backward pass
-/// candle's convolutions. (A NaN input or weight counts as `+1`, as in [`crate::packed`].)
+/// GEMMs on im2col patches. (A NaN input or weight counts as `+1`, as in [`crate::packed`].)
 pub fn binary_conv2d(x: &Tensor, weight: &Tensor, conv: &BinaryConv2d) -> Result<Tensor> {
     let geometry = Geometry::new(x.dims4()?, weight.dims4()?, conv)?;
     x.contiguous()?.apply_op2(
@@ -251,7 +252,7 @@ impl CustomOp2 for BinaryConv {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         if !crate::fused_on(x.device()) {
-            let (dx, dw) = backward_composed(x, weight, grad, &self.conv)?;
+            let (dx, dw) = backward_gemm(x, weight, grad, &self.conv, &self.geometry)?;
             return Ok((Some(dx), Some(dw)));
         }
         let both = x.apply_op3_no_bwd(
@@ -304,56 +305,67 @@ impl CustomOp3 for BinaryConvBackward {
     }
 }
 
-/// Both gradients of [`BinaryConv`] (input, kernel) in candle's own ops, for tensors on other
-/// devices than the CPU (a GPU's convolutions and GEMMs): the same straight-through gradients
-/// as the fused CPU op, from the convolution's adjoints on the padded signs. Equal strides only.
-fn backward_composed(
+/// Both gradients of [`BinaryConv`] as matrix multiplies of candle ops on im2col patches (the
+/// backward pass on a GPU, where they run on cuBLAS; on the CPU under
+/// [`crate::compose_on_cpu`], checked against the fused op). The images go in `G` groups
+/// ([`gemm_groups`]); per group, with `dY` the output gradient as an `O x M` matrix (`M` the
+/// group's output positions), `P` the `K x M` patches of the padded signs (a column per
+/// window) and `W` the kernel's signs as `O x K`: `dW = sum over groups of dY P^T` and
+/// `dX = fold(W^T dY)` without the padding. The groups split the kernel gradient's long sum
+/// over output positions into a batched GEMM, which keeps a GPU busy where one product with a
+/// short output and a long inner dimension would not; the column layout lets the GPU's
+/// unfold and fold read and write consecutive positions in consecutive threads.
+fn backward_gemm(
     x: &Tensor,
     weight: &Tensor,
     grad: &Tensor,
     conv: &BinaryConv2d,
+    g: &Geometry,
 ) -> Result<(Tensor, Tensor)> {
-    let [sy, sx] = conv.stride;
-    if sy != sx {
-        candle_core::bail!(
-            "binary_conv2d: strides {:?} differ, which only the CPU supports",
-            conv.stride
-        );
-    }
     let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
-    let (_, _, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
     let [top, bottom, left, right] = conv.pads;
-    let (hp, wp) = (h + top + bottom, w + left + right);
+    let (hp, wp) = (g.h + top + bottom, g.w + left + right);
+    let (k, pixels) = (g.c * g.kh * g.kw, g.output_pixels());
+    let groups = gemm_groups(g.n, pixels);
+    let per = g.n / groups;
+    let layout = crate::unfold::Patches::Columns { groups };
+    let (window, stride) = ([g.kh, g.kw], [g.sy, g.sx]);
     // pad(sign(x), pad_value) as (sign(x) - pad_value) padded with zeros, plus pad_value.
     let padded = (crate::sign(&x)? - conv.pad_value)?
         .pad_with_zeros(2, top, bottom)?
         .pad_with_zeros(3, left, right)?
         .affine(1.0, conv.pad_value)?;
-    let kernel = crate::sign(&weight)?;
-    // The input gradient: the transposed convolution, whose last rows and columns (those no
-    // window reaches) get none.
-    let dx = grad.conv_transpose2d(&kernel, 0, 0, sy, 1)?;
-    let (_, _, th, tw) = dx.dims4()?;
-    let dx = dx
-        .pad_with_zeros(2, 0, hp - th)?
-        .pad_with_zeros(3, 0, wp - tw)?
-        .narrow(2, top, h)?
-        .narrow(3, left, w)?;
+    let patches = crate::unfold::unfold_as(&padded, window, stride, layout)?;
+    let dy = grad
+        .reshape((groups, per, g.o, pixels))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((groups, g.o, per * pixels))?;
+    let dw = dy
+        .matmul(&patches.transpose(1, 2)?)?
+        .sum(0)?
+        .reshape(weight.shape())?;
+    let dw = crate::sign::ste_mask(&weight, &dw, conv.kernel_clip)?;
+    let kernel = crate::sign(&weight)?.reshape((g.o, k))?.t()?;
+    let dcols = kernel.broadcast_as((groups, k, g.o))?.matmul(&dy)?;
+    let dx = crate::unfold::fold(&dcols, (g.n, g.c, hp, wp), window, stride, layout)?
+        .narrow(2, top, g.h)?
+        .narrow(3, left, g.w)?;
     let dx = match conv.input_clip {
         Some(clip) => crate::sign::ste_mask(&x, &dx, clip)?,
         None => dx,
     };
-    // The kernel gradient: the correlation of the padded signs with the output gradient, the
-    // stride as dilation.
-    let dw = padded
-        .transpose(0, 1)?
-        .conv2d(&grad.transpose(0, 1)?, 0, 1, sy, 1)?
-        .transpose(0, 1)?
-        .narrow(2, 0, kh)?
-        .narrow(3, 0, kw)?;
-    let dw = crate::sign::ste_mask(&weight, &dw, conv.kernel_clip)?;
     Ok((dx, dw))
+}
+
+/// Into how many groups of whole images [`backward_gemm`] splits `n` images of `pixels` output
+/// positions each: the most (a divisor of `n`) that keep at least `MIN_ROWS` positions in each.
+fn gemm_groups(n: usize, pixels: usize) -> usize {
+    const MIN_ROWS: usize = 16_384;
+    (1..=n)
+        .rev()
+        .find(|&groups| n.is_multiple_of(groups) && n / groups * pixels >= MIN_ROWS)
+        .unwrap_or(1)
 }
 
 /// The GPU forward pass (`kernels/cuda/binary_conv.cu`).
@@ -952,7 +964,13 @@ mod tests {
         let g_ours = (ours * &r)?.sum_all()?.backward()?;
         let g_theirs = (theirs * &r)?.sum_all()?.backward()?;
         // The other devices' backward, in candle's ops, run here on the CPU.
-        let composed = backward_composed(&x, &wt, &r, &conv)?;
+        let composed = backward_gemm(
+            &x,
+            &wt,
+            &r,
+            &conv,
+            &Geometry::new(x.dims4()?, wt.dims4()?, &conv)?,
+        )?;
         for (name, v, c) in [("input", &x, &composed.0), ("kernel", &wt, &composed.1)] {
             let a = g_ours.get(v.as_tensor()).expect("a gradient");
             let b = g_theirs.get(v.as_tensor()).expect("a gradient");
@@ -1009,6 +1027,17 @@ mod tests {
         // A window larger than the image: every output reads padding.
         check((2, 5, 2, 2), (3, 5), 1, Some([2, 2, 2, 2]), 1.0, Some(1.0))?;
         Ok(())
+    }
+
+    #[test]
+    fn splits_the_kernel_gradient_by_whole_images() -> Result<()> {
+        assert_eq!(gemm_groups(256, 56 * 56), 32);
+        assert_eq!(gemm_groups(256, 7 * 7), 1);
+        assert_eq!(gemm_groups(6, 10_000), 3);
+        assert_eq!(gemm_groups(1, 1), 1);
+        // Four groups of one image each: the split products, summed, give the kernel gradient.
+        assert_eq!(gemm_groups(4, 128 * 128), 4);
+        check((4, 2, 128, 128), (3, 3), 1, None, 1.0, Some(1.0))
     }
 
     #[test]

@@ -43,6 +43,16 @@ pub(crate) const DEPTHWISE: Module = Module {
     name: "depthwise",
     source: include_str!("../cuda/depthwise.cu"),
 };
+/// im2col and its adjoint col2im.
+pub(crate) const UNFOLD: Module = Module {
+    name: "unfold",
+    source: include_str!("../cuda/unfold.cu"),
+};
+/// Batch normalisation in training mode, forward and backward.
+pub(crate) const BATCH_NORM: Module = Module {
+    name: "batch_norm",
+    source: include_str!("../cuda/batch_norm.cu"),
+};
 /// The fused Adam update.
 pub(crate) const ADAM: Module = Module {
     name: "adam",

@@ -22,9 +22,10 @@
 //!   backward with the straight-through masks fused.
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout. With the `cuda` feature, the
-//! binarizers, LAB, the binary convolution's forward pass, the depthwise convolution, pooling
-//! and the Adam update also run on NVIDIA GPUs through the zoo's own kernels
-//! (`kernels/cuda/*.cu`, compiled by NVRTC at run time); the other ops run there as candle ops.
+//! binarizers, LAB, the binary convolution's forward pass, the depthwise convolution, pooling,
+//! batch norm, im2col and its adjoint, and the Adam update also run on NVIDIA GPUs through the
+//! zoo's own kernels (`kernels/cuda/*.cu`, compiled by NVRTC at run time); the GEMMs run there
+//! on candle's matrix multiply (cuBLAS).
 
 mod adam;
 mod batch_norm;
@@ -51,10 +52,10 @@ pub use unfold::{conv2d_gemm, unfold};
 /// Set by [`compose_on_cpu`].
 static COMPOSED_ON_CPU: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes the CPU run the compositions of candle ops that the GPU runs in place of fused CPU
-/// kernels (batch norm, the GEMM convolution, the binary convolution's backward), process-wide,
-/// so that a test can check them against the fused kernels without a GPU. Ops that have kernels
-/// of their own on both devices are unaffected.
+/// Makes the CPU run the composition of candle ops that the GPU runs in place of a fused CPU
+/// kernel (the binary convolution's backward pass: GEMMs on im2col patches), process-wide, so
+/// that a test can check it against the fused kernel without a GPU. Ops that have kernels of
+/// their own on both devices are unaffected.
 pub fn compose_on_cpu(on: bool) {
     COMPOSED_ON_CPU.store(on, std::sync::atomic::Ordering::Relaxed);
 }

@@ -344,19 +344,43 @@ fn convolutions_and_batch_norm_match_the_cpu() -> Result<()> {
                 rtol,
                 rtol,
             )?;
-            let gamma = (tensor(seed + 3, &[c], 0.0, dtype, &cpu)? + 1.5)?;
-            let beta = tensor(seed + 4, &[c], 0.0, dtype, &cpu)?;
-            check_op(
-                &format!("batch norm {what}"),
+            check_batch_norm(&dev, &x, seed, &what, rtol)?;
+        }
+        // Maps large enough for several blocks per channel in the reductions, and 1x1 maps.
+        for (i, shape) in [[8, 5, 64, 64], [3, 2, 100, 100], [16, 7, 1, 1]]
+            .iter()
+            .enumerate()
+        {
+            let x = (tensor(900 + i as u64, shape, 0.0, dtype, &cpu)? + 0.5)?;
+            check_batch_norm(
                 &dev,
-                &[(x * 3.0)?, gamma, beta],
-                |v| Ok(batch_norm_train(&v[0], &v[1], &v[2], 1e-3)?.0),
-                rtol,
+                &x,
+                910 + i as u64,
+                &format!("{dtype:?} {shape:?}"),
                 rtol,
             )?;
         }
     }
     Ok(())
+}
+
+/// Batch norm on the GPU against the CPU: the output followed by the batch mean and variance,
+/// and the gradients to the input, `gamma` and `beta`.
+fn check_batch_norm(dev: &Device, x: &Tensor, seed: u64, what: &str, rtol: f64) -> Result<()> {
+    let (dtype, c) = (x.dtype(), x.dim(1)?);
+    let gamma = (tensor(seed + 3, &[c], 0.0, dtype, &Device::Cpu)? + 1.5)?;
+    let beta = tensor(seed + 4, &[c], 0.0, dtype, &Device::Cpu)?;
+    check_op(
+        &format!("batch norm {what}"),
+        dev,
+        &[(x * 3.0)?, gamma, beta],
+        |v| {
+            let (ys, mean, var) = batch_norm_train(&v[0], &v[1], &v[2], 1e-3)?;
+            Tensor::cat(&[ys.flatten_all()?, mean, var], 0)
+        },
+        rtol,
+        rtol,
+    )
 }
 
 #[test]

@@ -163,16 +163,26 @@ impl QuantConv2d {
     }
 }
 
-/// Largest im2col matrix (elements) [`conv2d`] builds; larger convolutions use candle's own.
+/// Largest im2col matrix (elements) [`conv2d`] builds in host memory (256 MiB of f32); larger
+/// convolutions use candle's own.
 const MAX_PATCH_ELEMENTS: usize = 1 << 26;
 
+/// [`MAX_PATCH_ELEMENTS`] on a GPU (4 GiB of f32), where candle's convolution has a slow
+/// backward pass (a direct transposed convolution).
+const MAX_GPU_PATCH_ELEMENTS: usize = 1 << 30;
+
 /// A VALID convolution of an already padded input: im2col + GEMM (fast forward and backward)
-/// while the patch matrix stays below [`MAX_PATCH_ELEMENTS`], candle's convolution beyond.
+/// while the patch matrix stays below [`MAX_PATCH_ELEMENTS`] ([`MAX_GPU_PATCH_ELEMENTS`] on a
+/// GPU), candle's convolution beyond.
 pub fn conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Result<Tensor> {
     let (n, c, h, w) = xs.dims4()?;
     let (_, _, kh, kw) = kernel.dims4()?;
     let patches = n * ((h - kh) / stride[0] + 1) * ((w - kw) / stride[1] + 1) * c * kh * kw;
-    if patches <= MAX_PATCH_ELEMENTS {
+    let limit = match xs.device().is_cuda() {
+        true => MAX_GPU_PATCH_ELEMENTS,
+        false => MAX_PATCH_ELEMENTS,
+    };
+    if patches <= limit {
         zoo_kernels::conv2d_gemm(xs, kernel, stride)
     } else {
         xs.conv2d(kernel, 0, stride[0], 1, 1)
