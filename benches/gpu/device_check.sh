@@ -12,9 +12,9 @@
 #   benches/gpu/device_check.sh              # results under $OUT (or target/device/out)
 #
 # Environment: ROUNDS [2], STEPS_SMALL [30] and STEPS_LARGE [10] timed steps per run,
-# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1, PROFILE=1 (also: every GPU kernel of one
-# QuickNet-LAB training step at 224x224x3, batch PROFILE_BATCH [64], timed by Nsight Compute,
-# summed by kernel name into $OUT/kernels.txt).
+# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1, PROFILE=1 (also: every GPU kernel of
+# QuickNet-LAB training steps at 224x224x3, batch PROFILE_BATCH [64], timed by Nsight Systems
+# (3 steps) or else Nsight Compute (1 step), summed by kernel into $OUT/kernels.txt).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bundle=target/device/bundle.tar.xz
@@ -104,29 +104,31 @@ EOF
 fi
 
 if [[ -n ${PROFILE:-} ]]; then
-    step "GPU kernel times of one QuickNet-LAB training step at 224x224x3 (ncu)"
-    timeout "${PROFILE_TIMEOUT:-300}" ncu --clock-control none --metrics gpu__time_duration.sum \
-        --csv --log-file "$OUT/ncu.csv" "$bin/zoo" --device cuda train quicknet-lab \
-        --data "$images" --input 224x224 --cache --batch-size "${PROFILE_BATCH:-64}" --max-steps 1 \
-        --no-eval --out "$(mktemp -d)/run" >"$OUT/profile.log" 2>&1 || failed=1
-    python3 - "$OUT/ncu.csv" <<'EOF' | tee "$OUT/kernels.txt"
-import collections, csv, sys
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-head, rows = rows[0], rows[1:]
-name, metric, value = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
-unit = head.index("Metric Unit")
-scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
-total, count = collections.Counter(), collections.Counter()
-for r in rows:
-    if r[metric] == "gpu__time_duration.sum":
-        kernel = r[name].split("(")[0]
-        total[kernel] += float(r[value].replace(",", "")) * scale.get(r[unit], float("nan"))
-        count[kernel] += 1
-whole = sum(total.values())
-print(f"{sum(count.values())} kernels, {whole:.1f} ms of GPU time")
-for kernel, ms in total.most_common(30):
-    print(f"{ms:10.2f} ms {100 * ms / whole:5.1f}% {count[kernel]:6d}x  {kernel}")
-EOF
+    # Nsight Systems traces every kernel at little cost; Nsight Compute replays each one (slow:
+    # one step only, under PROFILE_TIMEOUT). Whichever is installed; both sum by kernel name.
+    step "GPU kernel times of QuickNet-LAB training steps at 224x224x3"
+    train=("$bin/zoo" --device cuda train quicknet-lab --data "$images" --input 224x224 --cache
+        --batch-size "${PROFILE_BATCH:-64}" --no-eval --out "$(mktemp -d)/run")
+    times=
+    if command -v nsys >/dev/null; then
+        tool=nsys
+        timeout "${PROFILE_TIMEOUT:-240}" nsys profile -t cuda --force-overwrite true \
+            -o "$OUT/steps" "${train[@]}" --max-steps 3 >"$OUT/profile.log" 2>&1 || failed=1
+        nsys stats --report cuda_gpu_kern_sum --format csv --output "$OUT/steps" \
+            "$OUT/steps.nsys-rep" >>"$OUT/profile.log" 2>&1 || failed=1
+        times=$(ls "$OUT"/steps*cuda_gpu_kern_sum*.csv 2>/dev/null | head -n 1)
+    elif command -v ncu >/dev/null; then
+        tool=ncu
+        timeout "${PROFILE_TIMEOUT:-240}" ncu --clock-control none \
+            --metrics gpu__time_duration.sum --csv --log-file "$OUT/ncu.csv" "${train[@]}" \
+            --max-steps 1 >"$OUT/profile.log" 2>&1 || failed=1
+        times=$OUT/ncu.csv
+    else
+        echo "neither nsys nor ncu is installed: no kernel profile"
+    fi
+    if [[ -n $times && -f $times ]]; then
+        python3 benches/gpu/kernel_times.py "$tool" "$times" | tee "$OUT/kernels.txt"
+    fi
 fi
 
 if [[ -z ${SKIP_BENCH:-} ]]; then
