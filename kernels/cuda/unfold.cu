@@ -3,6 +3,9 @@
 // VALID, K = C * kh * kw values each in (c, i, j) order, P = OH * OW windows per image, laid out
 // as rows ((N * P) x K, `groups` = 0) or as columns (groups x K x (N / groups * P): each group
 // of consecutive images a K x (images * P) matrix whose column (n, oy, ox) holds that window).
+// Unfold may read the input padded (`top`, `left`: where the H x W input lies in the padded
+// map the windows move over; outside it, `pad_value`) and as Larq's signs (`signs`: +1 where
+// x >= 0, else -1); fold writes an unpadded image (top = left = 0).
 //
 // Unfold: one thread per patch value, in the patch matrix's order (writes are consecutive; with
 // columns, so are the reads of a window row). Fold: one thread per input value, summing the
@@ -15,6 +18,9 @@ struct Unfold {
     i64 sy, sx;      // strides
     i64 oh, ow;      // output
     i64 groups;      // 0: rows; else columns in this many groups of images
+    i64 top, left;   // padding before the input (unfold only)
+    i64 signs;       // 1: windows read the input's signs (unfold only)
+    double pad_value;
 };
 
 // Where value `col` of the window of image `img` at output (oy, ox) lies in the patch matrix.
@@ -46,7 +52,15 @@ __device__ void unfold(Unfold u, const T* x, T* cols) {
         }
         i64 oy = p / u.ow, ox = p % u.ow;
         i64 tj = col % u.kw, ti = (col / u.kw) % u.kh, ch = col / (u.kw * u.kh);
-        cols[i] = x[((img * u.c + ch) * u.h + oy * u.sy + ti) * u.w + ox * u.sx + tj];
+        i64 y = oy * u.sy + ti - u.top, xx = ox * u.sx + tj - u.left;
+        T v = (T)u.pad_value;
+        if (y >= 0 && y < u.h && xx >= 0 && xx < u.w) {
+            v = x[((img * u.c + ch) * u.h + y) * u.w + xx];
+            if (u.signs) {
+                v = v >= T(0) ? T(1) : T(-1);
+            }
+        }
+        cols[i] = v;
     }
 }
 

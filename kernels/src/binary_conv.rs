@@ -328,14 +328,14 @@ fn backward_gemm(
     let (k, pixels) = (g.c * g.kh * g.kw, g.output_pixels());
     let groups = gemm_groups(g.n, pixels);
     let per = g.n / groups;
-    let layout = crate::unfold::Patches::Columns { groups };
     let (window, stride) = ([g.kh, g.kw], [g.sy, g.sx]);
-    // pad(sign(x), pad_value) as (sign(x) - pad_value) padded with zeros, plus pad_value.
-    let padded = (crate::sign(&x)? - conv.pad_value)?
-        .pad_with_zeros(2, top, bottom)?
-        .pad_with_zeros(3, left, right)?
-        .affine(1.0, conv.pad_value)?;
-    let patches = crate::unfold::unfold_as(&padded, window, stride, layout)?;
+    // The windows of pad(sign(x), pad_value), read from x.
+    let source = crate::unfold::Source {
+        pads: conv.pads,
+        value: conv.pad_value,
+        signs: true,
+    };
+    let patches = crate::unfold::unfold_from(&x, source, window, stride, groups)?;
     let dy = grad
         .reshape((groups, per, g.o, pixels))?
         .transpose(1, 2)?
@@ -348,6 +348,7 @@ fn backward_gemm(
     let dw = crate::sign::ste_mask(&weight, &dw, conv.kernel_clip)?;
     let kernel = crate::sign(&weight)?.reshape((g.o, k))?.t()?;
     let dcols = kernel.broadcast_as((groups, k, g.o))?.matmul(&dy)?;
+    let layout = crate::unfold::Patches::Columns { groups };
     let dx = crate::unfold::fold(&dcols, (g.n, g.c, hp, wp), window, stride, layout)?
         .narrow(2, top, g.h)?
         .narrow(3, left, g.w)?;

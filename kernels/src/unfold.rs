@@ -29,6 +29,24 @@ pub(crate) enum Patches {
     Columns { groups: usize },
 }
 
+/// What windows read: the input as it lies, or padded (`pads`: `[top, bottom, left, right]`,
+/// holding `value`) and perhaps as Larq's signs (`+1` where `x >= 0`, `-1` elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Source {
+    pub pads: [usize; 4],
+    pub value: f64,
+    pub signs: bool,
+}
+
+impl Source {
+    /// The input as it lies.
+    const AS_IS: Source = Source {
+        pads: [0; 4],
+        value: 0.0,
+        signs: false,
+    };
+}
+
 /// [`unfold`] into the layout `patches`.
 pub(crate) fn unfold_as(
     xs: &Tensor,
@@ -37,8 +55,29 @@ pub(crate) fn unfold_as(
     patches: Patches,
 ) -> Result<Tensor> {
     let input = xs.dims4()?;
-    let op = Unfold::new("unfold", kernel, stride, input, patches)?;
+    let op = Unfold::new("unfold", kernel, stride, input, Source::AS_IS, patches)?;
     xs.contiguous()?.apply_op1(op)
+}
+
+/// The column patches of `source` read from `xs` (the binary convolution's padded signs
+/// without a padded copy), in `groups` groups of images. Without gradient.
+pub(crate) fn unfold_from(
+    xs: &Tensor,
+    source: Source,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    groups: usize,
+) -> Result<Tensor> {
+    let input = xs.dims4()?;
+    let op = Unfold::new(
+        "unfold",
+        kernel,
+        stride,
+        input,
+        source,
+        Patches::Columns { groups },
+    )?;
+    xs.contiguous()?.apply_op1_no_bwd(&op)
 }
 
 /// The adjoint of [`unfold_as`]: sums the windows of `cols` (laid out as `patches`) back into
@@ -51,7 +90,14 @@ pub(crate) fn fold(
     stride: [usize; 2],
     patches: Patches,
 ) -> Result<Tensor> {
-    let op = Fold(Unfold::new("fold", kernel, stride, input, patches)?);
+    let op = Fold(Unfold::new(
+        "fold",
+        kernel,
+        stride,
+        input,
+        Source::AS_IS,
+        patches,
+    )?);
     let expected = op.0.patches_shape();
     if cols.shape() != &expected {
         let (n, c, h, w) = input;
@@ -71,22 +117,26 @@ pub(crate) fn fold(
 struct Unfold {
     kernel: [usize; 2],
     stride: [usize; 2],
-    /// The input's dimensions.
+    /// The input's dimensions (before any padding of `source`).
     input: (usize, usize, usize, usize),
+    source: Source,
     patches: Patches,
 }
 
 impl Unfold {
-    /// Checks that the window fits the input and the groups divide its images; `op` names the
-    /// caller in errors.
+    /// Checks that the window fits the padded input and the groups divide its images (row
+    /// patches read the input as it lies); `op` names the caller in errors.
     fn new(
         op: &str,
         kernel: [usize; 2],
         stride: [usize; 2],
         input: (usize, usize, usize, usize),
+        source: Source,
         patches: Patches,
     ) -> Result<Unfold> {
+        let [top, bottom, left, right] = source.pads;
         let (n, _, h, w) = input;
+        let (h, w) = (h + top + bottom, w + left + right);
         if h < kernel[0] || w < kernel[1] || stride.contains(&0) || kernel.contains(&0) {
             candle_core::bail!(
                 "{op}: a {}x{} window with stride {:?} does not fit a {h}x{w} input",
@@ -95,21 +145,28 @@ impl Unfold {
                 stride
             );
         }
-        if let Patches::Columns { groups } = patches {
-            if groups == 0 || n % groups != 0 {
-                candle_core::bail!("{op}: {groups} groups do not divide {n} images");
+        match patches {
+            Patches::Columns { groups } if groups == 0 || !n.is_multiple_of(groups) => {
+                candle_core::bail!("{op}: {groups} groups do not divide {n} images")
             }
+            Patches::Rows if source != Source::AS_IS => {
+                candle_core::bail!("{op}: row patches read the input as it lies")
+            }
+            _ => {}
         }
         Ok(Unfold {
             kernel,
             stride,
             input,
+            source,
             patches,
         })
     }
 
     fn output_hw(&self) -> (usize, usize) {
+        let [top, bottom, left, right] = self.source.pads;
         let (_, _, h, w) = self.input;
+        let (h, w) = (h + top + bottom, w + left + right);
         (
             (h - self.kernel[0]) / self.stride[0] + 1,
             (w - self.kernel[1]) / self.stride[1] + 1,
@@ -157,9 +214,25 @@ fn unfold_into<T: WithDType>(op: &Unfold, x: &[T]) -> Vec<T> {
                     }
                 }
             }),
-        // One chunk per (group, window value).
+        // One chunk per (group, window value). (Only tests run column patches on the CPU.)
         Patches::Columns { groups } => {
             let per = n / groups;
+            let Source { pads, value, signs } = op.source;
+            let (top, left) = (pads[0], pads[2]);
+            // The padded input at (y, x) of channel `ch` of image `img`.
+            let read = |img: usize, ch: usize, y: usize, x_: usize| -> T {
+                match (y.checked_sub(top), x_.checked_sub(left)) {
+                    (Some(y), Some(x_)) if y < h && x_ < w => {
+                        let v = x[((img * c + ch) * h + y) * w + x_];
+                        match signs {
+                            true if v.to_f64() >= 0.0 => T::from_f64(1.0),
+                            true => T::from_f64(-1.0),
+                            false => v,
+                        }
+                    }
+                    _ => T::from_f64(value),
+                }
+            };
             cols.par_chunks_mut(per * oh * ow)
                 .enumerate()
                 .for_each(|(row, out)| {
@@ -168,9 +241,8 @@ fn unfold_into<T: WithDType>(op: &Unfold, x: &[T]) -> Vec<T> {
                     for (local, image) in out.chunks_mut(oh * ow).enumerate() {
                         let img = group * per + local;
                         for (oy, line) in image.chunks_mut(ow).enumerate() {
-                            let src = ((img * c + ch) * h + oy * sy + i) * w + j;
                             for (ox, v) in line.iter_mut().enumerate() {
-                                *v = x[src + ox * sx];
+                                *v = read(img, ch, oy * sy + i, ox * sx + j);
                             }
                         }
                     }
@@ -255,6 +327,9 @@ impl CustomOp1 for Unfold {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        if self.source != Source::AS_IS {
+            candle_core::bail!("unfold: no gradient through padding or signs");
+        }
         let op = Fold(*self);
         Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(&op)?))
     }
@@ -315,6 +390,10 @@ mod gpu {
         oh: i64,
         ow: i64,
         groups: i64,
+        top: i64,
+        left: i64,
+        signs: i64,
+        pad_value: f64,
     }
 
     // SAFETY: plain data, laid out as the kernel's `struct Unfold`.
@@ -364,6 +443,10 @@ mod gpu {
                 Patches::Rows => 0,
                 Patches::Columns { groups } => groups as i64,
             },
+            top: u.source.pads[0] as i64,
+            left: u.source.pads[2] as i64,
+            signs: u.source.signs as i64,
+            pad_value: u.source.value,
         };
         let len = output.elem_count();
         by_dtype!(op, input.0, typed(op, kernel, dims, input, len))
@@ -454,7 +537,8 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     #[test]
-    fn column_patches_are_the_rows_transposed_per_group_and_fold_back() -> Result<()> {
+    fn column_patches_are_the_rows_transposed_per_group_read_padded_signs_and_fold_back(
+    ) -> Result<()> {
         let dev = Device::Cpu;
         for (shape, kernel, stride, groups) in [
             ((4, 3, 7, 6), [3, 3], [1, 1], 2),
@@ -489,6 +573,23 @@ mod tests {
             let grad = grad.get(x.as_tensor()).expect("a gradient");
             let diff = (grad - &folded)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(diff < 1e-12, "{what}: gradient differs by {diff}");
+        }
+        // Padded signs read in place: the patches of the padded copy.
+        let x = (Tensor::randn(0f64, 1.0, (4, 3, 5, 6), &dev)? * 2.0)?;
+        for (pads, value) in [([1, 1, 1, 1], 0.0), ([0, 2, 1, 0], 1.0)] {
+            let source = Source {
+                pads,
+                value,
+                signs: true,
+            };
+            let ours = unfold_from(&x, source, [3, 3], [2, 1], 2)?;
+            let padded = (crate::sign(&x)? - value)?
+                .pad_with_zeros(2, pads[0], pads[1])?
+                .pad_with_zeros(3, pads[2], pads[3])?
+                .affine(1.0, value)?;
+            let theirs = unfold_as(&padded, [3, 3], [2, 1], Patches::Columns { groups: 2 })?;
+            let diff = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert_eq!(diff, 0.0, "padded signs {pads:?} {value}");
         }
         assert!(unfold_as(
             &Tensor::zeros((3, 1, 4, 4), DType::F32, &dev)?,
