@@ -219,11 +219,11 @@ fn unfold_into<T: WithDType>(op: &Unfold, x: &[T]) -> Vec<T> {
             let per = n / groups;
             let Source { pads, value, signs } = op.source;
             let (top, left) = (pads[0], pads[2]);
-            // The padded input at (y, x) of channel `ch` of image `img`.
-            let read = |img: usize, ch: usize, y: usize, x_: usize| -> T {
-                match (y.checked_sub(top), x_.checked_sub(left)) {
-                    (Some(y), Some(x_)) if y < h && x_ < w => {
-                        let v = x[((img * c + ch) * h + y) * w + x_];
+            // The padded input at row `py`, column `px` of channel `ch` of image `img`.
+            let read = |img: usize, ch: usize, py: usize, px: usize| -> T {
+                match (py.checked_sub(top), px.checked_sub(left)) {
+                    (Some(y), Some(xx)) if y < h && xx < w => {
+                        let v = x[((img * c + ch) * h + y) * w + xx];
                         match signs {
                             true if v.to_f64() >= 0.0 => T::from_f64(1.0),
                             true => T::from_f64(-1.0),
