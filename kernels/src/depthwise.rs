@@ -242,16 +242,30 @@ fn grad_kernel<T: WithDType>(d: &Dims, x: &[T], g: &[T]) -> Vec<T> {
     dk
 }
 
-/// The forward pass: `(input, kernel) -> output`.
-struct Forward(Dims);
-/// The input gradient: `(output gradient, kernel) -> input gradient`.
-struct GradInput(Dims);
-/// The kernel gradient: `(input, output gradient) -> kernel gradient`.
-struct GradKernel(Dims);
+/// One pass of the op on its two tensors (in the pass's order).
+struct Depthwise {
+    pass: Pass,
+    dims: Dims,
+}
 
-impl CustomOp2 for Forward {
+impl Pass {
+    /// The pass on CPU slices `a` and `b`.
+    fn run_cpu<T: WithDType>(self, d: &Dims, a: &[T], b: &[T]) -> Vec<T> {
+        match self {
+            Pass::Forward => forward(d, a, b),
+            Pass::GradInput => grad_input(d, a, b),
+            Pass::GradKernel => grad_kernel(d, a, b),
+        }
+    }
+}
+
+impl CustomOp2 for Depthwise {
     fn name(&self) -> &'static str {
-        "depthwise-conv2d"
+        match self.pass {
+            Pass::Forward => "depthwise-conv2d",
+            Pass::GradInput => "depthwise-conv2d-grad-input",
+            Pass::GradKernel => "depthwise-conv2d-grad-kernel",
+        }
     }
 
     fn cpu_fwd(
@@ -261,15 +275,15 @@ impl CustomOp2 for Forward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = &self.0;
+        let (pass, d) = (self.pass, &self.dims);
         let out = dispatch2(
             self.name(),
             (s1, l1),
             (s2, l2),
-            |x, k| forward(d, x, k),
-            |x, k| forward(d, x, k),
+            |a, b| pass.run_cpu(d, a, b),
+            |a, b| pass.run_cpu(d, a, b),
         )?;
-        Ok((out, Pass::Forward.output(d)))
+        Ok((out, pass.output(d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -280,7 +294,7 @@ impl CustomOp2 for Forward {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (pass, d) = (Pass::Forward, &self.0);
+        let (pass, d) = (self.pass, &self.dims);
         Ok((
             gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
             pass.output(d),
@@ -294,89 +308,18 @@ impl CustomOp2 for Forward {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !matches!(self.pass, Pass::Forward) {
+            candle_core::bail!("{}: no second-order gradient", self.name());
+        }
         let grad = grad_res.contiguous()?;
         let (xs, kernel) = (xs.detach(), kernel.detach());
-        let dx = grad.apply_op2_no_bwd(&kernel, &GradInput(self.0))?;
-        let dk = xs.apply_op2_no_bwd(&grad, &GradKernel(self.0))?;
+        let pass = |pass| Depthwise {
+            pass,
+            dims: self.dims,
+        };
+        let dx = grad.apply_op2_no_bwd(&kernel, &pass(Pass::GradInput))?;
+        let dk = xs.apply_op2_no_bwd(&grad, &pass(Pass::GradKernel))?;
         Ok((Some(dx), Some(dk)))
-    }
-}
-
-impl CustomOp2 for GradInput {
-    fn name(&self) -> &'static str {
-        "depthwise-conv2d-grad-input"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = &self.0;
-        let out = dispatch2(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |g, k| grad_input(d, g, k),
-            |g, k| grad_input(d, g, k),
-        )?;
-        Ok((out, Pass::GradInput.output(d)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (pass, d) = (Pass::GradInput, &self.0);
-        Ok((
-            gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
-            pass.output(d),
-        ))
-    }
-}
-
-impl CustomOp2 for GradKernel {
-    fn name(&self) -> &'static str {
-        "depthwise-conv2d-grad-kernel"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = &self.0;
-        let out = dispatch2(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |x, g| grad_kernel(d, x, g),
-            |x, g| grad_kernel(d, x, g),
-        )?;
-        Ok((out, Pass::GradKernel.output(d)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (pass, d) = (Pass::GradKernel, &self.0);
-        Ok((
-            gpu::run(self.name(), pass, d, (s1, l1), (s2, l2))?,
-            pass.output(d),
-        ))
     }
 }
 
@@ -500,8 +443,13 @@ pub fn depthwise_conv2d(xs: &Tensor, kernel: &Tensor, stride: [usize; 2]) -> Res
         kw,
         stride,
     };
-    xs.contiguous()?
-        .apply_op2(&kernel.contiguous()?, Forward(dims))
+    xs.contiguous()?.apply_op2(
+        &kernel.contiguous()?,
+        Depthwise {
+            pass: Pass::Forward,
+            dims,
+        },
+    )
 }
 
 #[cfg(test)]
