@@ -7,6 +7,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+pub use super::gemm::PackedWeights;
+use super::gemm::PANEL;
+
 /// A float feature map of one image, NHWC.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FloatMap {
@@ -309,13 +312,12 @@ impl Window {
     }
 }
 
-/// A convolution: `weight` is `kh x kw x in x out`; taps in the padding read `pad_value`.
-/// Computed directly where windows are short (at most 64 inputs per output), else as
-/// im2col + one GEMM; then `epilogue` per output pixel.
+/// A convolution: `weight` is the `(kh * kw * in) x out` matrix of a `kh x kw x in x out` kernel;
+/// taps in the padding read `pad_value`. Computed directly where windows are short (at most 64
+/// inputs per output), else as im2col + one matrix product; then `epilogue` per output pixel.
 pub fn conv(
     x: &FloatMap,
-    weight: &[f32],
-    out_channels: usize,
+    weight: &PackedWeights,
     window: Window,
     pad_value: f32,
     epilogue: &Epilogue,
@@ -325,17 +327,11 @@ pub fn conv(
     let [kh, kw] = window.kernel;
     let c = x.channels;
     let k = kh * kw * c;
+    let out_channels = weight.n();
+    assert_eq!(weight.k(), k, "a {kh}x{kw}x{c} kernel");
     let direct = kh == 1 && kw == 1 && window.stride == [1, 1] && window.pads == [0; 4];
     if !direct && k <= DIRECT_MAX_TAPS {
-        return conv_direct(
-            x,
-            weight,
-            out_channels,
-            window,
-            pad_value,
-            epilogue,
-            residual,
-        );
+        return conv_direct(x, weight, window, pad_value, epilogue, residual);
     }
     let patches: Vec<f32>;
     let lhs: &[f32] = if direct {
@@ -359,8 +355,12 @@ pub fn conv(
         &patches
     };
     let mut out = FloatMap::zeros(oh, ow, out_channels);
-    matmul(lhs, weight, &mut out.data, oh * ow, k, out_channels);
-    epilogue.apply_map(&mut out.data, out_channels, residual);
+    weight.matmul(lhs, oh * ow, &mut out.data, |r0, rows| {
+        let residual = residual.map(|r| &r[r0 * out_channels..][..rows.len()]);
+        if !epilogue.is_empty() || residual.is_some() {
+            epilogue.apply_rows(rows, out_channels, residual);
+        }
+    });
     out
 }
 
@@ -373,14 +373,14 @@ const DIRECT_MAX_TAPS: usize = 64;
 /// taps into 16 output channels at a time held in registers, then `epilogue` runs on it.
 fn conv_direct(
     x: &FloatMap,
-    weight: &[f32],
-    out_channels: usize,
+    weight: &PackedWeights,
     window: Window,
     pad_value: f32,
     epilogue: &Epilogue,
     residual: Option<&[f32]>,
 ) -> FloatMap {
     let (oh, ow) = window.output(x.height, x.width);
+    let out_channels = weight.n();
     let mut out = FloatMap::zeros(oh, ow, out_channels);
     let row_len = ow * out_channels;
     if row_len == 0 {
@@ -420,7 +420,7 @@ fn conv_direct(
 #[target_feature(enable = "avx2")]
 unsafe fn direct_row_avx2(
     x: &FloatMap,
-    weight: &[f32],
+    weight: &PackedWeights,
     window: Window,
     pad_value: f32,
     offsets: &[usize],
@@ -430,14 +430,13 @@ unsafe fn direct_row_avx2(
     direct_row(x, weight, window, pad_value, offsets, oy, row)
 }
 
-/// Output row `oy` of a direct convolution into `row` (`ow * out` values, `out` from the
-/// weight's size), before the epilogue: `PIXELS` pixels at a time, for independent sums,
+/// Output row `oy` of a direct convolution into `row` (`ow * out` values), before the epilogue: `PIXELS` pixels at a time, for independent sums,
 /// reading the inputs in place (at `offsets` from a window's top-left input, in weight order)
 /// where their windows lie inside the image.
 #[inline(always)]
 fn direct_row(
     x: &FloatMap,
-    weight: &[f32],
+    weight: &PackedWeights,
     window: Window,
     pad_value: f32,
     offsets: &[usize],
@@ -450,7 +449,7 @@ fn direct_row(
     let [top, _, left, _] = window.pads;
     let (h, w, c) = (x.height, x.width, x.channels);
     let k = kh * kw * c;
-    let n = weight.len() / k;
+    let n = weight.n();
     let ow = row.len() / n;
     #[cfg(target_arch = "x86_64")]
     let fma = n.is_multiple_of(16)
@@ -459,44 +458,55 @@ fn direct_row(
     // The first input row and column of a window, if the window lies inside the image.
     let y0 = (oy * sy).checked_sub(top).filter(|y| y + kh <= h);
     let inside = |ox: usize| (ox * sx).checked_sub(left).filter(|x| x + kw <= w);
-    let mut patches = vec![[0f32; PIXELS]; k];
+    // Border pixels' windows, gathered (padding included) pixel after pixel, read in order.
+    let mut patch = vec![0f32; PIXELS * k];
+    let in_order: Vec<usize> = (0..k).collect();
+    // The outputs of a last group of fewer than `PIXELS` pixels.
+    let mut spare = vec![0f32; PIXELS * n];
     let mut ox0 = 0;
     while ox0 < ow {
         let pixels = PIXELS.min(ow - ox0);
-        let out = &mut row[ox0 * n..(ox0 + pixels) * n];
-        match (y0, inside(ox0), inside(ox0 + PIXELS - 1)) {
-            (Some(y0), Some(x0), Some(_)) if pixels == PIXELS => {
-                let bases: [usize; PIXELS] = std::array::from_fn(|p| (y0 * w + x0 + p * sx) * c);
-                #[cfg(target_arch = "x86_64")]
-                if fma {
-                    // SAFETY: AVX2 and FMA are available; every `bases[p] + offsets[i]` is an
-                    // input of a window inside the image.
-                    unsafe { direct_pixels_fma(&x.data, bases, offsets, weight, out) };
-                    ox0 += pixels;
-                    continue;
-                }
-                direct_pixels(|i, p| x.data[bases[p] + offsets[i]], k, weight, out);
-            }
-            _ => {
-                // Border pixels: gather their windows, padding included.
-                for ky in 0..kh {
-                    for kx in 0..kw {
-                        let tap = &mut patches[(ky * kw + kx) * c..][..c];
-                        for p in 0..PIXELS {
-                            let source = (p < pixels)
+        let (source, bases, taps): (&[f32], [usize; PIXELS], &[usize]) =
+            match (y0, inside(ox0), inside(ox0 + PIXELS - 1)) {
+                (Some(y0), Some(x0), Some(_)) => (
+                    &x.data,
+                    std::array::from_fn(|p| (y0 * w + x0 + p * sx) * c),
+                    offsets,
+                ),
+                _ => {
+                    for (p, window_values) in patch.chunks_exact_mut(k).enumerate() {
+                        for (tap, values) in window_values.chunks_exact_mut(c).enumerate() {
+                            let (ky, kx) = (tap / kw, tap % kw);
+                            let source = (ox0 + p < ow)
                                 .then(|| window.source(oy, ox0 + p, ky, kx, h, w))
                                 .flatten();
-                            for (ci, t) in tap.iter_mut().enumerate() {
-                                t[p] = match source {
-                                    Some((y, xx)) => x.data[(y * w + xx) * c + ci],
-                                    None => pad_value,
-                                };
+                            match source {
+                                Some((y, xx)) => {
+                                    values.copy_from_slice(&x.data[(y * w + xx) * c..][..c])
+                                }
+                                None => values.fill(pad_value),
                             }
                         }
                     }
+                    (&patch, std::array::from_fn(|p| p * k), &in_order)
                 }
-                direct_pixels(|i, p| patches[i][p], k, weight, out);
-            }
+            };
+        let out = if pixels == PIXELS {
+            &mut row[ox0 * n..(ox0 + pixels) * n]
+        } else {
+            &mut spare[..]
+        };
+        #[cfg(target_arch = "x86_64")]
+        if fma {
+            // SAFETY: AVX2 and FMA are available; every `bases[p] + taps[i]` indexes `source`.
+            unsafe { direct_pixels_fma(source, bases, taps, weight, out) };
+        } else {
+            direct_pixels(|i, p| source[bases[p] + taps[i]], weight, out);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        direct_pixels(|i, p| source[bases[p] + taps[i]], weight, out);
+        if pixels < PIXELS {
+            row[ox0 * n..].copy_from_slice(&spare[..pixels * n]);
         }
         ox0 += pixels;
     }
@@ -513,17 +523,17 @@ unsafe fn direct_pixels_fma(
     x: &[f32],
     bases: [usize; 4],
     offsets: &[usize],
-    weight: &[f32],
+    weight: &PackedWeights,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let k = offsets.len();
-    let n = weight.len() / k;
+    let n = weight.n();
     debug_assert!(n.is_multiple_of(16) && out.len() == 4 * n);
     for o0 in (0..n).step_by(16) {
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let columns = weight.columns_from(o0);
         for (i, &offset) in offsets.iter().enumerate() {
-            let w = &weight[i * n + o0..][..16];
+            let w = &columns[i * PANEL..][..16];
             // SAFETY: `w` holds 16 values.
             let w = unsafe {
                 [
@@ -552,17 +562,18 @@ unsafe fn direct_pixels_fma(
 /// `out[p][o] = sum_i input(i, p) * weight[i][o]` for the `out.len() / n` pixels `p` of `out`
 /// (at most 4), 16 output channels at a time.
 #[inline(always)]
-fn direct_pixels(input: impl Fn(usize, usize) -> f32, k: usize, weight: &[f32], out: &mut [f32]) {
+fn direct_pixels(input: impl Fn(usize, usize) -> f32, weight: &PackedWeights, out: &mut [f32]) {
     const BLOCK: usize = 16;
     const PIXELS: usize = 4;
-    let n = weight.len() / k;
+    let (k, n) = (weight.k(), weight.n());
     let pixels = out.len() / n;
     for o0 in (0..n).step_by(BLOCK) {
         let width = BLOCK.min(n - o0);
         let mut acc = [[0f32; BLOCK]; PIXELS];
+        let columns = weight.columns_from(o0);
         if width == BLOCK {
             for i in 0..k {
-                let w: &[f32; BLOCK] = weight[i * n + o0..][..BLOCK].try_into().unwrap();
+                let w: &[f32; BLOCK] = columns[i * PANEL..][..BLOCK].try_into().unwrap();
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let v = input(i, p);
                     for (a, w) in acc.iter_mut().zip(w) {
@@ -572,7 +583,7 @@ fn direct_pixels(input: impl Fn(usize, usize) -> f32, k: usize, weight: &[f32], 
             }
         } else {
             for i in 0..k {
-                let w = &weight[i * n + o0..][..width];
+                let w = &columns[i * PANEL..][..width];
                 for (p, acc) in acc.iter_mut().enumerate() {
                     let v = input(i, p);
                     for (a, w) in acc.iter_mut().zip(w) {
@@ -584,42 +595,6 @@ fn direct_pixels(input: impl Fn(usize, usize) -> f32, k: usize, weight: &[f32], 
         for (p, acc) in acc.iter().take(pixels).enumerate() {
             out[p * n + o0..][..width].copy_from_slice(&acc[..width]);
         }
-    }
-}
-
-/// `out (m x n) = lhs (m x k) * rhs (k x n)`, row-major, on the current rayon pool.
-pub fn matmul(lhs: &[f32], rhs: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n && out.len() >= m * n);
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k > 1 << 16 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the pointers address `m x k`, `k x n` and `m x n` row-major matrices inside the
-    // slices, as asserted above; `out` is not read (`read_dst` is false).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 
@@ -955,10 +930,11 @@ pub fn global_avg_pool(x: &FloatMap) -> FloatMap {
 }
 
 /// A fully connected layer on the flattened map: `weight` is `in x out`.
-pub fn dense(x: &FloatMap, weight: &[f32], units: usize, epilogue: &Epilogue) -> FloatMap {
-    let mut out = FloatMap::zeros(1, 1, units);
-    matmul(&x.data, weight, &mut out.data, 1, x.data.len(), units);
-    epilogue.apply(&mut out.data, None);
+pub fn dense(x: &FloatMap, weight: &PackedWeights, epilogue: &Epilogue) -> FloatMap {
+    let mut out = FloatMap::zeros(1, 1, weight.n());
+    weight.matmul(&x.data, 1, &mut out.data, |_, row| {
+        epilogue.apply(row, None)
+    });
     out
 }
 

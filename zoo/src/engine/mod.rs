@@ -14,8 +14,9 @@
 //!   its output transform ([`float::Epilogue`]) while the values are in registers; when the next
 //!   layer only needs signs, the transform emits packed bits instead of floats;
 //! - LAB runs as one fused depthwise-threshold-pack pass;
-//! - full-precision layers (stem, transitions, head) run in f32 (im2col + GEMM, or direct for
-//!   short windows such as the stem's);
+//! - full-precision layers (stem, transitions, head) run in f32: a matrix product against weights
+//!   laid out once in panels ([`float::PackedWeights`]) for 1x1 convolutions, im2col and the
+//!   dense head, or directly for short windows such as the stem's;
 //! - a binary convolution whose residual is its own input, or a map the shortcut computed,
 //!   writes its output over that map instead of a new one.
 //!
@@ -27,6 +28,7 @@ pub mod bench;
 mod export;
 pub mod float;
 mod format;
+mod gemm;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -45,7 +47,7 @@ pub use float::FloatMap;
 pub use format::{Stored, ZooModel, FORMAT};
 
 use awake::with_threads_awake;
-use float::{ChannelOp, Epilogue, Window};
+use float::{ChannelOp, Epilogue, PackedWeights, Window};
 
 /// A model ready to run: its layers compiled from a [`ZooModel`] and a thread pool.
 pub struct Engine {
@@ -150,8 +152,7 @@ impl Signs {
 enum Step {
     FloatConv {
         op: usize,
-        weight: Vec<f32>,
-        out: usize,
+        weight: PackedWeights,
         window: Window,
         pad_value: f32,
         epilogue: Epilogue,
@@ -201,8 +202,7 @@ enum Step {
     },
     Dense {
         op: usize,
-        weight: Vec<f32>,
-        units: usize,
+        weight: PackedWeights,
         epilogue: Epilogue,
     },
     Duplicate {
@@ -506,15 +506,12 @@ impl Run<'_> {
             Step::FloatConv {
                 op,
                 weight,
-                out,
                 window,
                 pad_value,
                 epilogue,
             } => self.timed(*op, || {
                 let m = x.to_float();
-                Value::Float(float::conv(
-                    &m, weight, *out, *window, *pad_value, epilogue, r,
-                ))
+                Value::Float(float::conv(&m, weight, *window, *pad_value, epilogue, r))
             }),
             Step::BinaryConv {
                 op,
@@ -591,10 +588,9 @@ impl Run<'_> {
             Step::Dense {
                 op,
                 weight,
-                units,
                 epilogue,
             } => self.timed(*op, || {
-                Value::Float(float::dense(&x.to_float(), weight, *units, epilogue))
+                Value::Float(float::dense(&x.to_float(), weight, epilogue))
             }),
             Step::Duplicate { op } => self.timed(*op, || {
                 let m = x.to_float();
@@ -928,8 +924,11 @@ impl Compiler<'_> {
                     }
                     Step::FloatConv {
                         op: self.op(node, "conv"),
-                        weight: self.floats(&format!("{name}.weight"), &[kh, kw, c, o])?,
-                        out: o,
+                        weight: PackedWeights::new(
+                            &self.floats(&format!("{name}.weight"), &[kh, kw, c, o])?,
+                            kh * kw * c,
+                            o,
+                        ),
                         window,
                         pad_value: conv.pad_value as f32,
                         epilogue,
@@ -1008,8 +1007,11 @@ impl Compiler<'_> {
                 }
                 Step::Dense {
                     op: self.op(node, "dense"),
-                    weight: self.floats(&format!("{name}.weight"), &[features, units])?,
-                    units,
+                    weight: PackedWeights::new(
+                        &self.floats(&format!("{name}.weight"), &[features, units])?,
+                        features,
+                        units,
+                    ),
                     epilogue,
                 }
             }
