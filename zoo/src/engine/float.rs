@@ -179,6 +179,19 @@ impl Epilogue {
         channels: usize,
         residual: Shortcut,
     ) {
+        use ChannelOp::{Affine, Relu};
+        match self.ops.as_slice() {
+            [Affine { mul, add }] => {
+                return affine_rows::<false, false>(dots, values, channels, mul, add, residual);
+            }
+            [Affine { mul, add }, Relu] => {
+                return affine_rows::<false, true>(dots, values, channels, mul, add, residual);
+            }
+            [Relu, Affine { mul, add }] => {
+                return affine_rows::<true, false>(dots, values, channels, mul, add, residual);
+            }
+            _ => {}
+        }
         if let (Some(dots), Shortcut::Values) = (dots, residual) {
             let mut t: Vec<f32> = dots.iter().map(|&d| d as f32).collect();
             self.ops(&mut t, channels);
@@ -239,6 +252,63 @@ impl Epilogue {
                 let at = i * chunk;
                 self.apply_rows(block, channels, residual.map(|r| &r[at..at + block.len()]));
             });
+    }
+}
+
+/// [`Epilogue::transform`] of the common epilogues, one affine op (a batch norm) with a ReLU
+/// before it if `RELU_FIRST` or after it if `RELU_AFTER`, in one pass over the values: the same
+/// operations in the same order as op by op.
+#[inline(always)]
+fn affine_rows<const RELU_FIRST: bool, const RELU_AFTER: bool>(
+    dots: Option<&[i32]>,
+    values: &mut [f32],
+    channels: usize,
+    mul: &[f32],
+    add: &[f32],
+    residual: Shortcut,
+) {
+    let relu = |x: f32, on: bool| if on { x.max(0.0) } else { x };
+    let affine = |x: f32, m: &f32, a: &f32| relu(relu(x, RELU_FIRST) * m + a, RELU_AFTER);
+    let pixels = values.chunks_exact_mut(channels);
+    match (dots, residual) {
+        (Some(dots), Shortcut::Values) => {
+            for (px, d) in pixels.zip(dots.chunks_exact(channels)) {
+                for (((v, d), m), a) in px.iter_mut().zip(d).zip(mul).zip(add) {
+                    *v += affine(*d as f32, m, a);
+                }
+            }
+        }
+        (Some(dots), Shortcut::From(r)) => {
+            for ((px, d), r) in pixels
+                .zip(dots.chunks_exact(channels))
+                .zip(r.chunks_exact(channels))
+            {
+                for ((((v, d), r), m), a) in px.iter_mut().zip(d).zip(r).zip(mul).zip(add) {
+                    *v = affine(*d as f32, m, a) + r;
+                }
+            }
+        }
+        (Some(dots), Shortcut::None) => {
+            for (px, d) in pixels.zip(dots.chunks_exact(channels)) {
+                for (((v, d), m), a) in px.iter_mut().zip(d).zip(mul).zip(add) {
+                    *v = affine(*d as f32, m, a);
+                }
+            }
+        }
+        (None, Shortcut::From(r)) => {
+            for (px, r) in pixels.zip(r.chunks_exact(channels)) {
+                for (((v, r), m), a) in px.iter_mut().zip(r).zip(mul).zip(add) {
+                    *v = affine(*v, m, a) + r;
+                }
+            }
+        }
+        (None, _) => {
+            for px in pixels {
+                for ((v, m), a) in px.iter_mut().zip(mul).zip(add) {
+                    *v = affine(*v, m, a);
+                }
+            }
+        }
     }
 }
 
@@ -953,5 +1023,79 @@ pub fn concat(maps: &[FloatMap]) -> FloatMap {
         width: w,
         channels,
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused batch-norm epilogues give bit for bit what the ops give one at a time, for
+    /// every source of values and every kind of residual.
+    #[test]
+    fn fused_affine_epilogues_equal_the_ops_in_turn() {
+        let channels = 19;
+        let pixels = 5;
+        let len = channels * pixels;
+        let wave = |i: usize, s: f32| (i as f32 * 0.37 + s).sin() * 3.0;
+        let mul: Vec<f32> = (0..channels).map(|c| wave(c, 1.0)).collect();
+        let add: Vec<f32> = (0..channels).map(|c| wave(c, 2.0)).collect();
+        let dots: Vec<i32> = (0..len).map(|i| (wave(i, 3.0) * 20.0) as i32).collect();
+        let start: Vec<f32> = (0..len).map(|i| wave(i, 4.0)).collect();
+        let residual: Vec<f32> = (0..len).map(|i| wave(i, 5.0)).collect();
+        let affine = ChannelOp::Affine {
+            mul: mul.clone(),
+            add: add.clone(),
+        };
+        let lists = [
+            vec![affine.clone()],
+            vec![affine.clone(), ChannelOp::Relu],
+            vec![ChannelOp::Relu, affine.clone()],
+        ];
+        for ops in lists {
+            let epilogue = Epilogue { ops: ops.clone() };
+            let in_turn = |x: f32, c: usize| {
+                ops.iter().fold(x, |x, op| match op {
+                    ChannelOp::Relu => x.max(0.0),
+                    _ => x * mul[c] + add[c],
+                })
+            };
+            for from_dots in [false, true] {
+                for shortcut in ["none", "from", "values"] {
+                    if shortcut == "values" && !from_dots {
+                        continue;
+                    }
+                    let mut got = start.clone();
+                    match (from_dots, shortcut) {
+                        (true, "values") => epilogue.apply_dots_onto(&dots, &mut got, channels),
+                        (true, _) => epilogue.apply_dots(
+                            &dots,
+                            &mut got,
+                            channels,
+                            (shortcut == "from").then_some(&residual[..]),
+                        ),
+                        (false, _) => epilogue.apply_rows(
+                            &mut got,
+                            channels,
+                            (shortcut == "from").then_some(&residual[..]),
+                        ),
+                    }
+                    for (i, got) in got.iter().enumerate() {
+                        let x = if from_dots { dots[i] as f32 } else { start[i] };
+                        let y = in_turn(x, i % channels);
+                        let want = match shortcut {
+                            "from" => y + residual[i],
+                            "values" => start[i] + y,
+                            _ => y,
+                        };
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ops:?}, dots {from_dots}, residual {shortcut}: value {i}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
