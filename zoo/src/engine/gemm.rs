@@ -5,7 +5,7 @@
 //! its `k` rows of 32 contiguous values (zeros past column `n`), so that the inner loop reads one
 //! cache line pair per input value. [`PackedWeights::matmul`] computes `out = lhs * weights` a
 //! tile of rows by one panel at a time with the tile's sums in registers: 8 rows x 32 columns
-//! in 16 AVX-512 registers, 3 x 32 in 12 AVX2 registers, or a portable loop. The variant follows
+//! in 16 AVX-512 registers, 6 x 16 in 12 AVX2 registers (twice per panel), or a portable loop. The variant follows
 //! the packed convolutions' ([`zoo_kernels::packed::kernel_name`], which
 //! `ZOO_PACKED_KERNEL` forces), so that a run forced to AVX2 times what an AVX2 CPU runs. Work
 //! is split over the current rayon pool by blocks of rows, and by groups of panels where the
@@ -217,7 +217,7 @@ impl Variant {
         match self {
             Variant::Portable => 4,
             #[cfg(target_arch = "x86_64")]
-            Variant::Avx2 => 3,
+            Variant::Avx2 => 6,
             #[cfg(target_arch = "x86_64")]
             Variant::Avx512 => MAX_TILE_ROWS,
         }
@@ -279,7 +279,10 @@ fn tile_portable<const R: usize>(a: &[f32], k: usize, panel: &[f32], mut out: Ro
     }
 }
 
-/// [`Variant::tile`] with AVX2 and FMA: `R` rows of four 8-lane registers.
+/// [`Variant::tile`] with AVX2 and FMA. Up to 2 rows: each row four 8-lane registers over the
+/// whole panel (four independent sums per row). More: the panel as two halves of 16 columns,
+/// each `R` rows of two registers (12 sums, two weights and a broadcast fill the 16 registers at
+/// 6 rows).
 ///
 /// # Safety
 /// AVX2 and FMA; `a` holds `R` rows of `k`, `panel` `k` rows of [`PANEL`].
@@ -287,23 +290,47 @@ fn tile_portable<const R: usize>(a: &[f32], k: usize, panel: &[f32], mut out: Ro
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize>(a: &[f32], k: usize, panel: &[f32], mut out: Rows) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    /// `acc[r][j] += a[r][i] * panel[i][first + 8 j..]` over every `i`.
+    #[inline(always)]
+    unsafe fn run<const R: usize, const J: usize>(
+        a: *const f32,
+        k: usize,
+        w: *const f32,
+        first: usize,
+    ) -> [[__m256; J]; R] {
+        let mut acc = [[_mm256_setzero_ps(); J]; R];
+        for i in 0..k {
+            // SAFETY: row `i` of the panel holds 32 values, `first + 8 * J` at most 32.
+            let w: [__m256; J] = std::array::from_fn(|j| unsafe {
+                _mm256_loadu_ps(w.add(i * PANEL + first + 8 * j))
+            });
+            for (r, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: row `r` of `a` holds `k` values.
+                let v = unsafe { _mm256_broadcast_ss(&*a.add(r * k + i)) };
+                for (s, w) in acc.iter_mut().zip(w) {
+                    *s = _mm256_fmadd_ps(v, w, *s);
+                }
+            }
+        }
+        acc
+    }
     let (a, w) = (a.as_ptr(), panel.as_ptr());
-    for i in 0..k {
-        // SAFETY: row `i` of the panel holds 32 values.
-        let w: [__m256; 4] =
-            std::array::from_fn(|j| unsafe { _mm256_loadu_ps(w.add(i * PANEL + 8 * j)) });
-        for (r, acc) in acc.iter_mut().enumerate() {
-            // SAFETY: row `r` of `a` holds `k` values.
-            let v = unsafe { _mm256_broadcast_ss(&*a.add(r * k + i)) };
-            for (s, w) in acc.iter_mut().zip(w) {
-                *s = _mm256_fmadd_ps(v, w, *s);
+    let mut sums = [[_mm256_setzero_ps(); 4]; R];
+    if R <= 2 {
+        // SAFETY: as the caller guarantees.
+        sums = unsafe { run::<R, 4>(a, k, w, 0) };
+    } else {
+        for half in 0..2 {
+            // SAFETY: as the caller guarantees.
+            let acc = unsafe { run::<R, 2>(a, k, w, 16 * half) };
+            for (sums, acc) in sums.iter_mut().zip(&acc) {
+                sums[2 * half..2 * half + 2].copy_from_slice(acc);
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
+    for (r, sums) in sums.iter().enumerate() {
         out.store(r, |row| {
-            for (j, s) in acc.iter().enumerate() {
+            for (j, s) in sums.iter().enumerate() {
                 // SAFETY: `row` holds 32 values.
                 unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(8 * j), *s) };
             }
