@@ -8,7 +8,7 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 pub use super::gemm::PackedWeights;
-use super::gemm::PANEL;
+use super::gemm::{Variant, PANEL};
 
 /// A float feature map of one image, NHWC.
 #[derive(Clone, Debug, PartialEq)]
@@ -467,14 +467,15 @@ fn conv_direct(
         .par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(oy, row)| {
-            if has_avx2() {
-                // SAFETY: AVX2 is available.
+            let args: DirectArgs = (x, weight, window, pad_value, offsets, oy);
+            match Variant::selected() {
+                // SAFETY: the selected variant's instructions are available.
                 #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    direct_row_avx2(x, weight, window, pad_value, offsets, oy, row)
-                };
-            } else {
-                direct_row(x, weight, window, pad_value, offsets, oy, row);
+                Variant::Avx512 => unsafe { direct_row_avx512(args, row) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                Variant::Avx2 => unsafe { direct_row_avx2(args, row) },
+                Variant::Portable => direct_row::<4>(args, Variant::Portable, row),
             }
             let at = oy * row_len;
             epilogue.apply_rows(row, out_channels, residual.map(|r| &r[at..at + row_len]));
@@ -482,38 +483,44 @@ fn conv_direct(
     out
 }
 
-/// [`direct_row`] compiled for AVX2 (its border pixels vectorized too).
+/// What every pixel group of a direct convolution's row reads: the input, the weights, the
+/// window, the padding value, the offsets of a window's inputs and the output row's index.
+type DirectArgs<'a> = (
+    &'a FloatMap,
+    &'a PackedWeights,
+    Window,
+    f32,
+    &'a [usize],
+    usize,
+);
+
+/// [`direct_row`] compiled for AVX2 and FMA: 4 pixels at a time.
 ///
 /// # Safety
-/// AVX2.
+/// AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn direct_row_avx2(
-    x: &FloatMap,
-    weight: &PackedWeights,
-    window: Window,
-    pad_value: f32,
-    offsets: &[usize],
-    oy: usize,
-    row: &mut [f32],
-) {
-    direct_row(x, weight, window, pad_value, offsets, oy, row)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn direct_row_avx2(args: DirectArgs, row: &mut [f32]) {
+    direct_row::<4>(args, Variant::Avx2, row)
 }
 
-/// Output row `oy` of a direct convolution into `row` (`ow * out` values), before the epilogue: `PIXELS` pixels at a time, for independent sums,
-/// reading the inputs in place (at `offsets` from a window's top-left input, in weight order)
-/// where their windows lie inside the image.
+/// [`direct_row`] compiled for AVX-512: 8 pixels at a time.
+///
+/// # Safety
+/// AVX-512F (and AVX2 and FMA, which every AVX-512 CPU has).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn direct_row_avx512(args: DirectArgs, row: &mut [f32]) {
+    direct_row::<8>(args, Variant::Avx512, row)
+}
+
+/// Output row `oy` of a direct convolution into `row` (`ow * out` values), before the
+/// epilogue: `PIXELS` pixels at a time, for independent sums, reading the inputs in place (at
+/// `offsets` from a window's top-left input, in weight order) where their windows lie inside
+/// the image, else from a gathered copy of the windows.
 #[inline(always)]
-fn direct_row(
-    x: &FloatMap,
-    weight: &PackedWeights,
-    window: Window,
-    pad_value: f32,
-    offsets: &[usize],
-    oy: usize,
-    row: &mut [f32],
-) {
-    const PIXELS: usize = 4;
+fn direct_row<const PIXELS: usize>(args: DirectArgs, variant: Variant, row: &mut [f32]) {
+    let (x, weight, window, pad_value, offsets, oy) = args;
     let [kh, kw] = window.kernel;
     let [sy, sx] = window.stride;
     let [top, _, left, _] = window.pads;
@@ -521,10 +528,12 @@ fn direct_row(
     let k = kh * kw * c;
     let n = weight.n();
     let ow = row.len() / n;
-    #[cfg(target_arch = "x86_64")]
-    let fma = n.is_multiple_of(16)
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma");
+    // The vector kernels compute 16 output channels at a time.
+    let variant = if n.is_multiple_of(16) {
+        variant
+    } else {
+        Variant::Portable
+    };
     // The first input row and column of a window, if the window lies inside the image.
     let y0 = (oy * sy).checked_sub(top).filter(|y| y + kh <= h);
     let inside = |ox: usize| (ox * sx).checked_sub(left).filter(|x| x + kw <= w);
@@ -566,15 +575,18 @@ fn direct_row(
         } else {
             &mut spare[..]
         };
-        #[cfg(target_arch = "x86_64")]
-        if fma {
-            // SAFETY: AVX2 and FMA are available; every `bases[p] + taps[i]` indexes `source`.
-            unsafe { direct_pixels_fma(source, bases, taps, weight, out) };
-        } else {
-            direct_pixels(|i, p| source[bases[p] + taps[i]], weight, out);
+        match variant {
+            // SAFETY: the caller checked that AVX-512 is available; every `bases[p] + taps[i]`
+            // indexes `source`.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx512 => unsafe { direct_pixels_avx512(source, bases, taps, weight, out) },
+            // SAFETY: as above, with AVX2 and FMA.
+            #[cfg(target_arch = "x86_64")]
+            Variant::Avx2 => unsafe { direct_pixels_fma(source, bases, taps, weight, out) },
+            Variant::Portable => {
+                direct_pixels::<PIXELS>(|i, p| source[bases[p] + taps[i]], weight, out)
+            }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        direct_pixels(|i, p| source[bases[p] + taps[i]], weight, out);
         if pixels < PIXELS {
             row[ox0 * n..].copy_from_slice(&spare[..pixels * n]);
         }
@@ -582,25 +594,25 @@ fn direct_row(
     }
 }
 
-/// [`direct_pixels`] for 4 pixels whose inputs are `x[bases[p] + offsets[i]]`, with AVX2 and FMA,
-/// for a multiple of 16 output channels.
+/// [`direct_pixels`] for `P` pixels whose inputs are `x[bases[p] + offsets[i]]`, with AVX2 and
+/// FMA, for a multiple of 16 output channels.
 ///
 /// # Safety
-/// AVX2 and FMA; every `bases[p] + offsets[i]` indexes `x`; `out` holds 4 pixels.
+/// AVX2 and FMA; every `bases[p] + offsets[i]` indexes `x`; `out` holds `P` pixels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn direct_pixels_fma(
+unsafe fn direct_pixels_fma<const P: usize>(
     x: &[f32],
-    bases: [usize; 4],
+    bases: [usize; P],
     offsets: &[usize],
     weight: &PackedWeights,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let n = weight.n();
-    debug_assert!(n.is_multiple_of(16) && out.len() == 4 * n);
+    debug_assert!(n.is_multiple_of(16) && out.len() == P * n);
     for o0 in (0..n).step_by(16) {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut acc = [[_mm256_setzero_ps(); 2]; P];
         let columns = weight.columns_from(o0);
         for (i, &offset) in offsets.iter().enumerate() {
             let w = &columns[i * PANEL..][..16];
@@ -629,12 +641,51 @@ unsafe fn direct_pixels_fma(
     }
 }
 
+/// [`direct_pixels`] for `P` pixels whose inputs are `x[bases[p] + offsets[i]]`, with AVX-512,
+/// for a multiple of 16 output channels: a pixel's 16 channels in one register.
+///
+/// # Safety
+/// AVX-512F; every `bases[p] + offsets[i]` indexes `x`; `out` holds `P` pixels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn direct_pixels_avx512<const P: usize>(
+    x: &[f32],
+    bases: [usize; P],
+    offsets: &[usize],
+    weight: &PackedWeights,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let n = weight.n();
+    debug_assert!(n.is_multiple_of(16) && out.len() == P * n);
+    for o0 in (0..n).step_by(16) {
+        let mut acc = [_mm512_setzero_ps(); P];
+        let columns = weight.columns_from(o0);
+        for (i, &offset) in offsets.iter().enumerate() {
+            // SAFETY: a panel's row holds 16 values from `o0`.
+            let w = unsafe { _mm512_loadu_ps(columns[i * PANEL..][..16].as_ptr()) };
+            for (acc, base) in acc.iter_mut().zip(bases) {
+                // SAFETY: the caller guarantees the index.
+                let v = _mm512_set1_ps(unsafe { *x.get_unchecked(base + offset) });
+                *acc = _mm512_fmadd_ps(v, w, *acc);
+            }
+        }
+        for (p, acc) in acc.iter().enumerate() {
+            // SAFETY: the pixel's 16 values from `o0` lie in `out`.
+            unsafe { _mm512_storeu_ps(out[p * n + o0..][..16].as_mut_ptr(), *acc) };
+        }
+    }
+}
+
 /// `out[p][o] = sum_i input(i, p) * weight[i][o]` for the `out.len() / n` pixels `p` of `out`
-/// (at most 4), 16 output channels at a time.
+/// (at most `PIXELS`), 16 output channels at a time.
 #[inline(always)]
-fn direct_pixels(input: impl Fn(usize, usize) -> f32, weight: &PackedWeights, out: &mut [f32]) {
+fn direct_pixels<const PIXELS: usize>(
+    input: impl Fn(usize, usize) -> f32,
+    weight: &PackedWeights,
+    out: &mut [f32],
+) {
     const BLOCK: usize = 16;
-    const PIXELS: usize = 4;
     let (k, n) = (weight.k(), weight.n());
     let pixels = out.len() / n;
     for o0 in (0..n).step_by(BLOCK) {

@@ -5,9 +5,10 @@
 //! its `k` rows of 32 contiguous values (zeros past column `n`), so that the inner loop reads one
 //! cache line pair per input value. [`PackedWeights::matmul`] computes `out = lhs * weights` a
 //! tile of rows by one panel at a time with the tile's sums in registers: 8 rows x 32 columns
-//! in 16 AVX-512 registers, 6 x 16 in 12 AVX2 registers (twice per panel), or a portable loop. The variant follows
-//! the packed convolutions' ([`zoo_kernels::packed::kernel_name`], which
-//! `ZOO_PACKED_KERNEL` forces), so that a run forced to AVX2 times what an AVX2 CPU runs. Work
+//! in 16 AVX-512 registers, 6 x 16 in 12 AVX2 registers (twice per panel), or a portable loop.
+//! The variant follows the packed convolutions' ([`zoo_kernels::packed::kernel_name`], which
+//! `ZOO_PACKED_KERNEL` forces; the direct convolution follows it too), so that a run forced to
+//! AVX2 times what an AVX2 CPU runs. Work
 //! is split over the current rayon pool by blocks of rows, and by groups of panels where the
 //! rows are few (the last stages' 7x7 maps, the dense head's single row).
 
@@ -77,6 +78,10 @@ impl PackedWeights {
             return;
         }
         let out = &mut out[..m * n];
+        if k == 0 {
+            out.fill(0.0);
+            return finish(0, out);
+        }
         let variant = Variant::selected();
         let panels = n.div_ceil(PANEL);
         let (row_block, group) = split(m, panels, k, rayon::current_num_threads(), variant);
@@ -190,9 +195,9 @@ macro_rules! dispatch_rows {
     };
 }
 
-/// The instruction set of the tiles.
+/// The instruction set of the float kernels: the tiles here and the direct convolution's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Variant {
+pub(super) enum Variant {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -202,7 +207,7 @@ enum Variant {
 
 impl Variant {
     /// The packed convolutions' variant (forced by `ZOO_PACKED_KERNEL`).
-    fn selected() -> Variant {
+    pub(super) fn selected() -> Variant {
         match zoo_kernels::packed::kernel_name() {
             #[cfg(target_arch = "x86_64")]
             "avx512" if std::arch::is_x86_feature_detected!("avx512f") => Variant::Avx512,
@@ -449,7 +454,13 @@ mod tests {
             .num_threads(3)
             .build()
             .unwrap();
-        for (m, k, n) in [(1, 512, 1000), (49, 256, 512), (784, 64, 128), (100, 3, 70)] {
+        for (m, k, n) in [
+            (1, 512, 1000),
+            (49, 256, 512),
+            (784, 64, 128),
+            (100, 3, 70),
+            (5, 0, 3),
+        ] {
             let lhs: Vec<f32> = (0..m * k).map(value).collect();
             let w: Vec<f32> = (0..k * n).map(|i| value(i + 99)).collect();
             let packed = PackedWeights::new(&w, k, n);
