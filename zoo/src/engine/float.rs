@@ -463,12 +463,13 @@ fn conv_direct(
         .flat_map(|ky| (0..kw * c).map(move |j| ky * w * c + j))
         .collect();
     let offsets = &offsets;
+    let variant = Variant::selected();
     out.data
         .par_chunks_mut(row_len)
         .enumerate()
         .for_each(|(oy, row)| {
             let args: DirectArgs = (x, weight, window, pad_value, offsets, oy);
-            match Variant::selected() {
+            match variant {
                 // SAFETY: the selected variant's instructions are available.
                 #[cfg(target_arch = "x86_64")]
                 Variant::Avx512 => unsafe { direct_row_avx512(args, row) },
