@@ -20,7 +20,9 @@
 #            and both distilled, then one seed of every other pair; XNOR-Net's 224x224 pair last)
 #   EPOCHS   budget of every run (default 16); runs of another budget go to other folders
 #   EXTRA    more `zoo train` flags; give a TAG with them (suffix of the run folders)
-#   LANES    runs at a time (default 1); lane i takes runs i, i + LANES, ...
+#   LANES    runs at a time (default 1); a free lane takes the first run of RUNS not taken yet
+#            whose teacher has finished (a student whose teacher is still training only when no
+#            other run is left: it then waits for the teacher)
 #   THREADS  compute threads per run (default 2)
 #   ZOO      the binary (default target/release/zoo, built if missing)
 #   OUT      run folders (default target/accuracy-runs); `<run>.log` is each run's output,
@@ -64,6 +66,32 @@ queued() {
     local r
     for r in $RUNS; do
         [[ $(run_dir "$r") == "$1" ]] && return 0
+    done
+    return 1
+}
+
+# Whether run $1 distils from a teacher that has not finished yet.
+waits_for_teacher() {
+    local model seed kd teacher
+    IFS=: read -r model seed kd <<<"$1"
+    [[ -n $kd ]] || return 1
+    IFS=@ read -r teacher _ <<<"${kd#*=}"
+    [[ ! -f $(run_dir "$teacher:0")/summary.json ]]
+}
+
+# Takes the next run for a lane (its index in `queue` into `next`): the first not taken yet
+# that need not wait for a teacher, else the first not taken yet; fails when all are taken.
+# Taking is `mkdir` in $claims, which only one lane can do for a run.
+take_next() {
+    local pass i
+    for pass in ready any; do
+        for ((i = 0; i < ${#queue[@]}; i++)); do
+            [[ $pass == ready ]] && waits_for_teacher "${queue[$i]}" && continue
+            if mkdir "$claims/$i" 2>/dev/null; then
+                next=$i
+                return 0
+            fi
+        done
     done
     return 1
 }
@@ -203,17 +231,18 @@ main() {
     [[ -x $ZOO ]] || cargo build --release -p zoo
     read -ra queue <<<"$RUNS"
     start=$(date +%s)
-    # Each lane takes every LANES-th run, in order.
+    claims=$(mktemp -d)
     for ((lane = 0; lane < LANES; lane++)); do
         (
-            for ((i = lane; i < ${#queue[@]}; i += LANES)); do
-                dir=$(run_dir "${queue[$i]}")
+            while take_next; do
+                dir=$(run_dir "${queue[$next]}")
                 rm -f "$dir.failed"
-                train_one "${queue[$i]}" || { touch "$dir.failed"; echo "failed:  ${queue[$i]} (see $dir.log)"; }
+                train_one "${queue[$next]}" || { touch "$dir.failed"; echo "failed:  ${queue[$next]} (see $dir.log)"; }
             done
         ) &
     done
     wait
+    rm -rf "$claims"
     echo "campaign: $RECIPE --epochs $EPOCHS $EXTRA, $THREADS thread(s) per run, $LANES lane(s); $(($(date +%s) - start)) s"
     report
 }
