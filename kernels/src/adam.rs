@@ -56,6 +56,33 @@ pub fn adam_step(weight: &Tensor, grad: &Tensor, moments: &Tensor, step: AdamSte
     weight.inplace_op2(moments, &Weights(step))
 }
 
+/// `f()` compiled for AVX-512 or AVX2 where the CPU has them, so that its element-wise loops
+/// (f64 division and square root above all) run on vectors of that width. The same IEEE
+/// operations in the same order: the results do not depend on the width.
+#[inline(always)]
+fn vectorized(f: impl FnOnce()) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(f: impl FnOnce()) {
+            f()
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(f: impl FnOnce()) {
+            f()
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F.
+            return unsafe { avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 /// Step 1: the moments from the gradient (and the weight, for the L2 term).
 struct Moments {
     l2: f64,
@@ -68,11 +95,16 @@ impl Moments {
             .zip(v.par_chunks_mut(CHUNK))
             .zip(g.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
             .for_each(|((m, v), (g, w))| {
-                for i in 0..m.len() {
-                    let g = g[i].to_f64() + 2.0 * self.l2 * w[i].to_f64();
-                    m[i] = T::from_f64(BETA1 * m[i].to_f64() + (1.0 - BETA1) * g);
-                    v[i] = T::from_f64(BETA2 * v[i].to_f64() + (1.0 - BETA2) * g * g);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((m, v), (g, w)) in m.iter_mut().zip(v).zip(g.iter().zip(w)) {
+                            let g = g.to_f64() + 2.0 * self.l2 * w.to_f64();
+                            *m = T::from_f64(BETA1 * m.to_f64() + (1.0 - BETA1) * g);
+                            *v = T::from_f64(BETA2 * v.to_f64() + (1.0 - BETA2) * g * g);
+                        }
+                    },
+                )
             });
     }
 }
@@ -133,14 +165,24 @@ impl Weights {
         let AdamStep {
             alpha, decay, clip, ..
         } = self.0;
+        assert!(clip >= 0.0, "adam: a clip of {clip}");
         let (m, v) = mv.split_at(w.len());
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
             .for_each(|(w, (m, v))| {
-                for i in 0..w.len() {
-                    let step = alpha * m[i].to_f64() / (v[i].to_f64().sqrt() + EPSILON);
-                    w[i] = T::from_f64((decay * w[i].to_f64() - step).clamp(-clip, clip));
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (w, (m, v)) in w.iter_mut().zip(m.iter().zip(v)) {
+                            let step = alpha * m.to_f64() / (v.to_f64().sqrt() + EPSILON);
+                            // `f64::clamp` without its check of the bounds, which is done once
+                            // above and would stop the loop from vectorizing here.
+                            let x = decay * w.to_f64() - step;
+                            let x = if x < -clip { -clip } else { x };
+                            *w = T::from_f64(if x > clip { clip } else { x });
+                        }
+                    },
+                )
             });
     }
 }
