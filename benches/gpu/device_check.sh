@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA training issue, as one call on a lent GPU machine: the machine and
-# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, a whole training step of
-# every registered model against the CPU), then training throughput side by side with PyTorch
+# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, the packed engine's kernels
+# against the CPU's, a whole training step of every registered model against the CPU), then training throughput side by side with PyTorch
 # on the same card (benches/peers/train_throughput.sh): QuickNet and QuickNet-LAB at 32x32x1
 # (Fashion-MNIST) and 224x224x3 (a folder of random JPEGs made on the spot), batch 256.
 #
@@ -23,7 +23,7 @@ if [[ ${1:-} == --bundle ]]; then
     set -e
     kernels/cuda/build.sh build --release --features cuda -p zoo --bin zoo
     tests=$(kernels/cuda/build.sh test --release --features cuda -p zoo-kernels -p zoo \
-        --test cuda --test gpu_training --no-run --message-format=json 2>/dev/null |
+        --test cuda --test cuda_packed --test gpu_training --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     if not line.startswith("{"):
@@ -82,6 +82,9 @@ failed=0
 if [[ -z ${SKIP_TESTS:-} ]]; then
     step "GPU tests: every CUDA op against the CPU"
     "$bin/test-cuda" --nocapture --test-threads 1 || failed=1
+    step "GPU tests: the packed engine's kernels (tensor-core convolution, LAB, packing, pooling) against the CPU"
+    "$bin/test-cuda_packed" --nocapture --test-threads 1 || failed=1
+    "$bin/test-cuda_packed" --nocapture --ignored tensor_core_convolution_rate || failed=1
     step "GPU tests: a training step of every registered model against the CPU"
     "$bin/test-gpu_training" --nocapture || failed=1
 fi

@@ -1,16 +1,21 @@
 #!/usr/bin/env python3
 """Compiles every CUDA source of the zoo with NVRTC, as the `cuda` feature does at run time
 (kernels/src/cuda.rs: `common.cuh` expanded in place, the options of options.txt), for each
-architecture the zoo supports; fails on any error or warning. Needs no GPU and no driver: only
-libnvrtc (PyPI's `nvidia-cuda-nvrtc`).
+architecture the zoo supports, then assembles each PTX with ptxas for that architecture's GPU
+(sm_80, sm_90), as the driver does when it loads the module, which is where inline PTX such as
+the tensor cores' `mma` is checked; fails on any error or warning. Needs no GPU and no driver:
+only libnvrtc and ptxas (PyPI's `nvidia-cuda-nvrtc` and `nvidia-cuda-nvcc`).
 
-    python3 kernels/cuda/check.py [--nvrtc path/to/libnvrtc.so.13] [--ptx-dir DIR]
+    python3 kernels/cuda/check.py [--nvrtc path/to/libnvrtc.so.13] [--ptxas path/to/ptxas]
+                                  [--ptx-dir DIR]
 """
 import argparse
 import ctypes
 import glob
 import os
+import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARCHITECTURES = ["compute_80", "compute_90"]
@@ -28,6 +33,31 @@ def find_nvrtc():
             if hits:
                 return hits[0]
     return "libnvrtc.so"
+
+
+def find_ptxas():
+    """ptxas from an installed `nvidia-cuda-nvcc` wheel, else the one on PATH, else None."""
+    import shutil
+    import site
+
+    for root in site.getsitepackages() + [site.getusersitepackages()]:
+        hits = glob.glob(os.path.join(root, "nvidia", "*", "bin", "ptxas"))
+        if hits:
+            return hits[0]
+    return shutil.which("ptxas")
+
+
+def assemble(ptxas, ptx, arch):
+    """Assembles `ptx` (compiled for compute_XY) for sm_XY; returns (ok, messages)."""
+    gpu = arch.replace("compute_", "sm_")
+    with tempfile.TemporaryDirectory() as tmp:
+        source_path = os.path.join(tmp, "module.ptx")
+        with open(source_path, "wb") as f:
+            f.write(ptx)
+        run = subprocess.run(
+            [ptxas, f"--gpu-name={gpu}", source_path, "-o", os.path.join(tmp, "module.cubin")],
+            capture_output=True, text=True)
+    return run.returncode == 0, (run.stdout + run.stderr).strip()
 
 
 def source(name):
@@ -76,6 +106,7 @@ def check(nvrtc, status):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nvrtc", default=None, help="the libnvrtc shared library")
+    parser.add_argument("--ptxas", default=None, help="the ptxas executable")
     parser.add_argument("--ptx-dir", default=None, help="also write the PTX of each compile here")
     args = parser.parse_args()
     library = args.nvrtc or find_nvrtc()
@@ -87,11 +118,20 @@ def main():
     major, minor = ctypes.c_int(), ctypes.c_int()
     nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     print(f"NVRTC {major.value}.{minor.value} ({library}), options {options()}")
+    ptxas = args.ptxas or find_ptxas()
+    if not ptxas:
+        sys.exit("ptxas not found: install nvidia-cuda-nvcc (kernels/cuda/requirements-nvrtc.txt) "
+                 "or pass --ptxas")
+    print(f"ptxas {ptxas}")
     sources = sorted(os.path.basename(p) for p in glob.glob(os.path.join(HERE, "*.cu")))
     failed = 0
     for name in sources:
         for arch in ARCHITECTURES:
             ok, log, ptx = compile_source(nvrtc, name, arch)
+            if ok:
+                assembled, messages = assemble(ptxas, ptx, arch)
+                ok = ok and assembled
+                log = "\n".join(m for m in (log, messages) if m)
             kernels = ptx.count(b".entry")
             verdict = "ok" if ok and not log else ("warnings" if ok else "FAILED")
             print(f"{name:20} {arch:11} {verdict:8} {kernels:3} kernels")

@@ -58,6 +58,12 @@ pub(crate) const ADAM: Module = Module {
     name: "adam",
     source: include_str!("../cuda/adam.cu"),
 };
+/// The packed inference kernels: sign and LAB packing, binary tensor-core convolution, max
+/// pooling on bits ([`crate::packed::cuda`]).
+pub(crate) const PACKED: Module = Module {
+    name: "packed",
+    source: include_str!("../cuda/packed.cu"),
+};
 /// Max and average pooling, forward and backward.
 pub(crate) const POOL: Module = Module {
     name: "pool",
@@ -87,7 +93,7 @@ impl Module {
     }
 
     /// The PTX of this module for compute capability `major.minor`, compiled once per process.
-    fn ptx(&self, (major, minor): (i32, i32)) -> Result<Arc<str>> {
+    pub(crate) fn ptx(&self, (major, minor): (i32, i32)) -> Result<Arc<str>> {
         type Cache = Mutex<HashMap<(&'static str, i32, i32), Arc<str>>>;
         static CACHE: OnceLock<Cache> = OnceLock::new();
         let cache = CACHE.get_or_init(Default::default);

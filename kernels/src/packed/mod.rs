@@ -17,6 +17,11 @@
 //! - [`floor::xnor_popcount`]: a fixed XNOR-popcount loop, the arithmetic floor of the
 //!   binary convolutions and a reference for timing the machine.
 //!
+//! The same bits on an NVIDIA GPU: [`gpu`] lays maps and filters out for the CUDA kernels
+//! (`kernels/cuda/packed.cu`: packing, LAB, the convolution on binary tensor cores, max
+//! pooling) and checks the tensor cores' arithmetic on the CPU; `cuda` (feature `cuda`) runs
+//! them.
+//!
 //! Parallel work runs on the current rayon pool (install a pool to choose the thread count),
 //! split over output rows. The convolution has a portable path and, on x86-64, AVX2 and
 //! AVX-512 (VPOPCNTDQ) paths chosen at run time; [`kernel_name`] says which one runs and the
@@ -24,7 +29,10 @@
 //! choice falls back to the best available variant).
 
 mod conv;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod floor;
+pub mod gpu;
 mod lab;
 mod pool;
 #[cfg(test)]

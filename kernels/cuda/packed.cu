@@ -1,0 +1,328 @@
+// The bit-packed inference engine's binary layers on the GPU (kernels/src/packed/cuda.rs), on
+// the bits of the CPU's packed kernels (kernels/src/packed/mod.rs): bit 1 means -1, bit 0 +1;
+// a batch of NHWC maps, each pixel's channels in `words` u32 words (channel c in word c / 32,
+// bit c % 32: a CPU map's u64 words read as pairs of u32), `words` even, unused bits 0.
+//
+// - pack_signs: Larq's sign of float NHWC maps (bit 1 where x < 0), a warp per 32 channels of a
+//   pixel, the word from one ballot;
+// - lab_pack_folded / lab_pack_paired: LAB's 3x3 depthwise score, thresholded (bit 0 only
+//   where the score is > 0) and packed, in the CPU's order of f32 operations (fused
+//   multiply-adds, taps row-major, taps outside the image skipped), so the bits are the CPU's;
+// - binary_conv_mma: the exact integer ±1 convolution on binary tensor cores
+//   (mma.m16n8k256 with AND + popcount, sm_80 and later) as an implicit GEMM: rows are output
+//   pixels, columns output channels, the reduction runs over (tap, word) in 256-bit chunks;
+// - max_pool_bits: max pooling of ±1 maps, the AND of the taps inside the image.
+#include "common.cuh"
+
+#define FULL_MASK 0xffffffffu
+
+// ---------------------------------------------------------------------------------------
+// Packing.
+
+// x: [pixels][channels] floats -> bits: [pixels][words]. One warp per (pixel, word); the
+// words past ceil(channels / 32) are written as 0.
+extern "C" __global__ void pack_signs(const float* x, unsigned* bits, i64 pixels, int channels,
+                                      int words) {
+    const int lane = threadIdx.x & 31;
+    const u64 warps = grid_stride() / 32;
+    const u64 total = (u64)pixels * words;
+    for (u64 i = thread_index() / 32; i < total; i += warps) {
+        const i64 p = (i64)(i / words);
+        const int q = (int)(i % words);
+        const int c = 32 * q + lane;
+        const bool negative = c < channels && x[p * channels + c] < 0.0f;
+        const unsigned word = __ballot_sync(FULL_MASK, negative);
+        if (lane == 0) {
+            bits[i] = word;
+        }
+    }
+}
+
+// The shape of LAB's input and output maps: n images of h x w pixels, c channels, `words` u32
+// words per output pixel.
+struct LabMap {
+    i64 n;
+    int h, w, c, words;
+};
+
+// LAB's score of channel `c` at pixel (img, y, x), folded form:
+// acc = bias[c]; for each tap inside the image, acc = fma(kernel[t][c], x[p + t][c], acc).
+__device__ __forceinline__ float lab_score_folded(LabMap m, const float* x, const float* kernel,
+                                                  const float* bias, i64 img, int y, int xx,
+                                                  int c) {
+    float acc = bias[c];
+    for (int ky = 0; ky < 3; ++ky) {
+        const int sy = y + ky - 1;
+        if (sy < 0 || sy >= m.h) {
+            continue;
+        }
+        for (int kx = 0; kx < 3; ++kx) {
+            const int sx = xx + kx - 1;
+            if (sx < 0 || sx >= m.w) {
+                continue;
+            }
+            const float v = x[((img * m.h + sy) * m.w + sx) * m.c + c];
+            acc = fmaf(kernel[(3 * ky + kx) * m.c + c], v, acc);
+        }
+    }
+    return acc;
+}
+
+// The paired form: acc = fma(pos[t][c], x[p + t][pos_source[c]], acc), then
+// acc = fma(-neg[t][c], x[p + t][neg_source[c]], acc), per tap.
+__device__ __forceinline__ float lab_score_paired(LabMap m, const float* x, const float* pos,
+                                                  const int* pos_source, const float* neg,
+                                                  const int* neg_source, const float* bias,
+                                                  i64 img, int y, int xx, int c) {
+    const int ps = pos_source[c], ns = neg_source[c];
+    float acc = bias[c];
+    for (int ky = 0; ky < 3; ++ky) {
+        const int sy = y + ky - 1;
+        if (sy < 0 || sy >= m.h) {
+            continue;
+        }
+        for (int kx = 0; kx < 3; ++kx) {
+            const int sx = xx + kx - 1;
+            if (sx < 0 || sx >= m.w) {
+                continue;
+            }
+            const float* px = x + ((img * m.h + sy) * m.w + sx) * m.c;
+            const int t = 3 * ky + kx;
+            acc = fmaf(pos[t * m.c + c], px[ps], acc);
+            acc = fmaf(-neg[t * m.c + c], px[ns], acc);
+        }
+    }
+    return acc;
+}
+
+// One warp per (pixel, word): lane l scores channel 32 q + l; bit 1 unless the score is > 0
+// (ties and NaN give -1). The words past ceil(c / 32) are 0.
+extern "C" __global__ void lab_pack_folded(LabMap m, const float* x, const float* kernel,
+                                           const float* bias, unsigned* bits) {
+    const int lane = threadIdx.x & 31;
+    const u64 warps = grid_stride() / 32;
+    const u64 total = (u64)m.n * m.h * m.w * m.words;
+    for (u64 i = thread_index() / 32; i < total; i += warps) {
+        const i64 p = (i64)(i / m.words);
+        const int q = (int)(i % m.words);
+        const int c = 32 * q + lane;
+        const int xx = (int)(p % m.w), y = (int)((p / m.w) % m.h);
+        const i64 img = p / ((i64)m.w * m.h);
+        bool negative = false;
+        if (c < m.c) {
+            negative = !(lab_score_folded(m, x, kernel, bias, img, y, xx, c) > 0.0f);
+        }
+        const unsigned word = __ballot_sync(FULL_MASK, negative);
+        if (lane == 0) {
+            bits[i] = word;
+        }
+    }
+}
+
+extern "C" __global__ void lab_pack_paired(LabMap m, const float* x, const float* pos,
+                                           const int* pos_source, const float* neg,
+                                           const int* neg_source, const float* bias,
+                                           unsigned* bits) {
+    const int lane = threadIdx.x & 31;
+    const u64 warps = grid_stride() / 32;
+    const u64 total = (u64)m.n * m.h * m.w * m.words;
+    for (u64 i = thread_index() / 32; i < total; i += warps) {
+        const i64 p = (i64)(i / m.words);
+        const int q = (int)(i % m.words);
+        const int c = 32 * q + lane;
+        const int xx = (int)(p % m.w), y = (int)((p / m.w) % m.h);
+        const i64 img = p / ((i64)m.w * m.h);
+        bool negative = false;
+        if (c < m.c) {
+            negative = !(lab_score_paired(m, x, pos, pos_source, neg, neg_source, bias, img, y,
+                                          xx, c) > 0.0f);
+        }
+        const unsigned word = __ballot_sync(FULL_MASK, negative);
+        if (lane == 0) {
+            bits[i] = word;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Binary convolution on binary tensor cores.
+//
+// For output pixel m and output channel o, with a_t, b_t the bits of tap t of m's window and
+// of filter o, and the padded taps read as +1 (bits 0):
+//   dot_one = sum_t (C - 2 popc(a_t ^ b_t)) = C taps - 2 (popc(a) + popc(b) - 2 popc(a & b)),
+// which is the convolution with +1 padding. The tensor cores give popc(a & b); popc(a) is
+// summed from the same fragments; popc(b) per filter comes with the weights. With zero
+// padding, each tap outside the image contributes C - 2 popc(b_t) = tap_sums[o][t] to dot_one
+// and nothing to the convolution, so it is subtracted.
+//
+// Weights: [o_padded][chunks * 8] u32, word k = t * words + q of filter o (zeros past
+// taps * words and for the padded filters), o_padded a multiple of the block's 32 columns.
+
+struct BinaryConvShape {
+    i64 n;              // images
+    int h, w, words;    // input rows, columns, u32 words per pixel
+    int channels;       // input channels (the bits in use)
+    int out_channels;   // filters
+    int kh, kw, sy, sx, top, left;
+    int oh, ow;
+    int pad_one;        // 1: the padding holds +1; 0: zeros
+    int chunks;         // 256-bit chunks of the reduction: ceil(kh kw words / 8)
+};
+
+// The warps of a block; each computes 16 output pixels x 32 output channels.
+#define MMA_WARPS 4
+
+// D = popc(A & B) + C for a 16 x 256 bit tile of A (rows) and a 256 x 8 bit tile of B.
+__device__ __forceinline__ void mma_and_popc(int* d, const unsigned* a, const unsigned* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One output pixel's window: its image and top-left corner in the input (which may lie in the
+// padding), and whether it is a pixel at all (rows past the last pixel compute zeros).
+struct Window {
+    i64 img;
+    int y0, x0;
+    bool valid;
+};
+
+__device__ __forceinline__ Window window_of(BinaryConvShape s, i64 m) {
+    Window win;
+    const i64 pixels = s.n * s.oh * s.ow;
+    win.valid = m < pixels;
+    const i64 mm = win.valid ? m : 0;
+    const int ox = (int)(mm % s.ow), oy = (int)((mm / s.ow) % s.oh);
+    win.img = mm / ((i64)s.ow * s.oh);
+    win.y0 = oy * s.sy - s.top;
+    win.x0 = ox * s.sx - s.left;
+    return win;
+}
+
+// Word k = t * words + q of the window's reduction: the input word, or 0 in the padding, past
+// the reduction and for rows that are no pixel.
+__device__ __forceinline__ unsigned window_word(BinaryConvShape s, const unsigned* in, Window win,
+                                                int k) {
+    const int taps = s.kh * s.kw;
+    if (!win.valid || k >= taps * s.words) {
+        return 0;
+    }
+    const int t = k / s.words, q = k - t * s.words;
+    const int y = win.y0 + t / s.kw, x = win.x0 + t % s.kw;
+    if (y < 0 || y >= s.h || x < 0 || x >= s.w) {
+        return 0;
+    }
+    return __ldg(in + ((win.img * s.h + y) * s.w + x) * s.words + q);
+}
+
+// Zero padding: the sum over the window's taps outside the image of tap_sums[o][t].
+__device__ __forceinline__ int outside_taps(BinaryConvShape s, Window win, const int* tap_sums,
+                                            int o) {
+    if (win.y0 >= 0 && win.x0 >= 0 && win.y0 + s.kh <= s.h && win.x0 + s.kw <= s.w) {
+        return 0;
+    }
+    int sum = 0;
+    for (int ky = 0; ky < s.kh; ++ky) {
+        for (int kx = 0; kx < s.kw; ++kx) {
+            const int y = win.y0 + ky, x = win.x0 + kx;
+            if (y < 0 || y >= s.h || x < 0 || x >= s.w) {
+                sum += tap_sums[o * s.kh * s.kw + ky * s.kw + kx];
+            }
+        }
+    }
+    return sum;
+}
+
+// Grid: (ceil(pixels / (16 MMA_WARPS)), o_padded / 32); block: 32 MMA_WARPS threads. Writes
+// dots: [pixels][out_channels] (pixel-major, as the CPU's rows of dots).
+extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
+    binary_conv_mma(BinaryConvShape s, const unsigned* in, const unsigned* weights,
+                    const int* filter_popc, const int* tap_sums, int* dots) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = lane >> 2, member = lane & 3;
+    const i64 m0 = ((i64)blockIdx.x * MMA_WARPS + warp) * 16;
+    const int n0 = blockIdx.y * 32;
+    const int k8 = s.chunks * 8;
+
+    // This thread's rows of A: group and group + 8 of the warp's 16 pixels.
+    const Window rows[2] = {window_of(s, m0 + group), window_of(s, m0 + group + 8)};
+    int acc[4][4] = {};
+    int popc_a[2] = {0, 0};
+    __syncwarp();
+    for (int chunk = 0; chunk < s.chunks; ++chunk) {
+        const int k = chunk * 8 + member;
+        // a0, a2: row `group`, words k and k + 4; a1, a3: row `group + 8`.
+        unsigned a[4];
+        a[0] = window_word(s, in, rows[0], k);
+        a[1] = window_word(s, in, rows[1], k);
+        a[2] = window_word(s, in, rows[0], k + 4);
+        a[3] = window_word(s, in, rows[1], k + 4);
+        popc_a[0] += __popc(a[0]) + __popc(a[2]);
+        popc_a[1] += __popc(a[1]) + __popc(a[3]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            // b0, b1: words k and k + 4 of filter n0 + 8 j + group.
+            const unsigned* filter = weights + (i64)(n0 + 8 * j + group) * k8;
+            const unsigned b[2] = {__ldg(filter + k), __ldg(filter + k + 4)};
+            mma_and_popc(acc[j], a, b);
+        }
+    }
+    // popc(a) of each row over the four members of its group.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        popc_a[r] += __shfl_xor_sync(FULL_MASK, popc_a[r], 1);
+        popc_a[r] += __shfl_xor_sync(FULL_MASK, popc_a[r], 2);
+    }
+    const int k_bits = s.channels * s.kh * s.kw;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            // c0, c1: row `group`; c2, c3: row `group + 8`; columns 2 member + (i & 1).
+            const int r = i >> 1;
+            const int o = n0 + 8 * j + 2 * member + (i & 1);
+            if (!rows[r].valid || o >= s.out_channels) {
+                continue;
+            }
+            int dot = k_bits - 2 * (popc_a[r] + filter_popc[o] - 2 * acc[j][i]);
+            if (!s.pad_one) {
+                dot -= outside_taps(s, rows[r], tap_sums, o);
+            }
+            dots[(m0 + group + 8 * r) * s.out_channels + o] = dot;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Max pooling on bits.
+
+struct PoolShape {
+    i64 n;
+    int h, w, words;
+    int kh, kw, sy, sx, top, left;
+    int oh, ow;
+};
+
+// One thread per output word: the AND of the window's taps inside the image (a window with
+// none gives -1 on every channel: `full[q]`, the word's bits in use).
+extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, const unsigned* full,
+                                         unsigned* out) {
+    const u64 total = (u64)s.n * s.oh * s.ow * s.words;
+    for (u64 i = thread_index(); i < total; i += grid_stride()) {
+        const int q = (int)(i % s.words);
+        const i64 p = (i64)(i / s.words);
+        const int ox = (int)(p % s.ow), oy = (int)((p / s.ow) % s.oh);
+        const i64 img = p / ((i64)s.ow * s.oh);
+        const int y0 = max(oy * s.sy - s.top, 0), y1 = min(oy * s.sy - s.top + s.kh, s.h);
+        const int x0 = max(ox * s.sx - s.left, 0), x1 = min(ox * s.sx - s.left + s.kw, s.w);
+        unsigned word = full[q];
+        for (int y = y0; y < y1; ++y) {
+            for (int x = x0; x < x1; ++x) {
+                word &= in[((img * s.h + y) * s.w + x) * s.words + q];
+            }
+        }
+        out[i] = word;
+    }
+}

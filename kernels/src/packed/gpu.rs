@@ -1,0 +1,283 @@
+//! What the GPU's packed kernels (`kernels/cuda/packed.cu`) read, laid out on the host: maps
+//! as `u32` words, and a binary convolution's filters as the columns of its tensor-core
+//! product with their bit counts. Plain data, built and checked without a GPU; the `cuda`
+//! feature uploads it ([`super::cuda`]).
+
+use super::{PackedConvWeights, PackedMap};
+
+/// Bits of one reduction step of the tensor cores (`mma.m16n8k256`), in `u32` words.
+pub const CHUNK_WORDS: usize = 8;
+
+/// Filters are padded to a multiple of the output channels one block computes.
+pub const FILTER_BLOCK: usize = 32;
+
+/// A map's `u64` words as the GPU reads them: each word as two `u32` words, the low half
+/// first (channels `64 k .. 64 k + 32`, then the rest), so that channel `c` is bit `c % 32` of
+/// `u32` word `c / 32`.
+pub fn map_words(words: &[u64]) -> Vec<u32> {
+    words
+        .iter()
+        .flat_map(|&w| [w as u32, (w >> 32) as u32])
+        .collect()
+}
+
+/// The inverse of [`map_words`].
+///
+/// # Panics
+/// If `words` has an odd length.
+pub fn words_from_gpu(words: &[u32]) -> Vec<u64> {
+    assert!(
+        words.len().is_multiple_of(2),
+        "words_from_gpu: an odd number of words"
+    );
+    words
+        .chunks_exact(2)
+        .map(|w| u64::from(w[0]) | u64::from(w[1]) << 32)
+        .collect()
+}
+
+/// A binary convolution's filters as the tensor-core kernel reads them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConvLayout {
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Kernel height and width.
+    pub kernel: [usize; 2],
+    /// `u32` words per pixel of the input (twice the CPU's `u64` words).
+    pub words: usize,
+    /// 256-bit steps of the reduction over `(tap, word)`: `ceil(taps * words / 8)`.
+    pub chunks: usize,
+    /// Filters, `[out_padded][chunks * 8]`: word `t * words + q` of filter `o` is word `q` of
+    /// its tap `t`; zeros past the taps and for the filters added up to a multiple of
+    /// [`FILTER_BLOCK`].
+    pub filters: Vec<u32>,
+    /// The number of -1 bits of each filter, `[out_channels]`.
+    pub filter_popc: Vec<i32>,
+    /// `sum_c w_c` of each tap of each filter, `[out_channels][taps]`: what a tap that reads
+    /// the padding adds when the padded input is read as +1, subtracted for zero padding.
+    pub tap_sums: Vec<i32>,
+}
+
+impl ConvLayout {
+    /// The layout of `weights`.
+    pub fn new(weights: &PackedConvWeights) -> Self {
+        let taps = weights.kernel[0] * weights.kernel[1];
+        let words = 2 * weights.words;
+        let chunks = (taps * words).div_ceil(CHUNK_WORDS);
+        let row = chunks * CHUNK_WORDS;
+        let padded = weights.out_channels.div_ceil(FILTER_BLOCK) * FILTER_BLOCK;
+        let mut filters = vec![0u32; padded * row];
+        let mut filter_popc = Vec::with_capacity(weights.out_channels);
+        let mut tap_sums = Vec::with_capacity(weights.out_channels * taps);
+        let per_filter = taps * weights.words;
+        for o in 0..weights.out_channels {
+            let filter = map_words(&weights.data[o * per_filter..(o + 1) * per_filter]);
+            filters[o * row..o * row + filter.len()].copy_from_slice(&filter);
+            filter_popc.push(filter.iter().map(|w| w.count_ones() as i32).sum());
+            for t in 0..taps {
+                let tap = &filter[t * words..(t + 1) * words];
+                let negatives: i32 = tap.iter().map(|w| w.count_ones() as i32).sum();
+                tap_sums.push(weights.in_channels as i32 - 2 * negatives);
+            }
+        }
+        ConvLayout {
+            in_channels: weights.in_channels,
+            out_channels: weights.out_channels,
+            kernel: weights.kernel,
+            words,
+            chunks,
+            filters,
+            filter_popc,
+            tap_sums,
+        }
+    }
+
+    /// The filters padded to a multiple of [`FILTER_BLOCK`].
+    pub fn padded_filters(&self) -> usize {
+        self.filters.len() / (self.chunks * CHUNK_WORDS).max(1)
+    }
+}
+
+/// The bits in use of each `u32` word of a pixel of `channels` channels, `words` words.
+pub fn full_words(channels: usize, words: usize) -> Vec<u32> {
+    (0..words)
+        .map(|q| {
+            let used = channels.saturating_sub(32 * q).min(32);
+            if used == 32 {
+                u32::MAX
+            } else {
+                (1u32 << used) - 1
+            }
+        })
+        .collect()
+}
+
+/// A batch of maps of one shape as the GPU reads them: the maps' words one after another.
+///
+/// # Panics
+/// If the maps' shapes differ.
+pub fn batch_words(maps: &[PackedMap]) -> Vec<u32> {
+    if let Some(first) = maps.first() {
+        let shape = (first.height, first.width, first.channels);
+        assert!(
+            maps.iter()
+                .all(|m| (m.height, m.width, m.channels) == shape),
+            "batch_words: maps of different shapes"
+        );
+    }
+    maps.iter().flat_map(|m| map_words(&m.data)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{binary_conv, ConvGeometry, PadValue};
+    use super::*;
+
+    /// SplitMix64.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn signs(&mut self, n: usize) -> Vec<f32> {
+            (0..n)
+                .map(|_| if self.next() & 1 == 1 { -1.0 } else { 1.0 })
+                .collect()
+        }
+    }
+
+    /// The arithmetic of `binary_conv_mma` on the CPU: the dots of `n` images of `height x
+    /// width` (`input`, their `u32` words), `[n][oh][ow][out_channels]`, from `popc(a & b)`,
+    /// `popc(a)` and `filter_popc` over the padded reduction, then the zero padding's
+    /// correction from `tap_sums`. Equal to the CPU kernel's dots, it leaves a GPU run only the
+    /// kernel's own indexing to test.
+    fn dots_like_the_gpu(
+        layout: &ConvLayout,
+        input: &[u32],
+        n: usize,
+        [height, width]: [usize; 2],
+        geometry: &ConvGeometry,
+    ) -> Vec<i32> {
+        let [kh, kw] = layout.kernel;
+        let (oh, ow) = geometry.output_size(height, width, layout.kernel);
+        let [top, _, left, _] = geometry.pads;
+        let row = layout.chunks * CHUNK_WORDS;
+        let k_bits = (layout.in_channels * kh * kw) as i32;
+        let mut dots = Vec::with_capacity(n * oh * ow * layout.out_channels);
+        for img in 0..n {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let y0 = (oy * geometry.stride[0]) as isize - top as isize;
+                    let x0 = (ox * geometry.stride[1]) as isize - left as isize;
+                    let inside = |t: usize| {
+                        let (y, x) = (y0 + (t / kw) as isize, x0 + (t % kw) as isize);
+                        (0..height as isize).contains(&y) && (0..width as isize).contains(&x)
+                    };
+                    let word = |k: usize| {
+                        let (t, q) = (k / layout.words.max(1), k % layout.words.max(1));
+                        if t >= kh * kw || !inside(t) {
+                            return 0;
+                        }
+                        let (y, x) = (y0 as usize + t / kw, x0 as usize + t % kw);
+                        input[((img * height + y) * width + x) * layout.words + q]
+                    };
+                    let window: Vec<u32> = (0..row).map(word).collect();
+                    let popc_a: i32 = window.iter().map(|w| w.count_ones() as i32).sum();
+                    for o in 0..layout.out_channels {
+                        let filter = &layout.filters[o * row..(o + 1) * row];
+                        let and: i32 = window
+                            .iter()
+                            .zip(filter)
+                            .map(|(a, b)| (a & b).count_ones() as i32)
+                            .sum();
+                        let mut dot = k_bits - 2 * (popc_a + layout.filter_popc[o] - 2 * and);
+                        if geometry.pad_value == PadValue::Zero {
+                            dot -= (0..kh * kw)
+                                .filter(|&t| !inside(t))
+                                .map(|t| layout.tap_sums[o * kh * kw + t])
+                                .sum::<i32>();
+                        }
+                        dots.push(dot);
+                    }
+                }
+            }
+        }
+        dots
+    }
+
+    #[test]
+    fn words_round_trip() {
+        let words = [0x0123_4567_89ab_cdef_u64, u64::MAX, 1 << 63];
+        let gpu = map_words(&words);
+        assert_eq!(
+            gpu,
+            [0x89ab_cdef, 0x0123_4567, u32::MAX, u32::MAX, 0, 1 << 31]
+        );
+        assert_eq!(words_from_gpu(&gpu), words);
+        assert_eq!(full_words(70, 4), [u32::MAX, u32::MAX, 0b11_1111, 0]);
+        assert_eq!(full_words(64, 2), [u32::MAX, u32::MAX]);
+    }
+
+    /// The GPU kernel's arithmetic on its layouts gives the CPU kernel's dots exactly, for
+    /// both pad values, strides 1 and 2, asymmetric padding, channel counts around the word
+    /// sizes and filter counts that are not multiples of the filter block.
+    #[test]
+    fn tensor_core_arithmetic_matches_the_cpu_kernel() {
+        let mut rng = Rng(7);
+        let cases = [
+            // (n, h, w, in, out, kernel, stride, pads)
+            (1, 5, 7, 1, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
+            (2, 6, 5, 31, 7, [3, 3], [2, 2], [1, 1, 1, 1]),
+            (1, 7, 7, 33, 33, [3, 3], [1, 1], [1, 1, 1, 1]),
+            (3, 4, 6, 64, 40, [3, 3], [2, 1], [0, 1, 1, 0]),
+            (1, 5, 5, 65, 9, [1, 1], [1, 1], [0, 0, 0, 0]),
+            (2, 9, 8, 130, 3, [3, 3], [2, 2], [0, 1, 0, 1]),
+            (1, 3, 3, 200, 65, [2, 3], [1, 1], [1, 0, 2, 0]),
+            (1, 2, 2, 96, 5, [3, 3], [1, 1], [2, 2, 2, 2]),
+        ];
+        for (n, h, w, cin, cout, kernel, stride, pads) in cases {
+            let weights = PackedConvWeights::from_signs(
+                &rng.signs(cout * cin * kernel[0] * kernel[1]),
+                cout,
+                cin,
+                kernel,
+            );
+            let layout = ConvLayout::new(&weights);
+            assert_eq!(layout.padded_filters() % FILTER_BLOCK, 0);
+            let maps: Vec<PackedMap> = (0..n)
+                .map(|_| PackedMap::from_signs(&rng.signs(h * w * cin), h, w, cin))
+                .collect();
+            let input = batch_words(&maps);
+            for pad_value in [PadValue::Zero, PadValue::One] {
+                let geometry = ConvGeometry {
+                    stride,
+                    pads,
+                    pad_value,
+                };
+                let (oh, ow) = geometry.output_size(h, w, kernel);
+                let mut expected = vec![0i32; n * oh * ow * cout];
+                for (map, out) in maps
+                    .iter()
+                    .zip(expected.chunks_mut((oh * ow * cout).max(1)))
+                {
+                    binary_conv(map, &weights, &geometry, out, |_, dots, row| {
+                        row.copy_from_slice(dots)
+                    });
+                }
+                let gpu = dots_like_the_gpu(&layout, &input, n, [h, w], &geometry);
+                assert_eq!(
+                    gpu, expected,
+                    "{n}x{h}x{w}x{cin} -> {cout}, {kernel:?}, {stride:?}, {pads:?}, {pad_value:?}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The GPU's packed kernels (`zoo_kernels::packed::cuda`) against the CPU's packed kernels on
+//! random shapes: batches of odd sizes, channel counts around 32 and 64, strides 1 and 2, both
+//! pad values, asymmetric padding, both LAB forms. Every result is bits or integers, so every
+//! comparison is exact.
+//!
+//! Without a GPU every test prints why it did not run and passes. Build and run them with
+//! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda_packed`.
+#![cfg(feature = "cuda")]
+
+use zoo_kernels::packed::cuda::{Gpu, GpuBinaryConv, GpuLab};
+use zoo_kernels::packed::{
+    binary_conv, lab_pack, max_pool, ConvGeometry, LabKernel, PackedConvWeights, PackedMap,
+    PadValue,
+};
+
+/// The first GPU, or `None` after printing why there is none.
+fn gpu(test: &str) -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            println!("{test}: skipped, no usable GPU: {e}");
+            None
+        }
+    }
+}
+
+/// SplitMix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[-1, 1)`.
+    fn float(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    fn floats(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.float()).collect()
+    }
+
+    fn signs(&mut self, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|_| if self.next() & 1 == 1 { -1.0 } else { 1.0 })
+            .collect()
+    }
+}
+
+/// `images` random ±1 maps of `h x w x c`, and the same maps packed by the CPU.
+fn maps(rng: &mut Rng, images: usize, [h, w, c]: [usize; 3]) -> (Vec<f32>, Vec<PackedMap>) {
+    let x = rng.signs(images * h * w * c);
+    let packed = x
+        .chunks((h * w * c).max(1))
+        .take(images)
+        .map(|x| PackedMap::from_signs(x, h, w, c))
+        .collect();
+    (x, packed)
+}
+
+#[test]
+fn sign_packing_matches_the_cpu() {
+    let Some(gpu) = gpu("sign_packing_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng(1);
+    for (images, h, w, c) in [
+        (1, 1, 1, 1),
+        (2, 3, 5, 31),
+        (3, 4, 4, 33),
+        (1, 7, 3, 64),
+        (2, 2, 9, 65),
+        (1, 5, 5, 200),
+    ] {
+        let mut x = rng.floats(images * h * w * c);
+        // Larq's sign at its edges: ±0 and NaN are +1.
+        for (i, v) in x.iter_mut().enumerate().step_by(5) {
+            *v = [0.0, -0.0, f32::NAN, -f32::NAN, -1e-30][i % 5];
+        }
+        let expected: Vec<PackedMap> = x
+            .chunks(h * w * c)
+            .map(|x| PackedMap::from_signs(x, h, w, c))
+            .collect();
+        let packed = gpu
+            .pack_signs(&gpu.upload(&x).unwrap(), images, [h, w, c])
+            .unwrap();
+        assert_eq!(
+            gpu.download_maps(&packed).unwrap(),
+            expected,
+            "{images}x{h}x{w}x{c}"
+        );
+    }
+}
+
+#[test]
+fn tensor_core_convolution_matches_the_cpu() {
+    let Some(gpu) = gpu("tensor_core_convolution_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng(2);
+    let cases = [
+        // (images, h, w, in, out, kernel, stride, pads)
+        (1, 5, 7, 1, 1, [3, 3], [1, 1], [1, 1, 1, 1]),
+        (2, 6, 5, 31, 7, [3, 3], [2, 2], [1, 1, 1, 1]),
+        (3, 7, 7, 33, 33, [3, 3], [1, 1], [1, 1, 1, 1]),
+        (3, 4, 6, 64, 40, [3, 3], [2, 1], [0, 1, 1, 0]),
+        (1, 5, 5, 65, 9, [1, 1], [1, 1], [0, 0, 0, 0]),
+        (2, 9, 8, 130, 3, [3, 3], [2, 2], [0, 1, 0, 1]),
+        (1, 3, 3, 200, 65, [2, 3], [1, 1], [1, 0, 2, 0]),
+        (1, 2, 2, 96, 5, [3, 3], [1, 1], [2, 2, 2, 2]),
+        // QuickNet's shapes at 224x224: each stage's binary convolution.
+        (2, 56, 56, 64, 64, [3, 3], [1, 1], [1, 1, 1, 1]),
+        (1, 28, 28, 128, 128, [3, 3], [1, 1], [1, 1, 1, 1]),
+        (3, 14, 14, 256, 256, [3, 3], [1, 1], [1, 1, 1, 1]),
+        (5, 7, 7, 512, 512, [3, 3], [1, 1], [1, 1, 1, 1]),
+    ];
+    for (images, h, w, cin, cout, kernel, stride, pads) in cases {
+        let weights = PackedConvWeights::from_signs(
+            &rng.signs(cout * cin * kernel[0] * kernel[1]),
+            cout,
+            cin,
+            kernel,
+        );
+        let (_, cpu_maps) = maps(&mut rng, images, [h, w, cin]);
+        let input = gpu.upload_maps(&cpu_maps).unwrap();
+        for pad_value in [PadValue::Zero, PadValue::One] {
+            let geometry = ConvGeometry {
+                stride,
+                pads,
+                pad_value,
+            };
+            let (oh, ow) = geometry.output_size(h, w, kernel);
+            let per_image = oh * ow * cout;
+            let mut expected = vec![0i32; images * per_image];
+            for (map, out) in cpu_maps.iter().zip(expected.chunks_mut(per_image.max(1))) {
+                binary_conv(map, &weights, &geometry, out, |_, dots, row| {
+                    row.copy_from_slice(dots)
+                });
+            }
+            let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
+            assert_eq!(conv.output_size(h, w), (oh, ow));
+            let dots = conv.dots(&gpu, &input).unwrap();
+            let got = gpu.download(&dots, images * per_image).unwrap();
+            assert_eq!(
+                got, expected,
+                "{images}x{h}x{w}x{cin} -> {cout}, {kernel:?}, {stride:?}, {pads:?}, {pad_value:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lab_packing_matches_the_cpu_in_both_forms() {
+    let Some(gpu) = gpu("lab_packing_matches_the_cpu_in_both_forms") else {
+        return;
+    };
+    let mut rng = Rng(3);
+    for (images, h, w, c) in [
+        (1, 1, 1, 1),
+        (2, 5, 3, 31),
+        (3, 4, 7, 33),
+        (1, 6, 6, 64),
+        (2, 3, 8, 65),
+        (1, 9, 9, 130),
+    ] {
+        let x = rng.floats(images * h * w * c);
+        let folded = LabKernel::folded(c, rng.floats(9 * c), rng.floats(c));
+        let shift = |k: usize| (0..c).map(|i| (i + k) % c).collect::<Vec<_>>();
+        let paired = LabKernel::paired(
+            c,
+            rng.floats(9 * c),
+            shift(c / 2),
+            rng.floats(9 * c),
+            shift(1),
+            rng.floats(c),
+        );
+        let input = gpu.upload(&x).unwrap();
+        for (form, lab) in [("folded", folded), ("paired", paired)] {
+            let expected: Vec<PackedMap> = x
+                .chunks(h * w * c)
+                .map(|x| lab_pack(x, h, w, &lab))
+                .collect();
+            let packed = GpuLab::new(&gpu, &lab)
+                .unwrap()
+                .pack(&gpu, &input, images, [h, w])
+                .unwrap();
+            assert_eq!(
+                gpu.download_maps(&packed).unwrap(),
+                expected,
+                "{form} {images}x{h}x{w}x{c}"
+            );
+        }
+    }
+}
+
+#[test]
+fn max_pooling_on_bits_matches_the_cpu() {
+    let Some(gpu) = gpu("max_pooling_on_bits_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng(4);
+    for (images, h, w, c, size, stride, pads) in [
+        (1, 4, 4, 1, [2, 2], [2, 2], [0, 0, 0, 0]),
+        (2, 7, 5, 33, [3, 3], [2, 2], [1, 1, 1, 1]),
+        (3, 6, 6, 64, [2, 2], [2, 2], [0, 0, 0, 0]),
+        (1, 5, 8, 130, [3, 2], [1, 2], [1, 0, 0, 1]),
+        // Windows wholly in the padding give -1.
+        (1, 2, 2, 65, [2, 2], [1, 1], [3, 0, 3, 0]),
+    ] {
+        let (_, cpu_maps) = maps(&mut rng, images, [h, w, c]);
+        let expected: Vec<PackedMap> = cpu_maps
+            .iter()
+            .map(|m| max_pool(m, size, stride, pads))
+            .collect();
+        let input = gpu.upload_maps(&cpu_maps).unwrap();
+        let pooled = gpu.max_pool(&input, size, stride, pads).unwrap();
+        assert_eq!(
+            gpu.download_maps(&pooled).unwrap(),
+            expected,
+            "{images}x{h}x{w}x{c}, {size:?}, {stride:?}, {pads:?}"
+        );
+    }
+}
+
+/// The tensor-core convolution's rate on QuickNet-224's binary layer shapes at batch 1 and 256,
+/// in binary multiply-adds per second (the card's peak is its dense binary tensor-core rate,
+/// 4,992 T on an A100): `--ignored`, run by `benches/gpu/device_check.sh`.
+#[test]
+#[ignore = "a timing: run on a GPU with --ignored"]
+fn tensor_core_convolution_rate() {
+    let Some(gpu) = gpu("tensor_core_convolution_rate") else {
+        return;
+    };
+    let mut rng = Rng(5);
+    for (h, c) in [(56, 64), (28, 128), (14, 256), (7, 512)] {
+        let weights = PackedConvWeights::from_signs(&rng.signs(c * c * 9), c, c, [3, 3]);
+        let geometry = ConvGeometry {
+            stride: [1, 1],
+            pads: [1, 1, 1, 1],
+            pad_value: PadValue::Zero,
+        };
+        let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
+        for images in [1, 256] {
+            let x = gpu.upload(&rng.signs(images * h * h * c)).unwrap();
+            let input = gpu.pack_signs(&x, images, [h, h, c]).unwrap();
+            let run = || {
+                conv.dots(&gpu, &input).unwrap();
+            };
+            run();
+            gpu.stream().synchronize().unwrap();
+            let reps = if images == 1 { 200 } else { 20 };
+            let start = std::time::Instant::now();
+            for _ in 0..reps {
+                run();
+            }
+            gpu.stream().synchronize().unwrap();
+            let seconds = start.elapsed().as_secs_f64() / reps as f64;
+            let macs = (images * h * h * c * c * 9) as f64;
+            println!(
+                "binary conv {h}x{h}x{c} -> {c}, 3x3, batch {images}: {:.3} ms, {:.1} T binary MACs/s",
+                seconds * 1e3,
+                macs / seconds / 1e12
+            );
+        }
+    }
+}
