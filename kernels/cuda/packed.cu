@@ -326,3 +326,76 @@ extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, const 
         out[i] = word;
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The output transform of a binary convolution: per-channel ops on its dots, then a residual,
+// written as floats and/or as packed signs for a binarized next layer.
+
+// The ops (EpilogueOp in kernels/src/packed/gpu.rs), each reading its per-channel parameters
+// at params[offset + c], applied in order with the CPU engine's arithmetic (a multiply, then an
+// add, each rounded: --fmad=false keeps them apart).
+#define OP_AFFINE 0  // v * mul + add: mul at offset, add at offset + channels
+#define OP_SCALE 1   // v * mul
+#define OP_ADD 2     // v + add
+#define OP_RELU 3    // max(v, 0)
+#define OP_PRELU 4   // v where v > 0, else alpha * v
+
+struct Epilogue {
+    i64 pixels;
+    int channels, words;  // output channels; u32 words per pixel of `bits`
+    int ops;              // the number of ops
+    int residual;         // 1: add residual[i] after the ops
+    int write_values;     // 1: write the floats to `values`
+    int write_signs;      // 1: write Larq's signs of the floats to `bits`
+};
+
+// One warp per (pixel, word of 32 output channels).
+extern "C" __global__ void dots_epilogue(Epilogue e, const int* dots, const int* kinds,
+                                         const int* offsets, const float* params,
+                                         const float* residual, float* values,
+                                         unsigned* bits) {
+    const int lane = threadIdx.x & 31;
+    const u64 warps = grid_stride() / 32;
+    const u64 total = (u64)e.pixels * e.words;
+    for (u64 w = thread_index() / 32; w < total; w += warps) {
+        const i64 p = (i64)(w / e.words);
+        const int q = (int)(w % e.words);
+        const int c = 32 * q + lane;
+        bool negative = false;
+        if (c < e.channels) {
+            const i64 i = p * e.channels + c;
+            float v = (float)dots[i];
+            for (int k = 0; k < e.ops; ++k) {
+                const float* at = params + offsets[k];
+                switch (kinds[k]) {
+                    case OP_AFFINE:
+                        v = v * at[c] + at[e.channels + c];
+                        break;
+                    case OP_SCALE:
+                        v = v * at[c];
+                        break;
+                    case OP_ADD:
+                        v = v + at[c];
+                        break;
+                    case OP_RELU:
+                        v = fmaxf(v, 0.0f);
+                        break;
+                    case OP_PRELU:
+                        v = v <= 0.0f ? v * at[c] : v;
+                        break;
+                }
+            }
+            if (e.residual) {
+                v = v + residual[i];
+            }
+            if (e.write_values) {
+                values[i] = v;
+            }
+            negative = v < 0.0f;
+        }
+        const unsigned word = __ballot_sync(FULL_MASK, negative);
+        if (e.write_signs && lane == 0) {
+            bits[w] = word;
+        }
+    }
+}

@@ -7,7 +7,8 @@
 //! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda_packed`.
 #![cfg(feature = "cuda")]
 
-use zoo_kernels::packed::cuda::{Gpu, GpuBinaryConv, GpuLab};
+use zoo_kernels::packed::cuda::{Gpu, GpuBinaryConv, GpuEpilogue, GpuLab};
+use zoo_kernels::packed::gpu::EpilogueOp;
 use zoo_kernels::packed::{
     binary_conv, lab_pack, max_pool, ConvGeometry, LabKernel, PackedConvWeights, PackedMap,
     PadValue,
@@ -194,6 +195,95 @@ fn lab_packing_matches_the_cpu_in_both_forms() {
                 expected,
                 "{form} {images}x{h}x{w}x{c}"
             );
+        }
+    }
+}
+
+/// The CPU engine's arithmetic for the ops: a multiply, then an add, each rounded.
+fn apply(ops: &[EpilogueOp], channels: usize, dots: &[i32], residual: Option<&[f32]>) -> Vec<f32> {
+    let mut values: Vec<f32> = dots.iter().map(|&d| d as f32).collect();
+    for (i, v) in values.iter_mut().enumerate() {
+        let c = i % channels;
+        for op in ops {
+            *v = match *op {
+                EpilogueOp::Affine { mul, add } => *v * mul[c] + add[c],
+                EpilogueOp::Scale(mul) => *v * mul[c],
+                EpilogueOp::Add(add) => *v + add[c],
+                EpilogueOp::Relu => v.max(0.0),
+                EpilogueOp::PRelu(alpha) => {
+                    if *v <= 0.0 {
+                        *v * alpha[c]
+                    } else {
+                        *v
+                    }
+                }
+            };
+        }
+        if let Some(r) = residual {
+            *v += r[i];
+        }
+    }
+    values
+}
+
+#[test]
+fn epilogue_matches_the_cpu_arithmetic() {
+    let Some(gpu) = gpu("epilogue_matches_the_cpu_arithmetic") else {
+        return;
+    };
+    let mut rng = Rng(6);
+    for (images, h, w, c) in [(1, 1, 1, 1), (2, 3, 5, 33), (1, 4, 4, 64), (3, 2, 3, 130)] {
+        let n = images * h * w * c;
+        let dots: Vec<i32> = (0..n).map(|_| (rng.next() % 601) as i32 - 300).collect();
+        let (mul, add, alpha) = (rng.floats(c), rng.floats(c), rng.floats(c));
+        let residual = rng.floats(n);
+        let programs: [Vec<EpilogueOp>; 4] = [
+            vec![],
+            vec![
+                EpilogueOp::Affine {
+                    mul: &mul,
+                    add: &add,
+                },
+                EpilogueOp::Relu,
+            ],
+            vec![
+                EpilogueOp::Scale(&mul),
+                EpilogueOp::PRelu(&alpha),
+                EpilogueOp::Add(&add),
+            ],
+            vec![
+                EpilogueOp::Relu,
+                EpilogueOp::Affine {
+                    mul: &add,
+                    add: &mul,
+                },
+            ],
+        ];
+        let gpu_dots = gpu.upload(&dots).unwrap();
+        let gpu_residual = gpu.upload(&residual).unwrap();
+        for ops in &programs {
+            let epilogue = GpuEpilogue::new(&gpu, c, ops).unwrap();
+            for with_residual in [false, true] {
+                let r = with_residual.then_some(residual.as_slice());
+                let expected = apply(ops, c, &dots, r);
+                let out = epilogue
+                    .apply(
+                        &gpu,
+                        &gpu_dots,
+                        images,
+                        [h, w],
+                        with_residual.then_some(&gpu_residual),
+                        (true, true),
+                    )
+                    .unwrap();
+                let values = gpu.download(&out.values.unwrap(), n).unwrap();
+                assert_eq!(values, expected, "{ops:?} {images}x{h}x{w}x{c}");
+                let signs: Vec<PackedMap> = expected
+                    .chunks(h * w * c)
+                    .map(|x| PackedMap::from_signs(x, h, w, c))
+                    .collect();
+                assert_eq!(gpu.download_maps(&out.signs.unwrap()).unwrap(), signs);
+            }
         }
     }
 }

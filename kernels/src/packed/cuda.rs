@@ -6,6 +6,8 @@
 //! - [`GpuLab::pack`]: LAB's depthwise score, thresholded and packed, bit for bit the CPU's;
 //! - [`GpuBinaryConv::dots`]: the exact integer ±1 convolution on binary tensor cores
 //!   (`mma.m16n8k256` with AND + popcount; compute capability 8.0 and later);
+//! - [`GpuEpilogue::apply`]: the per-channel transforms of the dots and a residual, written as
+//!   floats and/or packed signs;
 //! - [`Gpu::max_pool`]: max pooling of ±1 maps.
 //!
 //! Without a GPU, [`Gpu::new`] fails saying so.
@@ -20,7 +22,7 @@ use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, Result};
 
-use super::gpu::{full_words, ConvLayout, CHUNK_WORDS, FILTER_BLOCK};
+use super::gpu::{full_words, ConvLayout, EpilogueOp, EpilogueProgram, CHUNK_WORDS, FILTER_BLOCK};
 use super::lab::Form;
 use super::{ConvGeometry, LabKernel, PadValue};
 use crate::cuda::{elementwise, PACKED};
@@ -279,6 +281,21 @@ struct BinaryConvShape {
 // SAFETY: plain data, laid out as the kernel's struct.
 unsafe impl DeviceRepr for BinaryConvShape {}
 
+/// `struct Epilogue` of `packed.cu`.
+#[repr(C)]
+struct EpilogueShape {
+    pixels: i64,
+    channels: i32,
+    words: i32,
+    ops: i32,
+    residual: i32,
+    write_values: i32,
+    write_signs: i32,
+}
+
+// SAFETY: plain data, laid out as the kernel's struct.
+unsafe impl DeviceRepr for EpilogueShape {}
+
 /// `struct LabMap` of `packed.cu`.
 #[repr(C)]
 struct LabMap {
@@ -517,6 +534,105 @@ impl GpuLab {
             channels,
             words,
             data,
+        })
+    }
+}
+
+/// The output transform of a binary convolution on the GPU: its ops' parameters uploaded once.
+pub struct GpuEpilogue {
+    channels: usize,
+    ops: usize,
+    kinds: CudaSlice<i32>,
+    offsets: CudaSlice<i32>,
+    params: CudaSlice<f32>,
+}
+
+/// What [`GpuEpilogue::apply`] writes.
+pub struct EpilogueOutput {
+    /// The transformed values, `[pixels][channels]`, where asked for.
+    pub values: Option<CudaSlice<f32>>,
+    /// Larq's signs of the transformed values, packed, where asked for.
+    pub signs: Option<GpuMap>,
+}
+
+impl GpuEpilogue {
+    /// `ops` on `channels` output channels, uploaded to `gpu`.
+    ///
+    /// # Panics
+    /// If an op's parameters are not one per channel.
+    pub fn new(gpu: &Gpu, channels: usize, ops: &[EpilogueOp]) -> Result<Self> {
+        let program = EpilogueProgram::new(channels, ops);
+        Ok(GpuEpilogue {
+            channels,
+            ops: program.kinds.len(),
+            kinds: gpu.upload(&program.kinds)?,
+            offsets: gpu.upload(&program.offsets)?,
+            params: gpu.upload(&program.params)?,
+        })
+    }
+
+    /// The ops applied to `dots` of `images` maps of `height x width` (`[pixels][channels]`,
+    /// as [`GpuBinaryConv::dots`] gives them), then `residual` added (one value per output
+    /// value); the floats kept if `values`, their signs packed if `signs`.
+    pub fn apply(
+        &self,
+        gpu: &Gpu,
+        dots: &CudaSlice<i32>,
+        images: usize,
+        [height, width]: [usize; 2],
+        residual: Option<&CudaSlice<f32>>,
+        (values, signs): (bool, bool),
+    ) -> Result<EpilogueOutput> {
+        let pixels = images * height * width;
+        let n = pixels * self.channels;
+        if dots.len() < n || residual.is_some_and(|r| r.len() < n) {
+            bail!(
+                "epilogue: fewer dots or residual values than {images}x{height}x{width}x{}",
+                self.channels
+            );
+        }
+        let words = 2 * self.channels.div_ceil(64);
+        let mut out = gpu.zeros::<f32>(if values { n } else { 1 })?;
+        let mut bits = gpu.zeros::<u32>(if signs { pixels * words } else { 1 })?;
+        if n > 0 {
+            let shape = EpilogueShape {
+                pixels: pixels as i64,
+                channels: self.channels as i32,
+                words: words as i32,
+                ops: self.ops as i32,
+                residual: i32::from(residual.is_some()),
+                write_values: i32::from(values),
+                write_signs: i32::from(signs),
+            };
+            let none = gpu.zeros::<f32>(1)?;
+            let func = gpu.kernel("dots_epilogue")?;
+            let mut launch = gpu.stream.launch_builder(&func);
+            launch
+                .arg(&shape)
+                .arg(dots)
+                .arg(&self.kinds)
+                .arg(&self.offsets)
+                .arg(&self.params)
+                .arg(residual.unwrap_or(&none))
+                .arg(&mut out)
+                .arg(&mut bits);
+            // SAFETY: `dots_epilogue(Epilogue, const int* dots, const int* kinds, const int*
+            // offsets, const float* params, const float* residual, float* values, unsigned*
+            // bits)`; `dots` and a given residual hold `pixels * channels` values (checked),
+            // `values` and `bits` are read or written only where the flags say so, and then
+            // hold `pixels * channels` floats and `pixels * words` words.
+            unsafe { launch.launch(elementwise(32 * pixels * words)) }.w()?;
+        }
+        Ok(EpilogueOutput {
+            values: values.then_some(out),
+            signs: signs.then_some(GpuMap {
+                images,
+                height,
+                width,
+                channels: self.channels,
+                words,
+                data: bits,
+            }),
         })
     }
 }

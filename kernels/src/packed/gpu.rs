@@ -1,7 +1,7 @@
 //! What the GPU's packed kernels (`kernels/cuda/packed.cu`) read, laid out on the host: maps
 //! as `u32` words, and a binary convolution's filters as the columns of its tensor-core
 //! product with their bit counts. Plain data, built and checked without a GPU; the `cuda`
-//! feature uploads it ([`super::cuda`]).
+//! feature uploads it (`packed::cuda`).
 
 use super::{PackedConvWeights, PackedMap};
 
@@ -128,6 +128,74 @@ pub fn batch_words(maps: &[PackedMap]) -> Vec<u32> {
         );
     }
     maps.iter().flat_map(|m| map_words(&m.data)).collect()
+}
+
+/// One per-channel transform of a layer's output, as `dots_epilogue` applies it (the engine's
+/// channel ops): parameters per output channel.
+#[derive(Clone, Copy, Debug)]
+pub enum EpilogueOp<'a> {
+    /// `v * mul[c] + add[c]`, the product rounded before the sum.
+    Affine {
+        /// Multipliers.
+        mul: &'a [f32],
+        /// Offsets.
+        add: &'a [f32],
+    },
+    /// `v * mul[c]`.
+    Scale(&'a [f32]),
+    /// `v + add[c]`.
+    Add(&'a [f32]),
+    /// `max(v, 0)`.
+    Relu,
+    /// `v` where positive, else `alpha[c] * v`.
+    PRelu(&'a [f32]),
+}
+
+/// A list of [`EpilogueOp`]s as the GPU reads it: a kind and a parameter offset per op, all
+/// parameters in one array.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EpilogueProgram {
+    /// Output channels.
+    pub channels: usize,
+    /// The kind of each op (`OP_AFFINE` .. `OP_PRELU` of `packed.cu`).
+    pub kinds: Vec<i32>,
+    /// Where each op's parameters start in `params`.
+    pub offsets: Vec<i32>,
+    /// The parameters, op after op (an affine op's multipliers, then its offsets).
+    pub params: Vec<f32>,
+}
+
+impl EpilogueProgram {
+    /// `ops` for `channels` output channels.
+    ///
+    /// # Panics
+    /// If an op's parameters are not one per channel.
+    pub fn new(channels: usize, ops: &[EpilogueOp]) -> Self {
+        let mut program = EpilogueProgram {
+            channels,
+            ..Default::default()
+        };
+        for op in ops {
+            let (kind, params): (i32, Vec<&[f32]>) = match *op {
+                EpilogueOp::Affine { mul, add } => (0, vec![mul, add]),
+                EpilogueOp::Scale(mul) => (1, vec![mul]),
+                EpilogueOp::Add(add) => (2, vec![add]),
+                EpilogueOp::Relu => (3, vec![]),
+                EpilogueOp::PRelu(alpha) => (4, vec![alpha]),
+            };
+            program.kinds.push(kind);
+            program.offsets.push(program.params.len() as i32);
+            for p in params {
+                assert_eq!(
+                    p.len(),
+                    channels,
+                    "EpilogueProgram: one parameter per channel"
+                );
+                program.params.extend_from_slice(p);
+            }
+        }
+        program
+    }
 }
 
 #[cfg(test)]
