@@ -254,7 +254,8 @@ mod tests {
                         if t >= kh * kw || !inside(t) {
                             return 0;
                         }
-                        let (y, x) = (y0 as usize + t / kw, x0 as usize + t % kw);
+                        let y = (y0 + (t / kw) as isize) as usize;
+                        let x = (x0 + (t % kw) as isize) as usize;
                         input[((img * height + y) * width + x) * layout.words + q]
                     };
                     let window: Vec<u32> = (0..row).map(word).collect();
