@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA training issue, as one call on a lent GPU machine: the machine and
-# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, the packed engine's kernels
-# against the CPU's, a whole training step of every registered model against the CPU), then training throughput side by side with PyTorch
+# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, the packed engine's
+# kernels against the CPU's and the binary convolution's rate, a whole training step of
+# every registered model against the CPU), then training throughput side by side with PyTorch
 # on the same card (benches/peers/train_throughput.sh): QuickNet and QuickNet-LAB at 32x32x1
 # (Fashion-MNIST) and 224x224x3 (a folder of random JPEGs made on the spot), batch 256.
 #
@@ -84,7 +85,7 @@ if [[ -z ${SKIP_TESTS:-} ]]; then
     "$bin/test-cuda" --nocapture --test-threads 1 || failed=1
     step "GPU tests: the packed engine's kernels (tensor-core convolution, LAB, packing, pooling) against the CPU"
     "$bin/test-cuda_packed" --nocapture --test-threads 1 || failed=1
-    "$bin/test-cuda_packed" --nocapture --ignored tensor_core_convolution_rate || failed=1
+    "$bin/test-cuda_packed" --nocapture --ignored binary_convolution_rate || failed=1
     step "GPU tests: a training step of every registered model against the CPU"
     "$bin/test-gpu_training" --nocapture || failed=1
 fi

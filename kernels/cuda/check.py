@@ -129,8 +129,7 @@ def main():
         for arch in ARCHITECTURES:
             ok, log, ptx = compile_source(nvrtc, name, arch)
             if ok:
-                assembled, messages = assemble(ptxas, ptx, arch)
-                ok = ok and assembled
+                ok, messages = assemble(ptxas, ptx, arch)
                 log = "\n".join(m for m in (log, messages) if m)
             kernels = ptx.count(b".entry")
             verdict = "ok" if ok and not log else ("warnings" if ok else "FAILED")

@@ -11,6 +11,9 @@
 // - binary_conv_mma: the exact integer ±1 convolution on binary tensor cores
 //   (mma.m16n8k256 with AND + popcount, sm_80 and later) as an implicit GEMM: rows are output
 //   pixels, columns output channels, the reduction runs over (tap, word) in 256-bit chunks;
+//   binary_conv_popc the same on CUDA cores (XOR + popcount), for any GPU;
+// - dots_epilogue: the per-channel transforms of the dots and a residual, as floats and/or
+//   packed signs;
 // - max_pool_bits: max pooling of ±1 maps, the AND of the taps inside the image.
 #include "common.cuh"
 
@@ -172,13 +175,19 @@ struct BinaryConvShape {
 // The warps of a block; each computes 16 output pixels x 32 output channels.
 #define MMA_WARPS 4
 
-// D = popc(A & B) + C for a 16 x 256 bit tile of A (rows) and a 256 x 8 bit tile of B.
+// D = popc(A & B) + C for a 16 x 256 bit tile of A (rows) and a 256 x 8 bit tile of B. Binary
+// tensor cores with AND exist from compute capability 8.0; the host runs binary_conv_popc on
+// older GPUs, where this traps.
 __device__ __forceinline__ void mma_and_popc(int* d, const unsigned* a, const unsigned* b) {
+#if __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
 }
 
 // One output pixel's window: its image and top-left corner in the input (which may lie in the
@@ -292,6 +301,37 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
             }
             dots[(m0 + group + 8 * r) * s.out_channels + o] = dot;
         }
+    }
+}
+
+// The same dots on CUDA cores: one thread per (pixel, filter), filters fastest (a warp's
+// threads read the same input words), XOR and popcount per tap inside the image; a tap in the
+// padding adds tap_sums[o][t] with +1 padding and nothing with zeros. Any compute capability.
+extern "C" __global__ void binary_conv_popc(BinaryConvShape s, const unsigned* in,
+                                            const unsigned* weights, const int* tap_sums,
+                                            int* dots) {
+    const int taps = s.kh * s.kw, k8 = s.chunks * 8;
+    const u64 total = (u64)s.n * s.oh * s.ow * s.out_channels;
+    for (u64 i = thread_index(); i < total; i += grid_stride()) {
+        const int o = (int)(i % s.out_channels);
+        const Window win = window_of(s, (i64)(i / s.out_channels));
+        const unsigned* filter = weights + (i64)o * k8;
+        int dot = 0;
+        for (int t = 0; t < taps; ++t) {
+            const int y = win.y0 + t / s.kw, x = win.x0 + t % s.kw;
+            if (y < 0 || y >= s.h || x < 0 || x >= s.w) {
+                dot += s.pad_one ? tap_sums[o * taps + t] : 0;
+                continue;
+            }
+            const unsigned* a = in + ((win.img * s.h + y) * s.w + x) * s.words;
+            const unsigned* b = filter + t * s.words;
+            int mismatches = 0;
+            for (int q = 0; q < s.words; ++q) {
+                mismatches += __popc(__ldg(a + q) ^ __ldg(b + q));
+            }
+            dot += s.channels - 2 * mismatches;
+        }
+        dots[i] = dot;
     }
 }
 

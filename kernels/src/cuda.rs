@@ -58,8 +58,8 @@ pub(crate) const ADAM: Module = Module {
     name: "adam",
     source: include_str!("../cuda/adam.cu"),
 };
-/// The packed inference kernels: sign and LAB packing, binary tensor-core convolution, max
-/// pooling on bits ([`crate::packed::cuda`]).
+/// The packed inference kernels: sign and LAB packing, the binary tensor-core convolution and
+/// its output transform, max pooling on bits ([`crate::packed::cuda`]).
 pub(crate) const PACKED: Module = Module {
     name: "packed",
     source: include_str!("../cuda/packed.cu"),

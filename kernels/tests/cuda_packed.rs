@@ -1,5 +1,5 @@
-//! The GPU's packed kernels (`zoo_kernels::packed::cuda`) against the CPU's packed kernels on
-//! random shapes: batches of odd sizes, channel counts around 32 and 64, strides 1 and 2, both
+//! The GPU's packed kernels (`zoo_kernels::packed::cuda`; the convolution on tensor cores and
+//! on CUDA cores) against the CPU's packed kernels on random shapes: batches of odd sizes, channel counts around 32 and 64, strides 1 and 2, both
 //! pad values, asymmetric padding, both LAB forms. Every result is bits or integers, so every
 //! comparison is exact.
 //!
@@ -7,7 +7,7 @@
 //! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda_packed`.
 #![cfg(feature = "cuda")]
 
-use zoo_kernels::packed::cuda::{Gpu, GpuBinaryConv, GpuEpilogue, GpuLab};
+use zoo_kernels::packed::cuda::{ConvPath, Gpu, GpuBinaryConv, GpuEpilogue, GpuLab};
 use zoo_kernels::packed::gpu::EpilogueOp;
 use zoo_kernels::packed::{
     binary_conv, lab_pack, max_pool, ConvGeometry, LabKernel, PackedConvWeights, PackedMap,
@@ -98,9 +98,20 @@ fn sign_packing_matches_the_cpu() {
     }
 }
 
+/// The convolution paths this GPU has: CUDA cores always, tensor cores from 8.0.
+fn conv_paths(gpu: &Gpu) -> Vec<ConvPath> {
+    let mut paths = vec![ConvPath::Popcount];
+    if gpu.conv_path() == ConvPath::TensorCores {
+        paths.push(ConvPath::TensorCores);
+    } else {
+        println!("no binary tensor cores on this GPU: the CUDA-core path only");
+    }
+    paths
+}
+
 #[test]
-fn tensor_core_convolution_matches_the_cpu() {
-    let Some(gpu) = gpu("tensor_core_convolution_matches_the_cpu") else {
+fn binary_convolution_matches_the_cpu_on_both_paths() {
+    let Some(gpu) = gpu("binary_convolution_matches_the_cpu_on_both_paths") else {
         return;
     };
     let mut rng = Rng(2);
@@ -145,12 +156,15 @@ fn tensor_core_convolution_matches_the_cpu() {
             }
             let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
             assert_eq!(conv.output_size(h, w), (oh, ow));
-            let dots = conv.dots(&gpu, &input).unwrap();
-            let got = gpu.download(&dots, images * per_image).unwrap();
-            assert_eq!(
-                got, expected,
-                "{images}x{h}x{w}x{cin} -> {cout}, {kernel:?}, {stride:?}, {pads:?}, {pad_value:?}"
-            );
+            for path in conv_paths(&gpu) {
+                let dots = conv.dots_with(&gpu, &input, path).unwrap();
+                let got = gpu.download(&dots, images * per_image).unwrap();
+                assert_eq!(
+                    got, expected,
+                    "{path:?}: {images}x{h}x{w}x{cin} -> {cout}, {kernel:?}, {stride:?}, \
+                     {pads:?}, {pad_value:?}"
+                );
+            }
         }
     }
 }
@@ -317,13 +331,13 @@ fn max_pooling_on_bits_matches_the_cpu() {
     }
 }
 
-/// The tensor-core convolution's rate on QuickNet-224's binary layer shapes at batch 1 and 256,
-/// in binary multiply-adds per second (the card's peak is its dense binary tensor-core rate,
+/// The convolution's rate on both paths on QuickNet-224's binary layer shapes at batch 1 and
+/// 256 (each call allocating its output), in binary multiply-adds per second (the card's peak is its dense binary tensor-core rate,
 /// 4,992 T on an A100): `--ignored`, run by `benches/gpu/device_check.sh`.
 #[test]
 #[ignore = "a timing: run on a GPU with --ignored"]
-fn tensor_core_convolution_rate() {
-    let Some(gpu) = gpu("tensor_core_convolution_rate") else {
+fn binary_convolution_rate() {
+    let Some(gpu) = gpu("binary_convolution_rate") else {
         return;
     };
     let mut rng = Rng(5);
@@ -335,11 +349,14 @@ fn tensor_core_convolution_rate() {
             pad_value: PadValue::Zero,
         };
         let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
-        for images in [1, 256] {
+        for (images, path) in [1, 256]
+            .into_iter()
+            .flat_map(|images| conv_paths(&gpu).into_iter().map(move |p| (images, p)))
+        {
             let x = gpu.upload(&rng.signs(images * h * h * c)).unwrap();
             let input = gpu.pack_signs(&x, images, [h, h, c]).unwrap();
             let run = || {
-                conv.dots(&gpu, &input).unwrap();
+                conv.dots_with(&gpu, &input, path).unwrap();
             };
             run();
             gpu.stream().synchronize().unwrap();
@@ -352,7 +369,8 @@ fn tensor_core_convolution_rate() {
             let seconds = start.elapsed().as_secs_f64() / reps as f64;
             let macs = (images * h * h * c * c * 9) as f64;
             println!(
-                "binary conv {h}x{h}x{c} -> {c}, 3x3, batch {images}: {:.3} ms, {:.1} T binary MACs/s",
+                "binary conv {path:?} {h}x{h}x{c} -> {c}, 3x3, batch {images}: {:.3} ms, \
+                 {:.1} T binary MACs/s",
                 seconds * 1e3,
                 macs / seconds / 1e12
             );

@@ -5,7 +5,8 @@
 //! - [`Gpu::pack_signs`]: Larq's sign of float NHWC maps, packed;
 //! - [`GpuLab::pack`]: LAB's depthwise score, thresholded and packed, bit for bit the CPU's;
 //! - [`GpuBinaryConv::dots`]: the exact integer ±1 convolution on binary tensor cores
-//!   (`mma.m16n8k256` with AND + popcount; compute capability 8.0 and later);
+//!   (`mma.m16n8k256` with AND + popcount; compute capability 8.0 and later), or with XOR and
+//!   popcount on CUDA cores on older GPUs ([`ConvPath`]);
 //! - [`GpuEpilogue::apply`]: the per-channel transforms of the dots and a residual, written as
 //!   floats and/or packed signs;
 //! - [`Gpu::max_pool`]: max pooling of ±1 maps.
@@ -36,6 +37,16 @@ const MMA_PIXELS: usize = 64;
 pub struct Gpu {
     stream: Arc<CudaStream>,
     module: Arc<CudaModule>,
+    capability: (i32, i32),
+}
+
+/// How a binary convolution computes its dots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvPath {
+    /// Binary tensor cores, AND + popcount (compute capability 8.0 and later).
+    TensorCores,
+    /// CUDA cores, XOR + popcount (any GPU).
+    Popcount,
 }
 
 /// A batch of packed ±1 maps of one shape on the GPU: `[images][height][width][words]` `u32`
@@ -57,25 +68,27 @@ pub struct GpuMap {
 
 impl Gpu {
     /// GPU `ordinal`, its kernels compiled by NVRTC for its compute capability. Fails on a
-    /// machine without a GPU or driver, and on GPUs older than compute capability 8.0 (no
-    /// binary tensor-core operations with AND).
+    /// machine without a GPU or driver.
     pub fn new(ordinal: usize) -> Result<Self> {
         let context = CudaContext::new(ordinal).w()?;
         let capability = context.compute_capability().w()?;
-        if capability.0 < 8 {
-            bail!(
-                "GPU {ordinal} has compute capability {}.{}: the packed kernels need 8.0 or later \
-                 (binary tensor cores with AND)",
-                capability.0,
-                capability.1
-            );
-        }
         let ptx = PACKED.ptx(capability)?;
         let module = context.load_module(Ptx::from_src(&*ptx)).w()?;
         Ok(Gpu {
             stream: context.default_stream(),
             module,
+            capability,
         })
+    }
+
+    /// The convolution path this GPU runs by default: tensor cores where it has binary ones
+    /// with AND (compute capability 8.0 and later), else CUDA cores.
+    pub fn conv_path(&self) -> ConvPath {
+        if self.capability.0 >= 8 {
+            ConvPath::TensorCores
+        } else {
+            ConvPath::Popcount
+        }
     }
 
     /// The stream every kernel of this GPU runs on.
@@ -350,14 +363,27 @@ impl GpuBinaryConv {
     }
 
     /// The exact integer dots of the convolution of `input`, `[images][oh][ow][out_channels]`
-    /// (what the CPU kernel hands its epilogue, row by row).
+    /// (what the CPU kernel hands its epilogue, row by row), on the GPU's default path.
     pub fn dots(&self, gpu: &Gpu, input: &GpuMap) -> Result<CudaSlice<i32>> {
+        self.dots_with(gpu, input, gpu.conv_path())
+    }
+
+    /// [`GpuBinaryConv::dots`] on `path`; the tensor cores need compute capability 8.0.
+    pub fn dots_with(&self, gpu: &Gpu, input: &GpuMap, path: ConvPath) -> Result<CudaSlice<i32>> {
         let layout = &self.layout;
         if input.channels != layout.in_channels {
             bail!(
                 "binary convolution: the input has {} channels, the filters {}",
                 input.channels,
                 layout.in_channels
+            );
+        }
+        if path == ConvPath::TensorCores && gpu.capability.0 < 8 {
+            bail!(
+                "binary convolution: binary tensor cores need compute capability 8.0, this GPU \
+                 has {}.{}",
+                gpu.capability.0,
+                gpu.capability.1
             );
         }
         let (oh, ow) = self.output_size(input.height, input.width);
@@ -386,28 +412,46 @@ impl GpuBinaryConv {
             chunks: layout.chunks as i32,
         };
         debug_assert_eq!(layout.filters.len() % (CHUNK_WORDS * FILTER_BLOCK), 0);
-        let config = LaunchConfig {
-            grid_dim: (
-                pixels.div_ceil(MMA_PIXELS) as u32,
-                (layout.padded_filters() / FILTER_BLOCK) as u32,
-                1,
-            ),
-            block_dim: (MMA_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let func = gpu.kernel("binary_conv_mma")?;
-        let mut launch = gpu.stream.launch_builder(&func);
-        launch
-            .arg(&shape)
-            .arg(&input.data)
-            .arg(&self.filters)
-            .arg(&self.filter_popc)
-            .arg(&self.tap_sums)
-            .arg(&mut dots);
-        // SAFETY: `binary_conv_mma(BinaryConvShape, const unsigned* in, const unsigned* weights,
-        // const int* filter_popc, const int* tap_sums, int* dots)`; the filters are padded to
-        // the grid's columns and `chunks * 8` words each, `dots` holds `pixels * out_channels`.
-        unsafe { launch.launch(config) }.w()?;
+        match path {
+            ConvPath::TensorCores => {
+                let config = LaunchConfig {
+                    grid_dim: (
+                        pixels.div_ceil(MMA_PIXELS) as u32,
+                        (layout.padded_filters() / FILTER_BLOCK) as u32,
+                        1,
+                    ),
+                    block_dim: (MMA_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let func = gpu.kernel("binary_conv_mma")?;
+                let mut launch = gpu.stream.launch_builder(&func);
+                launch
+                    .arg(&shape)
+                    .arg(&input.data)
+                    .arg(&self.filters)
+                    .arg(&self.filter_popc)
+                    .arg(&self.tap_sums)
+                    .arg(&mut dots);
+                // SAFETY: `binary_conv_mma(BinaryConvShape, const unsigned* in, const unsigned*
+                // weights, const int* filter_popc, const int* tap_sums, int* dots)`; the filters
+                // are padded to the grid's columns and `chunks * 8` words each, `dots` holds
+                // `pixels * out_channels`.
+                unsafe { launch.launch(config) }.w()?;
+            }
+            ConvPath::Popcount => {
+                let func = gpu.kernel("binary_conv_popc")?;
+                let mut launch = gpu.stream.launch_builder(&func);
+                launch
+                    .arg(&shape)
+                    .arg(&input.data)
+                    .arg(&self.filters)
+                    .arg(&self.tap_sums)
+                    .arg(&mut dots);
+                // SAFETY: `binary_conv_popc(BinaryConvShape, const unsigned* in, const unsigned*
+                // weights, const int* tap_sums, int* dots)`: the same buffers as above.
+                unsafe { launch.launch(elementwise(pixels * layout.out_channels)) }.w()?;
+            }
+        }
         Ok(dots)
     }
 }
