@@ -210,20 +210,32 @@ __device__ __forceinline__ Window window_of(BinaryConvShape s, i64 m) {
     return win;
 }
 
-// Word k = t * words + q of the window's reduction: the input word, or 0 in the padding, past
-// the reduction and for rows that are no pixel.
+// Word k = t * words + q of the reduction: tap t's offset in the window and the word q of the
+// pixel, or `real` false past the reduction.
+struct ReductionWord {
+    int dy, dx, q;
+    bool real;
+};
+
+__device__ __forceinline__ ReductionWord reduction_word(BinaryConvShape s, int k) {
+    ReductionWord r;
+    const int t = k / s.words;
+    r.real = t < s.kh * s.kw;
+    r.q = k - t * s.words;
+    r.dy = t / s.kw;
+    r.dx = t - r.dy * s.kw;
+    return r;
+}
+
+// The input word of `word` in the window: 0 in the padding, past the reduction and for rows
+// that are no pixel.
 __device__ __forceinline__ unsigned window_word(BinaryConvShape s, const unsigned* in, Window win,
-                                                int k) {
-    const int taps = s.kh * s.kw;
-    if (!win.valid || k >= taps * s.words) {
+                                                ReductionWord word) {
+    const int y = win.y0 + word.dy, x = win.x0 + word.dx;
+    if (!win.valid || !word.real || y < 0 || y >= s.h || x < 0 || x >= s.w) {
         return 0;
     }
-    const int t = k / s.words, q = k - t * s.words;
-    const int y = win.y0 + t / s.kw, x = win.x0 + t % s.kw;
-    if (y < 0 || y >= s.h || x < 0 || x >= s.w) {
-        return 0;
-    }
-    return __ldg(in + ((win.img * s.h + y) * s.w + x) * s.words + q);
+    return __ldg(in + ((win.img * s.h + y) * s.w + x) * s.words + word.q);
 }
 
 // Zero padding: the sum over the window's taps outside the image of tap_sums[o][t].
@@ -262,12 +274,13 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
     __syncwarp();
     for (int chunk = 0; chunk < s.chunks; ++chunk) {
         const int k = chunk * 8 + member;
+        const ReductionWord low = reduction_word(s, k), high = reduction_word(s, k + 4);
         // a0, a2: row `group`, words k and k + 4; a1, a3: row `group + 8`.
         unsigned a[4];
-        a[0] = window_word(s, in, rows[0], k);
-        a[1] = window_word(s, in, rows[1], k);
-        a[2] = window_word(s, in, rows[0], k + 4);
-        a[3] = window_word(s, in, rows[1], k + 4);
+        a[0] = window_word(s, in, rows[0], low);
+        a[1] = window_word(s, in, rows[1], low);
+        a[2] = window_word(s, in, rows[0], high);
+        a[3] = window_word(s, in, rows[1], high);
         popc_a[0] += __popc(a[0]) + __popc(a[2]);
         popc_a[1] += __popc(a[1]) + __popc(a[3]);
 #pragma unroll
