@@ -271,7 +271,6 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
     const Window rows[2] = {window_of(s, m0 + group), window_of(s, m0 + group + 8)};
     int acc[4][4] = {};
     int popc_a[2] = {0, 0};
-    __syncwarp();
     for (int chunk = 0; chunk < s.chunks; ++chunk) {
         const int k = chunk * 8 + member;
         const ReductionWord low = reduction_word(s, k), high = reduction_word(s, k + 4);
@@ -283,6 +282,8 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
         a[3] = window_word(s, in, rows[1], high);
         popc_a[0] += __popc(a[0]) + __popc(a[2]);
         popc_a[1] += __popc(a[1]) + __popc(a[3]);
+        // The warp reconverged after the gathers: `mma.sync.aligned` needs all 32 lanes.
+        __syncwarp();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             // b0, b1: words k and k + 4 of filter n0 + 8 j + group.
