@@ -70,7 +70,11 @@ impl Gpu {
     /// GPU `ordinal`, its kernels compiled by NVRTC for its compute capability. Fails on a
     /// machine without a GPU or driver.
     pub fn new(ordinal: usize) -> Result<Self> {
-        let context = CudaContext::new(ordinal).w()?;
+        let context = CudaContext::new(ordinal).map_err(|e| {
+            candle_core::Error::Cuda(
+                format!("no CUDA GPU {ordinal} (no NVIDIA GPU, or no driver for it): {e:?}").into(),
+            )
+        })?;
         let capability = context.compute_capability().w()?;
         let ptx = PACKED.ptx(capability)?;
         let module = context.load_module(Ptx::from_src(&*ptx)).w()?;
