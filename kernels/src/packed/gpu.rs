@@ -295,6 +295,45 @@ mod tests {
         assert_eq!(full_words(64, 2), [u32::MAX, u32::MAX]);
     }
 
+    /// The ops as `dots_epilogue` reads them: a kind per op (the `OP_*` of `packed.cu`), each
+    /// op's parameters at its offset, an affine op's multipliers before its offsets.
+    #[test]
+    fn epilogue_program_layout() {
+        let (mul, add, alpha) = ([1.0, 2.0], [3.0, 4.0], [5.0, 6.0]);
+        let program = EpilogueProgram::new(
+            2,
+            &[
+                EpilogueOp::Affine {
+                    mul: &mul,
+                    add: &add,
+                },
+                EpilogueOp::Relu,
+                EpilogueOp::Scale(&mul),
+                EpilogueOp::PRelu(&alpha),
+                EpilogueOp::Add(&add),
+            ],
+        );
+        assert_eq!(program.kinds, [0, 3, 1, 4, 2]);
+        assert_eq!(program.offsets, [0, 4, 4, 6, 8]);
+        assert_eq!(
+            program.params,
+            [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 5.0, 6.0, 3.0, 4.0]
+        );
+        let source = include_str!("../../cuda/packed.cu");
+        for (name, kind) in [
+            ("OP_AFFINE", 0),
+            ("OP_SCALE", 1),
+            ("OP_ADD", 2),
+            ("OP_RELU", 3),
+            ("OP_PRELU", 4),
+        ] {
+            assert!(
+                source.contains(&format!("#define {name} {kind} ")),
+                "{name} is not {kind} in packed.cu"
+            );
+        }
+    }
+
     /// The GPU kernel's arithmetic on its layouts gives the CPU kernel's dots exactly, for
     /// both pad values, strides 1 and 2, asymmetric padding, channel counts around the word
     /// sizes and filter counts that are not multiples of the filter block.
