@@ -200,27 +200,9 @@ impl EpilogueProgram {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::Rng;
     use super::super::{binary_conv, ConvGeometry, PadValue};
     use super::*;
-
-    /// SplitMix64.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn signs(&mut self, n: usize) -> Vec<f32> {
-            (0..n)
-                .map(|_| if self.next() & 1 == 1 { -1.0 } else { 1.0 })
-                .collect()
-        }
-    }
 
     /// The arithmetic of `binary_conv_mma` on the CPU: the dots of `n` images of `height x
     /// width` (`input`, their `u32` words), `[n][oh][ow][out_channels]`, from `popc(a & b)`,

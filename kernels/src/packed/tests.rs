@@ -3,11 +3,11 @@
 use super::conv::conv_with;
 use super::*;
 
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
+/// A small deterministic generator (SplitMix64), shared by the packed module's tests.
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -26,7 +26,7 @@ impl Rng {
     }
 
     /// `n` values of `±1`.
-    fn signs(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn signs(&mut self, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| if self.next() & 1 == 1 { -1.0 } else { 1.0 })
             .collect()
