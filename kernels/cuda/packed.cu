@@ -22,23 +22,30 @@
 // ---------------------------------------------------------------------------------------
 // Packing.
 
-// x: [pixels][channels] floats -> bits: [pixels][words]. One warp per (pixel, word); the
-// words past ceil(channels / 32) are written as 0.
-extern "C" __global__ void pack_signs(const float* x, unsigned* bits, i64 pixels, int channels,
-                                      int words) {
+// One warp per (pixel, word) of `pixels` pixels of `words` words: lane l decides channel
+// 32 q + l with `negative(p, c)`, called only for channels below `channels`; the word is the
+// warp's ballot, so the words past ceil(channels / 32) are 0.
+template <typename Negative>
+__device__ __forceinline__ void pack_by_warps(i64 pixels, int channels, int words,
+                                              unsigned* bits, Negative negative) {
     const int lane = threadIdx.x & 31;
     const u64 warps = grid_stride() / 32;
     const u64 total = (u64)pixels * words;
     for (u64 i = thread_index() / 32; i < total; i += warps) {
         const i64 p = (i64)(i / words);
-        const int q = (int)(i % words);
-        const int c = 32 * q + lane;
-        const bool negative = c < channels && x[p * channels + c] < 0.0f;
-        const unsigned word = __ballot_sync(FULL_MASK, negative);
+        const int c = 32 * (int)(i % words) + lane;
+        const unsigned word = __ballot_sync(FULL_MASK, c < channels && negative(p, c));
         if (lane == 0) {
             bits[i] = word;
         }
     }
+}
+
+// x: [pixels][channels] floats -> bits: [pixels][words].
+extern "C" __global__ void pack_signs(const float* x, unsigned* bits, i64 pixels, int channels,
+                                      int words) {
+    pack_by_warps(pixels, channels, words, bits,
+                  [=](i64 p, int c) { return x[p * channels + c] < 0.0f; });
 }
 
 // The shape of LAB's input and output maps: n images of h x w pixels, c channels, `words` u32
@@ -98,53 +105,26 @@ __device__ __forceinline__ float lab_score_paired(LabMap m, const float* x, cons
     return acc;
 }
 
-// One warp per (pixel, word): lane l scores channel 32 q + l; bit 1 unless the score is > 0
-// (ties and NaN give -1). The words past ceil(c / 32) are 0.
+// Bit 1 unless the score is > 0 (ties and NaN give -1), one warp per (pixel, word).
 extern "C" __global__ void lab_pack_folded(LabMap m, const float* x, const float* kernel,
                                            const float* bias, unsigned* bits) {
-    const int lane = threadIdx.x & 31;
-    const u64 warps = grid_stride() / 32;
-    const u64 total = (u64)m.n * m.h * m.w * m.words;
-    for (u64 i = thread_index() / 32; i < total; i += warps) {
-        const i64 p = (i64)(i / m.words);
-        const int q = (int)(i % m.words);
-        const int c = 32 * q + lane;
+    pack_by_warps(m.n * m.h * m.w, m.c, m.words, bits, [=](i64 p, int c) {
         const int xx = (int)(p % m.w), y = (int)((p / m.w) % m.h);
         const i64 img = p / ((i64)m.w * m.h);
-        bool negative = false;
-        if (c < m.c) {
-            negative = !(lab_score_folded(m, x, kernel, bias, img, y, xx, c) > 0.0f);
-        }
-        const unsigned word = __ballot_sync(FULL_MASK, negative);
-        if (lane == 0) {
-            bits[i] = word;
-        }
-    }
+        return !(lab_score_folded(m, x, kernel, bias, img, y, xx, c) > 0.0f);
+    });
 }
 
 extern "C" __global__ void lab_pack_paired(LabMap m, const float* x, const float* pos,
                                            const int* pos_source, const float* neg,
                                            const int* neg_source, const float* bias,
                                            unsigned* bits) {
-    const int lane = threadIdx.x & 31;
-    const u64 warps = grid_stride() / 32;
-    const u64 total = (u64)m.n * m.h * m.w * m.words;
-    for (u64 i = thread_index() / 32; i < total; i += warps) {
-        const i64 p = (i64)(i / m.words);
-        const int q = (int)(i % m.words);
-        const int c = 32 * q + lane;
+    pack_by_warps(m.n * m.h * m.w, m.c, m.words, bits, [=](i64 p, int c) {
         const int xx = (int)(p % m.w), y = (int)((p / m.w) % m.h);
         const i64 img = p / ((i64)m.w * m.h);
-        bool negative = false;
-        if (c < m.c) {
-            negative = !(lab_score_paired(m, x, pos, pos_source, neg, neg_source, bias, img, y,
-                                          xx, c) > 0.0f);
-        }
-        const unsigned word = __ballot_sync(FULL_MASK, negative);
-        if (lane == 0) {
-            bits[i] = word;
-        }
-    }
+        return !(lab_score_paired(m, x, pos, pos_source, neg, neg_source, bias, img, y, xx, c) >
+                 0.0f);
+    });
 }
 
 // ---------------------------------------------------------------------------------------
