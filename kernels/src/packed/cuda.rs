@@ -125,6 +125,35 @@ impl Gpu {
         self.stream.alloc_zeros::<T>(len.max(1)).w()
     }
 
+    /// `images` maps of `height x width x channels` of +1 (all bits 0), for a kernel to write.
+    fn zero_map(&self, images: usize, [height, width, channels]: [usize; 3]) -> Result<GpuMap> {
+        let words = 2 * channels.div_ceil(64);
+        Ok(GpuMap {
+            images,
+            height,
+            width,
+            channels,
+            words,
+            data: self.zeros::<u32>(images * height * width * words)?,
+        })
+    }
+
+    /// Fails, naming `op`, unless `x` holds `images` float maps of `height x width x channels`.
+    fn check_floats(
+        op: &str,
+        x: &CudaSlice<f32>,
+        images: usize,
+        [height, width, channels]: [usize; 3],
+    ) -> Result<()> {
+        if x.len() < images * height * width * channels {
+            bail!(
+                "{op}: {} floats for {images} maps of {height}x{width}x{channels}",
+                x.len()
+            );
+        }
+        Ok(())
+    }
+
     /// Larq's sign of `images` NHWC float maps (`x`: `[images][height][width][channels]`),
     /// packed: bit 1 where `x < 0`, bit 0 elsewhere (`±0.0` and NaN included).
     pub fn pack_signs(
@@ -133,33 +162,25 @@ impl Gpu {
         images: usize,
         [height, width, channels]: [usize; 3],
     ) -> Result<GpuMap> {
-        let pixels = images * height * width;
-        if x.len() < pixels * channels {
-            bail!(
-                "pack_signs: {} floats for {images} maps of {height}x{width}x{channels}",
-                x.len()
-            );
-        }
-        let words = 2 * channels.div_ceil(64);
-        let mut data = self.zeros::<u32>(pixels * words)?;
+        Self::check_floats("pack_signs", x, images, [height, width, channels])?;
+        let mut map = self.zero_map(images, [height, width, channels])?;
+        let (pixels, words) = (images * height * width, map.words);
         if pixels * words > 0 {
             let (pixels, c, w) = (pixels as i64, channels as i32, words as i32);
             let func = self.kernel("pack_signs")?;
             let mut launch = self.stream.launch_builder(&func);
-            launch.arg(x).arg(&mut data).arg(&pixels).arg(&c).arg(&w);
+            launch
+                .arg(x)
+                .arg(&mut map.data)
+                .arg(&pixels)
+                .arg(&c)
+                .arg(&w);
             // SAFETY: `pack_signs(const float* x, unsigned* bits, i64 pixels, int channels,
-            // int words)`; `x` holds `pixels * channels` floats and `data` `pixels * words`
-            // words, checked above.
+            // int words)`; `x` holds `pixels * channels` floats (checked above) and the map
+            // `pixels * words` words.
             unsafe { launch.launch(elementwise(32 * pixels as usize * words)) }.w()?;
         }
-        Ok(GpuMap {
-            images,
-            height,
-            width,
-            channels,
-            words,
-            data,
-        })
+        Ok(map)
     }
 
     /// `maps` (one shape) copied to the GPU as one batch.
@@ -211,8 +232,8 @@ impl Gpu {
         let out_size = |n: usize, k: usize, s: usize| if n < k { 0 } else { (n - k) / s + 1 };
         let oh = out_size(input.height + top + bottom, size[0], stride[0]);
         let ow = out_size(input.width + left + right, size[1], stride[1]);
+        let mut out = self.zero_map(input.images, [oh, ow, input.channels])?;
         let total = input.images * oh * ow * input.words;
-        let mut data = self.zeros::<u32>(total)?;
         if total > 0 {
             let shape = PoolShape {
                 n: input.images as i64,
@@ -235,20 +256,13 @@ impl Gpu {
                 .arg(&shape)
                 .arg(&input.data)
                 .arg(&full)
-                .arg(&mut data);
+                .arg(&mut out.data);
             // SAFETY: `max_pool_bits(PoolShape, const unsigned* in, const unsigned* full,
             // unsigned* out)`; `in` holds the input map, `full` `words` words and `out`
             // `images * oh * ow * words`.
             unsafe { launch.launch(elementwise(total)) }.w()?;
         }
-        Ok(GpuMap {
-            images: input.images,
-            height: oh,
-            width: ow,
-            channels: input.channels,
-            words: input.words,
-            data,
-        })
+        Ok(out)
     }
 }
 
@@ -519,15 +533,9 @@ impl GpuLab {
         [height, width]: [usize; 2],
     ) -> Result<GpuMap> {
         let channels = self.channels;
-        let pixels = images * height * width;
-        if x.len() < pixels * channels {
-            bail!(
-                "lab: {} floats for {images} maps of {height}x{width}x{channels}",
-                x.len()
-            );
-        }
-        let words = 2 * channels.div_ceil(64);
-        let mut data = gpu.zeros::<u32>(pixels * words)?;
+        Gpu::check_floats("lab", x, images, [height, width, channels])?;
+        let mut out = gpu.zero_map(images, [height, width, channels])?;
+        let (pixels, words) = (images * height * width, out.words);
         if pixels * words > 0 {
             let map = LabMap {
                 n: images as i64,
@@ -541,10 +549,15 @@ impl GpuLab {
                 LabWeights::Folded { kernel, bias } => {
                     let func = gpu.kernel("lab_pack_folded")?;
                     let mut launch = gpu.stream.launch_builder(&func);
-                    launch.arg(&map).arg(x).arg(kernel).arg(bias).arg(&mut data);
+                    launch
+                        .arg(&map)
+                        .arg(x)
+                        .arg(kernel)
+                        .arg(bias)
+                        .arg(&mut out.data);
                     // SAFETY: `lab_pack_folded(LabMap, const float* x, const float* kernel,
                     // const float* bias, unsigned* bits)`; `kernel` is [9][c], `bias` [c], `x`
-                    // the maps (checked above), `data` `pixels * words` words.
+                    // the maps (checked above), the output `pixels * words` words.
                     unsafe { launch.launch(config) }.w()?;
                 }
                 LabWeights::Paired {
@@ -564,7 +577,7 @@ impl GpuLab {
                         .arg(neg)
                         .arg(neg_source)
                         .arg(bias)
-                        .arg(&mut data);
+                        .arg(&mut out.data);
                     // SAFETY: `lab_pack_paired(LabMap, const float* x, const float* pos,
                     // const int* pos_source, const float* neg, const int* neg_source,
                     // const float* bias, unsigned* bits)`; the sources are channels below `c`
@@ -573,14 +586,7 @@ impl GpuLab {
                 }
             }
         }
-        Ok(GpuMap {
-            images,
-            height,
-            width,
-            channels,
-            words,
-            data,
-        })
+        Ok(out)
     }
 }
 
