@@ -31,3 +31,39 @@ __device__ __forceinline__ u64 thread_index() {
 __device__ __forceinline__ u64 grid_stride() {
     return (u64)gridDim.x * blockDim.x;
 }
+
+// The inference engine's per-channel output transforms (EpilogueOp in
+// kernels/src/packed/gpu.rs): `ops` ops, each of kind kinds[k] reading its per-channel
+// parameters at params[offsets[k] + c], applied in order with the CPU engine's arithmetic (a
+// multiply, then an add, each rounded: --fmad=false keeps them apart).
+#define OP_AFFINE 0  // v * mul + add: mul at offset, add at offset + channels
+#define OP_SCALE 1   // v * mul
+#define OP_ADD 2     // v + add
+#define OP_RELU 3    // max(v, 0)
+#define OP_PRELU 4   // v where v > 0, else alpha * v
+
+__device__ __forceinline__ float channel_ops(float v, int c, int channels, int ops,
+                                             const int* kinds, const int* offsets,
+                                             const float* params) {
+    for (int k = 0; k < ops; ++k) {
+        const float* at = params + offsets[k];
+        switch (kinds[k]) {
+            case OP_AFFINE:
+                v = v * at[c] + at[channels + c];
+                break;
+            case OP_SCALE:
+                v = v * at[c];
+                break;
+            case OP_ADD:
+                v = v + at[c];
+                break;
+            case OP_RELU:
+                v = fmaxf(v, 0.0f);
+                break;
+            case OP_PRELU:
+                v = v <= 0.0f ? v * at[c] : v;
+                break;
+        }
+    }
+    return v;
+}

@@ -13,7 +13,7 @@
 //   pixels, columns output channels, the reduction runs over (tap, word) in 256-bit chunks;
 //   binary_conv_popc the same on CUDA cores (XOR + popcount), for any GPU;
 // - dots_epilogue: the per-channel transforms of the dots and a residual, as floats and/or
-//   packed signs;
+//   packed signs (binary_conv_mma_epilogue: the tensor-core convolution with it fused);
 // - max_pool_bits: max pooling of ±1 maps, the AND of the taps inside the image.
 #include "common.cuh"
 
@@ -236,19 +236,41 @@ __device__ __forceinline__ int outside_taps(BinaryConvShape s, Window win, const
     return sum;
 }
 
-// Grid: (ceil(pixels / (16 MMA_WARPS)), o_padded / 32); block: 32 MMA_WARPS threads. Writes
-// dots: [pixels][out_channels] (pixel-major, as the CPU's rows of dots).
-extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
-    binary_conv_mma(BinaryConvShape s, const unsigned* in, const unsigned* weights,
-                    const int* filter_popc, const int* tap_sums, int* dots) {
+// The output transform (`dots_epilogue`'s): how many pixels and channels, the ops, whether a
+// residual is added and what is written.
+struct Epilogue {
+    i64 pixels;
+    int channels, words;  // output channels; u32 words per pixel of `bits`
+    int ops;              // the number of ops
+    int residual;         // 1: add residual[i] after the ops
+    int write_values;     // 1: write the floats to `values`
+    int write_signs;      // 1: write Larq's signs of the floats to `bits`
+};
+
+// One warp's tile of the convolution: 16 output pixels from m0 x 32 output channels from n0.
+// The thread holds dot[j][i] for row group + 8 (i >> 1) (rows[i >> 1]) and output channel
+// n0 + 8 j + 2 member + (i & 1), as the tensor cores' accumulators are laid out.
+struct MmaTile {
+    i64 m0;
+    int n0;
+    Window rows[2];
+    int dot[4][4];
+};
+
+// Block (blockIdx.x, blockIdx.y), warp `warp`: the tile's exact dots.
+__device__ __forceinline__ MmaTile mma_tile(BinaryConvShape s, const unsigned* in,
+                                            const unsigned* weights, const int* filter_popc,
+                                            const int* tap_sums) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = lane >> 2, member = lane & 3;
-    const i64 m0 = ((i64)blockIdx.x * MMA_WARPS + warp) * 16;
-    const int n0 = blockIdx.y * 32;
+    MmaTile t;
+    t.m0 = ((i64)blockIdx.x * MMA_WARPS + warp) * 16;
+    t.n0 = blockIdx.y * 32;
     const int k8 = s.chunks * 8;
 
     // This thread's rows of A: group and group + 8 of the warp's 16 pixels.
-    const Window rows[2] = {window_of(s, m0 + group), window_of(s, m0 + group + 8)};
+    t.rows[0] = window_of(s, t.m0 + group);
+    t.rows[1] = window_of(s, t.m0 + group + 8);
     int acc[4][4] = {};
     int popc_a[2] = {0, 0};
     for (int chunk = 0; chunk < s.chunks; ++chunk) {
@@ -256,10 +278,10 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
         const ReductionWord low = reduction_word(s, k), high = reduction_word(s, k + 4);
         // a0, a2: row `group`, words k and k + 4; a1, a3: row `group + 8`.
         unsigned a[4];
-        a[0] = window_word(s, in, rows[0], low);
-        a[1] = window_word(s, in, rows[1], low);
-        a[2] = window_word(s, in, rows[0], high);
-        a[3] = window_word(s, in, rows[1], high);
+        a[0] = window_word(s, in, t.rows[0], low);
+        a[1] = window_word(s, in, t.rows[1], low);
+        a[2] = window_word(s, in, t.rows[0], high);
+        a[3] = window_word(s, in, t.rows[1], high);
         popc_a[0] += __popc(a[0]) + __popc(a[2]);
         popc_a[1] += __popc(a[1]) + __popc(a[3]);
         // The warp reconverged after the gathers: `mma.sync.aligned` needs all 32 lanes.
@@ -267,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             // b0, b1: words k and k + 4 of filter n0 + 8 j + group.
-            const unsigned* filter = weights + (i64)(n0 + 8 * j + group) * k8;
+            const unsigned* filter = weights + (i64)(t.n0 + 8 * j + group) * k8;
             const unsigned b[2] = {__ldg(filter + k), __ldg(filter + k + 4)};
             mma_and_popc(acc[j], a, b);
         }
@@ -283,17 +305,78 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
     for (int j = 0; j < 4; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            // c0, c1: row `group`; c2, c3: row `group + 8`; columns 2 member + (i & 1).
             const int r = i >> 1;
-            const int o = n0 + 8 * j + 2 * member + (i & 1);
-            if (!rows[r].valid || o >= s.out_channels) {
+            const int o = min(t.n0 + 8 * j + 2 * member + (i & 1), s.out_channels - 1);
+            int dot = k_bits - 2 * (popc_a[r] + filter_popc[o] - 2 * acc[j][i]);
+            if (!s.pad_one && t.rows[r].valid) {
+                dot -= outside_taps(s, t.rows[r], tap_sums, o);
+            }
+            t.dot[j][i] = dot;
+        }
+    }
+    return t;
+}
+
+// Grid: (ceil(pixels / (16 MMA_WARPS)), o_padded / 32); block: 32 MMA_WARPS threads. Writes
+// dots: [pixels][out_channels] (pixel-major, as the CPU's rows of dots).
+extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
+    binary_conv_mma(BinaryConvShape s, const unsigned* in, const unsigned* weights,
+                    const int* filter_popc, const int* tap_sums, int* dots) {
+    const MmaTile t = mma_tile(s, in, weights, filter_popc, tap_sums);
+    const int lane = threadIdx.x & 31, group = lane >> 2, member = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1;
+            const int o = t.n0 + 8 * j + 2 * member + (i & 1);
+            if (t.rows[r].valid && o < s.out_channels) {
+                dots[(t.m0 + group + 8 * r) * s.out_channels + o] = t.dot[j][i];
+            }
+        }
+    }
+}
+
+// binary_conv_mma with `dots_epilogue` fused: the tile's dots transformed in registers, the
+// residual added, the floats written and/or their signs, one u32 word per pixel and warp (its
+// 32 output channels from n0 = 32 blockIdx.y are word blockIdx.y of the pixel), gathered from
+// the four members of each row's group.
+extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
+    binary_conv_mma_epilogue(BinaryConvShape s, const unsigned* in, const unsigned* weights,
+                             const int* filter_popc, const int* tap_sums, Epilogue e,
+                             const int* kinds, const int* offsets, const float* params,
+                             const float* residual, float* values, unsigned* bits) {
+    const MmaTile t = mma_tile(s, in, weights, filter_popc, tap_sums);
+    const int lane = threadIdx.x & 31, group = lane >> 2, member = lane & 3;
+    unsigned word[2] = {0u, 0u};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1;
+            const int column = 8 * j + 2 * member + (i & 1);
+            const int o = t.n0 + column;
+            if (!t.rows[r].valid || o >= s.out_channels) {
                 continue;
             }
-            int dot = k_bits - 2 * (popc_a[r] + filter_popc[o] - 2 * acc[j][i]);
-            if (!s.pad_one) {
-                dot -= outside_taps(s, rows[r], tap_sums, o);
+            const i64 at = (t.m0 + group + 8 * r) * s.out_channels + o;
+            float v = channel_ops((float)t.dot[j][i], o, e.channels, e.ops, kinds, offsets,
+                                  params);
+            if (e.residual) {
+                v = v + residual[at];
             }
-            dots[(m0 + group + 8 * r) * s.out_channels + o] = dot;
+            if (e.write_values) {
+                values[at] = v;
+            }
+            word[r] |= (unsigned)(v < 0.0f) << column;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        word[r] |= __shfl_xor_sync(FULL_MASK, word[r], 1);
+        word[r] |= __shfl_xor_sync(FULL_MASK, word[r], 2);
+        if (e.write_signs && member == 0 && t.rows[r].valid) {
+            bits[(t.m0 + group + 8 * r) * e.words + blockIdx.y] = word[r];
         }
     }
 }
@@ -334,15 +417,14 @@ extern "C" __global__ void binary_conv_popc(BinaryConvShape s, const unsigned* i
 
 struct PoolShape {
     i64 n;
-    int h, w, words;
+    int h, w, channels, words;
     int kh, kw, sy, sx, top, left;
     int oh, ow;
 };
 
 // One thread per output word: the AND of the window's taps inside the image (a window with
-// none gives -1 on every channel: `full[q]`, the word's bits in use).
-extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, const unsigned* full,
-                                         unsigned* out) {
+// none gives -1 on every channel: all the word's bits in use).
+extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, unsigned* out) {
     const u64 total = (u64)s.n * s.oh * s.ow * s.words;
     for (u64 i = thread_index(); i < total; i += grid_stride()) {
         const int q = (int)(i % s.words);
@@ -351,7 +433,8 @@ extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, const 
         const i64 img = p / ((i64)s.ow * s.oh);
         const int y0 = max(oy * s.sy - s.top, 0), y1 = min(oy * s.sy - s.top + s.kh, s.h);
         const int x0 = max(ox * s.sx - s.left, 0), x1 = min(ox * s.sx - s.left + s.kw, s.w);
-        unsigned word = full[q];
+        const int used = min(max(s.channels - 32 * q, 0), 32);
+        unsigned word = used == 32 ? FULL_MASK : (1u << used) - 1u;
         for (int y = y0; y < y1; ++y) {
             for (int x = x0; x < x1; ++x) {
                 word &= in[((img * s.h + y) * s.w + x) * s.words + q];
@@ -363,25 +446,8 @@ extern "C" __global__ void max_pool_bits(PoolShape s, const unsigned* in, const 
 
 // ---------------------------------------------------------------------------------------
 // The output transform of a binary convolution: per-channel ops on its dots, then a residual,
-// written as floats and/or as packed signs for a binarized next layer.
-
-// The ops (EpilogueOp in kernels/src/packed/gpu.rs), each reading its per-channel parameters
-// at params[offset + c], applied in order with the CPU engine's arithmetic (a multiply, then an
-// add, each rounded: --fmad=false keeps them apart).
-#define OP_AFFINE 0  // v * mul + add: mul at offset, add at offset + channels
-#define OP_SCALE 1   // v * mul
-#define OP_ADD 2     // v + add
-#define OP_RELU 3    // max(v, 0)
-#define OP_PRELU 4   // v where v > 0, else alpha * v
-
-struct Epilogue {
-    i64 pixels;
-    int channels, words;  // output channels; u32 words per pixel of `bits`
-    int ops;              // the number of ops
-    int residual;         // 1: add residual[i] after the ops
-    int write_values;     // 1: write the floats to `values`
-    int write_signs;      // 1: write Larq's signs of the floats to `bits`
-};
+// written as floats and/or as packed signs for a binarized next layer (the popcount path's; the
+// tensor cores' runs fused in binary_conv_mma_epilogue).
 
 // One warp per (pixel, word of 32 output channels).
 extern "C" __global__ void dots_epilogue(Epilogue e, const int* dots, const int* kinds,
@@ -398,27 +464,7 @@ extern "C" __global__ void dots_epilogue(Epilogue e, const int* dots, const int*
         bool negative = false;
         if (c < e.channels) {
             const i64 i = p * e.channels + c;
-            float v = (float)dots[i];
-            for (int k = 0; k < e.ops; ++k) {
-                const float* at = params + offsets[k];
-                switch (kinds[k]) {
-                    case OP_AFFINE:
-                        v = v * at[c] + at[e.channels + c];
-                        break;
-                    case OP_SCALE:
-                        v = v * at[c];
-                        break;
-                    case OP_ADD:
-                        v = v + at[c];
-                        break;
-                    case OP_RELU:
-                        v = fmaxf(v, 0.0f);
-                        break;
-                    case OP_PRELU:
-                        v = v <= 0.0f ? v * at[c] : v;
-                        break;
-                }
-            }
+            float v = channel_ops((float)dots[i], c, e.channels, e.ops, kinds, offsets, params);
             if (e.residual) {
                 v = v + residual[i];
             }
@@ -431,5 +477,18 @@ extern "C" __global__ void dots_epilogue(Epilogue e, const int* dots, const int*
         if (e.write_signs && lane == 0) {
             bits[w] = word;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packed signs as floats: -1 where the bit is 1, else +1, for a float layer that reads them.
+
+extern "C" __global__ void unpack_signs(i64 pixels, int channels, int words,
+                                        const unsigned* bits, float* out) {
+    const u64 total = (u64)pixels * channels;
+    for (u64 i = thread_index(); i < total; i += grid_stride()) {
+        const int c = (int)(i % channels);
+        const unsigned word = bits[(i64)(i / channels) * words + c / 32];
+        out[i] = (word >> (c % 32)) & 1u ? -1.0f : 1.0f;
     }
 }

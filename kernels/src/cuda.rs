@@ -64,6 +64,11 @@ pub(crate) const PACKED: Module = Module {
     name: "packed",
     source: include_str!("../cuda/packed.cu"),
 };
+/// The inference engine's full-precision layers ([`crate::packed::cuda::float`]).
+pub(crate) const FLOAT_LAYERS: Module = Module {
+    name: "float_layers",
+    source: include_str!("../cuda/float_layers.cu"),
+};
 /// Max and average pooling, forward and backward.
 pub(crate) const POOL: Module = Module {
     name: "pool",

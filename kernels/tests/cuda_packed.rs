@@ -1,13 +1,16 @@
 //! The GPU's packed kernels (`zoo_kernels::packed::cuda`; the convolution on tensor cores and
-//! on CUDA cores) against the CPU's packed kernels on random shapes: batches of odd sizes, channel counts around 32 and 64, strides 1 and 2, both
-//! pad values, asymmetric padding, both LAB forms. Every result is bits or integers, so every
-//! comparison is exact.
+//! on CUDA cores, alone and with its output transform) against the CPU's packed kernels on
+//! random shapes: batches of odd sizes, channel counts around 32 and 64, strides 1 and 2, both
+//! pad values, asymmetric padding, both LAB forms. Every result is bits, integers or floats
+//! computed in the same order, so every comparison is exact.
 //!
 //! Without a GPU every test prints why it did not run and passes. Build and run them with
 //! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda_packed`.
 #![cfg(feature = "cuda")]
 
-use zoo_kernels::packed::cuda::{ConvPath, Gpu, GpuBinaryConv, GpuEpilogue, GpuLab};
+use zoo_kernels::packed::cuda::{
+    ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuLab, Window,
+};
 use zoo_kernels::packed::gpu::EpilogueOp;
 use zoo_kernels::packed::{
     binary_conv, lab_pack, max_pool, ConvGeometry, LabKernel, PackedConvWeights, PackedMap,
@@ -88,7 +91,7 @@ fn sign_packing_matches_the_cpu() {
             .map(|x| PackedMap::from_signs(x, h, w, c))
             .collect();
         let packed = gpu
-            .pack_signs(&gpu.upload(&x).unwrap(), images, [h, w, c])
+            .pack_signs(&gpu.upload_floats(&x, images, [h, w, c]).unwrap())
             .unwrap();
         assert_eq!(
             gpu.download_maps(&packed).unwrap(),
@@ -169,6 +172,75 @@ fn binary_convolution_matches_the_cpu_on_both_paths() {
     }
 }
 
+/// The convolution with its output transform and a residual, fused on the tensor cores (the
+/// dots and `dots_epilogue` on CUDA cores): the CPU's dots through the CPU engine's arithmetic,
+/// floats and packed signs, bit for bit.
+#[test]
+fn convolution_with_its_output_transform_matches_the_cpu() {
+    let Some(gpu) = gpu("convolution_with_its_output_transform_matches_the_cpu") else {
+        return;
+    };
+    let mut rng = Rng(7);
+    for (images, h, w, cin, cout, stride) in [
+        (1, 5, 7, 1, 1, 1),
+        (2, 6, 5, 31, 7, 2),
+        (3, 7, 7, 33, 33, 1),
+        (1, 9, 8, 130, 65, 2),
+        (2, 8, 8, 64, 96, 1),
+    ] {
+        let weights = PackedConvWeights::from_signs(&rng.signs(cout * cin * 9), cout, cin, [3, 3]);
+        let (_, cpu_maps) = maps(&mut rng, images, [h, w, cin]);
+        let input = gpu.upload_maps(&cpu_maps).unwrap();
+        let geometry = ConvGeometry {
+            stride: [stride; 2],
+            pads: [1, 1, 1, 1],
+            pad_value: PadValue::Zero,
+        };
+        let (oh, ow) = geometry.output_size(h, w, [3, 3]);
+        let per_image = oh * ow * cout;
+        let mut dots = vec![0i32; images * per_image];
+        for (map, out) in cpu_maps.iter().zip(dots.chunks_mut(per_image)) {
+            binary_conv(map, &weights, &geometry, out, |_, d, row| {
+                row.copy_from_slice(d)
+            });
+        }
+        let (mul, add, alpha) = (rng.floats(cout), rng.floats(cout), rng.floats(cout));
+        let ops = [
+            EpilogueOp::Affine {
+                mul: &mul,
+                add: &add,
+            },
+            EpilogueOp::PRelu(&alpha),
+        ];
+        let residual = rng.floats(images * per_image);
+        let expected = apply(&ops, cout, &dots, Some(&residual));
+        let signs: Vec<PackedMap> = expected
+            .chunks(per_image)
+            .map(|x| PackedMap::from_signs(x, oh, ow, cout))
+            .collect();
+        let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
+        let epilogue = GpuEpilogue::new(&gpu, cout, &ops).unwrap();
+        let gpu_residual = gpu
+            .upload_floats(&residual, images, [oh, ow, cout])
+            .unwrap();
+        let mut scratch = gpu.upload(&vec![0i32; images * per_image]).unwrap();
+        for path in conv_paths(&gpu) {
+            let mut values = gpu.floats(images, [oh, ow, cout]).unwrap();
+            let mut bits = gpu.map(images, [oh, ow, cout]).unwrap();
+            let io = EpilogueIo {
+                residual: Some(&gpu_residual),
+                values: Some(&mut values),
+                signs: Some(&mut bits),
+            };
+            conv.run_into(&gpu, &input, path, &epilogue, io, &mut scratch)
+                .unwrap();
+            let case = format!("{path:?}: {images}x{h}x{w}x{cin} -> {cout}, stride {stride}");
+            assert_eq!(gpu.download_floats(&values).unwrap(), expected, "{case}");
+            assert_eq!(gpu.download_maps(&bits).unwrap(), signs, "{case}");
+        }
+    }
+}
+
 #[test]
 fn lab_packing_matches_the_cpu_in_both_forms() {
     let Some(gpu) = gpu("lab_packing_matches_the_cpu_in_both_forms") else {
@@ -194,16 +266,13 @@ fn lab_packing_matches_the_cpu_in_both_forms() {
             shift(1),
             rng.floats(c),
         );
-        let input = gpu.upload(&x).unwrap();
+        let input = gpu.upload_floats(&x, images, [h, w, c]).unwrap();
         for (form, lab) in [("folded", folded), ("paired", paired)] {
             let expected: Vec<PackedMap> = x
                 .chunks(h * w * c)
                 .map(|x| lab_pack(x, h, w, &lab))
                 .collect();
-            let packed = GpuLab::new(&gpu, &lab)
-                .unwrap()
-                .pack(&gpu, &input, images, [h, w])
-                .unwrap();
+            let packed = GpuLab::new(&gpu, &lab).unwrap().pack(&gpu, &input).unwrap();
             assert_eq!(
                 gpu.download_maps(&packed).unwrap(),
                 expected,
@@ -274,7 +343,7 @@ fn epilogue_matches_the_cpu_arithmetic() {
             ],
         ];
         let gpu_dots = gpu.upload(&dots).unwrap();
-        let gpu_residual = gpu.upload(&residual).unwrap();
+        let gpu_residual = gpu.upload_floats(&residual, images, [h, w, c]).unwrap();
         for ops in &programs {
             let epilogue = GpuEpilogue::new(&gpu, c, ops).unwrap();
             for with_residual in [false, true] {
@@ -290,7 +359,7 @@ fn epilogue_matches_the_cpu_arithmetic() {
                         (true, true),
                     )
                     .unwrap();
-                let values = gpu.download(&out.values.unwrap(), n).unwrap();
+                let values = gpu.download_floats(&out.values.unwrap()).unwrap();
                 assert_eq!(values, expected, "{ops:?} {images}x{h}x{w}x{c}");
                 let signs: Vec<PackedMap> = expected
                     .chunks(h * w * c)
@@ -322,7 +391,12 @@ fn max_pooling_on_bits_matches_the_cpu() {
             .map(|m| max_pool(m, size, stride, pads))
             .collect();
         let input = gpu.upload_maps(&cpu_maps).unwrap();
-        let pooled = gpu.max_pool(&input, size, stride, pads).unwrap();
+        let window = Window {
+            kernel: size,
+            stride,
+            pads,
+        };
+        let pooled = gpu.max_pool(&input, window).unwrap();
         assert_eq!(
             gpu.download_maps(&pooled).unwrap(),
             expected,
@@ -349,30 +423,54 @@ fn binary_convolution_rate() {
             pad_value: PadValue::Zero,
         };
         let conv = GpuBinaryConv::new(&gpu, &weights, geometry).unwrap();
+        let (mul, add) = (rng.floats(c), rng.floats(c));
+        let affine = EpilogueOp::Affine {
+            mul: &mul,
+            add: &add,
+        };
+        let epilogue = GpuEpilogue::new(&gpu, c, &[affine]).unwrap();
         for (images, path) in [1, 256]
             .into_iter()
             .flat_map(|images| conv_paths(&gpu).into_iter().map(move |p| (images, p)))
         {
-            let x = gpu.upload(&rng.signs(images * h * h * c)).unwrap();
-            let input = gpu.pack_signs(&x, images, [h, h, c]).unwrap();
-            let run = || {
-                conv.dots_with(&gpu, &input, path).unwrap();
-            };
-            run();
-            gpu.stream().synchronize().unwrap();
-            let reps = if images == 1 { 200 } else { 20 };
-            let start = std::time::Instant::now();
-            for _ in 0..reps {
+            let x = gpu.upload_floats(&rng.signs(images * h * h * c), images, [h, h, c]);
+            let input = gpu.pack_signs(&x.unwrap()).unwrap();
+            let mut dots = conv.dots_with(&gpu, &input, path).unwrap();
+            let mut signs = gpu.map(images, [h, h, c]).unwrap();
+            let time = |run: &mut dyn FnMut()| {
                 run();
-            }
-            gpu.stream().synchronize().unwrap();
-            let seconds = start.elapsed().as_secs_f64() / reps as f64;
+                gpu.stream().synchronize().unwrap();
+                let reps = if images == 1 { 200 } else { 20 };
+                let start = std::time::Instant::now();
+                for _ in 0..reps {
+                    run();
+                }
+                gpu.stream().synchronize().unwrap();
+                start.elapsed().as_secs_f64() / reps as f64
+            };
             let macs = (images * h * h * c * c * 9) as f64;
-            println!(
-                "binary conv {path:?} {h}x{h}x{c} -> {c}, 3x3, batch {images}: {:.3} ms, \
-                 {:.1} T binary MACs/s",
-                seconds * 1e3,
-                macs / seconds / 1e12
+            let report = |what: &str, seconds: f64| {
+                println!(
+                    "binary conv {path:?} {what} {h}x{h}x{c} -> {c}, 3x3, batch {images}: \
+                     {:.3} ms, {:.1} T binary MACs/s",
+                    seconds * 1e3,
+                    macs / seconds / 1e12
+                )
+            };
+            report(
+                "dots",
+                time(&mut || conv.dots_into(&gpu, &input, path, &mut dots).unwrap()),
+            );
+            report(
+                "+ batch norm -> signs",
+                time(&mut || {
+                    let io = EpilogueIo {
+                        signs: Some(&mut signs),
+                        ..Default::default()
+                    };
+                    conv.run_into(&gpu, &input, path, &epilogue, io, &mut dots)
+                        .unwrap()
+                }),
             );
         }
     }

@@ -100,20 +100,6 @@ impl ConvLayout {
     }
 }
 
-/// The bits in use of each `u32` word of a pixel of `channels` channels, `words` words.
-pub fn full_words(channels: usize, words: usize) -> Vec<u32> {
-    (0..words)
-        .map(|q| {
-            let used = channels.saturating_sub(32 * q).min(32);
-            if used == 32 {
-                u32::MAX
-            } else {
-                (1u32 << used) - 1
-            }
-        })
-        .collect()
-}
-
 /// A batch of maps of one shape as the GPU reads them: the maps' words one after another.
 ///
 /// # Panics
@@ -273,8 +259,6 @@ mod tests {
             [0x89ab_cdef, 0x0123_4567, u32::MAX, u32::MAX, 0, 1 << 31]
         );
         assert_eq!(words_from_gpu(&gpu), words);
-        assert_eq!(full_words(70, 4), [u32::MAX, u32::MAX, 0b11_1111, 0]);
-        assert_eq!(full_words(64, 2), [u32::MAX, u32::MAX]);
     }
 
     /// The ops as `dots_epilogue` reads them: a kind per op (the `OP_*` of `packed.cu`), each
