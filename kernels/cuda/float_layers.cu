@@ -7,6 +7,11 @@
 // the CPU engine (zoo/src/engine/float.rs) does: ops first, then the residual added.
 #include "common.cuh"
 
+// The float sums are the CPU engine's, in its order: convolutions and the dense layer fused
+// multiply-adds over (tap row, tap column, channel) from zero (its AVX2 / AVX-512 GEMM and
+// direct kernels), depthwise convolutions a rounded product then a rounded sum per tap inside the
+// image, so that the outputs, and the signs the next binary layer takes of them, are the CPU's.
+
 // A window op on n images of h x w x c: output oh x ow x oc, kernel kh x kw, strides, and the
 // padding on top and left (the rest only shapes the output).
 struct WindowShape {
@@ -98,8 +103,8 @@ extern "C" __global__ void depthwise_conv(WindowShape s, int multiplier, const f
                 if (xx < 0 || xx >= s.w) {
                     continue;
                 }
-                acc = fmaf(pixel(s, x, at.img, y, xx)[c], weight[(ky * s.kw + kx) * s.oc + at.o],
-                           acc);
+                // A product, then a sum, each rounded: the CPU's depthwise arithmetic.
+                acc = acc + pixel(s, x, at.img, y, xx)[c] * weight[(ky * s.kw + kx) * s.oc + at.o];
             }
         }
         out[i] = finish(acc, i, at.o, s.oc, ops, kinds, offsets, params, residual);

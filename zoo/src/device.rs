@@ -10,30 +10,43 @@ use crate::Error;
 /// A GPU is a clear error when the zoo was built without the `cuda` feature, or when the
 /// driver finds no such GPU.
 pub fn parse(name: &str) -> Result<Device, Error> {
-    let bad = || {
-        Error::Train(format!(
-            "unknown device `{name}`: expected `cpu`, `cuda` or `cuda:N` (N the GPU's index)"
-        ))
-    };
-    let ordinal = match name.trim().to_ascii_lowercase().as_str() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().map_err(|_| bad())?,
-            None => return Err(bad()),
-        },
+    let Some(ordinal) = gpu_ordinal(name)? else {
+        return Ok(Device::Cpu);
     };
     if !candle_core::utils::cuda_is_available() {
-        return Err(Error::Train(format!(
-            "device `{name}`: this zoo was built without its `cuda` feature; build it with \
-             `kernels/cuda/build.sh` (see the README's GPU section)"
-        )));
+        return Err(without_cuda(name));
     }
     Device::new_cuda(ordinal).map_err(|e| {
         Error::Train(format!(
             "device `{name}`: no CUDA GPU {ordinal} could be opened ({e})"
         ))
     })
+}
+
+/// The GPU a device name names (`cuda` is GPU 0), or `None` for `cpu`; an unknown name is an
+/// error saying what is expected.
+pub fn gpu_ordinal(name: &str) -> Result<Option<usize>, Error> {
+    let bad = || {
+        Error::Train(format!(
+            "unknown device `{name}`: expected `cpu`, `cuda` or `cuda:N` (N the GPU's index)"
+        ))
+    };
+    match name.trim().to_ascii_lowercase().as_str() {
+        "cpu" => Ok(None),
+        "cuda" => Ok(Some(0)),
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map(Some).map_err(|_| bad()),
+            None => Err(bad()),
+        },
+    }
+}
+
+/// The error for a GPU asked of a zoo built without its `cuda` feature.
+pub fn without_cuda(name: &str) -> Error {
+    Error::Train(format!(
+        "device `{name}`: this zoo was built without its `cuda` feature; build it with \
+         `kernels/cuda/build.sh` (see the README's GPU section)"
+    ))
 }
 
 /// `cpu` or `cuda:N`, as [`parse`] reads it.

@@ -1,5 +1,5 @@
-//! Latency and throughput measurement of an [`Engine`] (`zoo bench`), and models with random
-//! weights for measuring architectures that have no trained weights yet.
+//! Latency and throughput measurement of the engine on the CPU or a GPU (`zoo bench`), and
+//! models with random weights for measuring architectures that have no trained weights yet.
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use crate::Error;
 
 use zoo_kernels::packed;
 
-use super::{export, Engine, OpTime, ZooModel};
+use super::{export, Engine, OpTime, Runner, ZooModel};
 
 /// Order statistics of a set of timings, in milliseconds (of ratios, in [`Against::ratio`]).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -88,9 +88,9 @@ pub struct Report {
     pub model: String,
     /// Input `HxWxC`.
     pub input: String,
-    /// Threads.
+    /// Threads (of the CPU engine).
     pub threads: usize,
-    /// The binary convolution kernel (`avx2`, `portable`, ...).
+    /// The binary convolution kernel (`avx2`, `portable`, ...; on a GPU, the GPU and path).
     pub kernel: String,
     /// What was timed.
     pub measure: Measure,
@@ -123,12 +123,12 @@ pub struct Against {
 }
 
 impl Report {
-    fn new(engine: &Engine, measure: Measure, binary_macs: u64, latency: Latency) -> Report {
+    fn new(engine: &dyn Runner, measure: Measure, binary_macs: u64, latency: Latency) -> Report {
         Report {
             model: engine.spec().name.clone(),
             input: engine.config().input.to_string(),
             threads: engine.threads(),
-            kernel: engine.kernel().to_string(),
+            kernel: engine.kernel(),
             measure,
             binary_macs,
             latency_ms: latency,
@@ -140,14 +140,14 @@ impl Report {
 }
 
 /// Binary multiply-accumulates of one image of `engine`'s model.
-fn binary_macs(engine: &Engine) -> Result<u64, Error> {
+fn binary_macs(engine: &dyn Runner) -> Result<u64, Error> {
     Ok(spec::analyze(engine.spec(), engine.config())?
         .totals()
         .binary_macs)
 }
 
 /// Random images (standard normal), NCHW.
-pub fn random_images(engine: &Engine, batch: usize, seed: u64) -> Vec<f32> {
+pub fn random_images(engine: &dyn Runner, batch: usize, seed: u64) -> Vec<f32> {
     let i = engine.config().input;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..batch * i.height * i.width * i.channels)
@@ -179,12 +179,12 @@ fn time_ms(call: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
 /// per-layer table. With `against`, each timed call of `engine` is paired with one of that
 /// engine (the order alternating from pair to pair) and the report compares the two.
 pub fn bench(
-    engine: &Engine,
+    engine: &dyn Runner,
     runs: usize,
     warmup: usize,
     batch: usize,
     profile: bool,
-    against: Option<&Engine>,
+    against: Option<&dyn Runner>,
 ) -> Result<Report, Error> {
     let image = random_images(engine, 1, 1);
     let (ms, against) = match against {
@@ -223,7 +223,7 @@ pub fn bench(
 }
 
 /// One call of `engine` on `batch` images.
-fn call(engine: &Engine, images: &[f32], batch: usize) -> Result<(), Error> {
+fn call(engine: &dyn Runner, images: &[f32], batch: usize) -> Result<(), Error> {
     std::hint::black_box(engine.run(images, batch)?);
     Ok(())
 }
@@ -231,9 +231,9 @@ fn call(engine: &Engine, images: &[f32], batch: usize) -> Result<(), Error> {
 /// Milliseconds of `runs` batch-1 calls of `a` (on `image_a`) and of `b` in pairs (after
 /// `warmup` untimed pairs), `a` first in even pairs and `b` first in odd ones.
 fn time_pairs(
-    a: &Engine,
+    a: &dyn Runner,
     image_a: &[f32],
-    b: &Engine,
+    b: &dyn Runner,
     runs: usize,
     warmup: usize,
 ) -> Result<(Vec<f64>, Vec<f64>), Error> {
@@ -242,7 +242,7 @@ fn time_pairs(
         call(a, image_a, 1)?;
         call(b, &image_b, 1)?;
     }
-    let time = |engine: &Engine, image: &[f32]| time_ms(|| call(engine, image, 1));
+    let time = |engine: &dyn Runner, image: &[f32]| time_ms(|| call(engine, image, 1));
     let (mut ms_a, mut ms_b) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for i in 0..runs.max(1) {
         if i % 2 == 0 {

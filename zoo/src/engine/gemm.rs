@@ -44,6 +44,17 @@ impl PackedWeights {
         PackedWeights { k, n, data }
     }
 
+    /// The row-major `k x n` matrix laid out (the inverse of [`PackedWeights::new`]).
+    pub fn to_matrix(&self) -> Vec<f32> {
+        let mut matrix = vec![0.0; self.k * self.n];
+        for (i, row) in matrix.chunks_exact_mut(self.n.max(1)).enumerate() {
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = self.data[o / PANEL * self.k * PANEL + i * PANEL + o % PANEL];
+            }
+        }
+        matrix
+    }
+
     /// Rows (inputs per output).
     pub fn k(&self) -> usize {
         self.k
@@ -382,6 +393,18 @@ unsafe fn tile_avx512<const R: usize>(a: &[f32], k: usize, panel: &[f32], mut ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_matrix_comes_back_out_of_the_panels() {
+        for (k, n) in [(1, 1), (3, 31), (5, 33), (7, 64), (2, 70)] {
+            let matrix: Vec<f32> = (0..k * n).map(|i| i as f32).collect();
+            assert_eq!(
+                PackedWeights::new(&matrix, k, n).to_matrix(),
+                matrix,
+                "{k} x {n}"
+            );
+        }
+    }
 
     /// A seeded value in [-1, 1).
     fn value(seed: usize) -> f32 {

@@ -29,6 +29,8 @@ mod export;
 pub mod float;
 mod format;
 mod gemm;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -161,6 +163,9 @@ enum Step {
         op: usize,
         signs: Signs,
         conv: BinaryConv,
+        /// The filters and geometry `conv` was laid out from (the GPU lays them out its way).
+        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+        source: Box<(PackedConvWeights, ConvGeometry)>,
         epilogue: Epilogue,
         /// Emit the signs of the transformed output, packed, for a binarized next layer.
         pack_output: bool,
@@ -359,30 +364,11 @@ impl Engine {
             })
         });
         let times = times.into_inner().expect("no panics while profiling");
-        let medians: Vec<Option<f64>> = times
+        let ms = times
             .into_iter()
-            .map(|mut t| {
-                (!t.is_empty()).then(|| {
-                    t.sort();
-                    t[t.len() / 2].as_secs_f64() * 1e3
-                })
-            })
+            .map(|t| t.iter().map(|d| d.as_secs_f64() * 1e3).collect())
             .collect();
-        let total: f64 = medians.iter().flatten().sum();
-        Ok(self
-            .ops
-            .iter()
-            .zip(medians)
-            .filter_map(|(info, ms)| {
-                ms.map(|ms| OpTime {
-                    name: info.name.clone(),
-                    kind: info.kind,
-                    output: info.output.clone(),
-                    ms,
-                    share: if total > 0.0 { ms / total } else { 0.0 },
-                })
-            })
-            .collect())
+        Ok(op_times(&self.ops, ms))
     }
 
     fn image_len(&self) -> usize {
@@ -410,6 +396,118 @@ impl Engine {
             Value::Float(m) => m.data,
             p => p.to_float().data.clone(),
         }
+    }
+}
+
+/// The median of each op's times (milliseconds), and its share of their sum; ops never timed
+/// are left out.
+fn op_times(ops: &[OpInfo], times: Vec<Vec<f64>>) -> Vec<OpTime> {
+    let medians: Vec<Option<f64>> = times
+        .into_iter()
+        .map(|mut t| {
+            (!t.is_empty()).then(|| {
+                t.sort_by(f64::total_cmp);
+                t[t.len() / 2]
+            })
+        })
+        .collect();
+    let total: f64 = medians.iter().flatten().sum();
+    ops.iter()
+        .zip(medians)
+        .filter_map(|(info, ms)| {
+            ms.map(|ms| OpTime {
+                name: info.name.clone(),
+                kind: info.kind,
+                output: info.output.clone(),
+                ms,
+                share: if total > 0.0 { ms / total } else { 0.0 },
+            })
+        })
+        .collect()
+}
+
+/// A compiled model that runs: the engine on the CPU ([`Engine`]) or on a GPU
+/// (`gpu::GpuEngine`, feature `cuda`).
+pub trait Runner: Send + Sync {
+    /// The spec the model was exported from.
+    fn spec(&self) -> &Spec;
+    /// The input shape and class count.
+    fn config(&self) -> &ModelConfig;
+    /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout.
+    fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error>;
+    /// The median time per layer of one image over `runs` runs.
+    fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error>;
+    /// Threads of the CPU engine (1 on a GPU).
+    fn threads(&self) -> usize;
+    /// What runs the binary convolutions: the CPU kernel, or the GPU and its path.
+    fn kernel(&self) -> String;
+}
+
+impl Runner for Engine {
+    fn spec(&self) -> &Spec {
+        Engine::spec(self)
+    }
+    fn config(&self) -> &ModelConfig {
+        Engine::config(self)
+    }
+    fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
+        Engine::run(self, images, batch)
+    }
+    fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
+        Engine::profile(self, image, runs)
+    }
+    fn threads(&self) -> usize {
+        Engine::threads(self)
+    }
+    fn kernel(&self) -> String {
+        Engine::kernel(self).to_string()
+    }
+}
+
+/// `model` compiled for `device` (`cpu`, `cuda` or `cuda:N`, as [`crate::device::parse`]
+/// reads them), with `threads` threads on the CPU.
+pub fn runner(model: &ZooModel, device: &str, threads: usize) -> Result<Box<dyn Runner>, Error> {
+    match crate::device::gpu_ordinal(device)? {
+        None => Ok(Box::new(Engine::new(model, threads)?)),
+        #[cfg(feature = "cuda")]
+        Some(ordinal) => Ok(Box::new(gpu::GpuEngine::new(model, ordinal)?)),
+        #[cfg(not(feature = "cuda"))]
+        Some(_) => Err(crate::device::without_cuda(device)),
+    }
+}
+
+/// A [`Runner`] as a [`crate::Model`] in inference mode (for [`crate::train::evaluate`]): the
+/// images copied to the host, the logits back to their device.
+pub struct Packed(pub Box<dyn Runner>);
+
+impl crate::Model for Packed {
+    fn forward(
+        &self,
+        xs: &candle_core::Tensor,
+        train: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if train {
+            candle_core::bail!("a packed model runs in inference only");
+        }
+        let batch = xs.dim(0)?;
+        let images = xs
+            .to_device(&candle_core::Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let logits = self
+            .0
+            .run(&images, batch)
+            .map_err(candle_core::Error::wrap)?;
+        let classes = logits.len() / batch.max(1);
+        candle_core::Tensor::from_vec(logits, (batch, classes), xs.device())
+    }
+
+    fn spec(&self) -> &Spec {
+        self.0.spec()
+    }
+
+    fn config(&self) -> &ModelConfig {
+        self.0.config()
     }
 }
 
@@ -519,6 +617,7 @@ impl Run<'_> {
                 conv,
                 epilogue,
                 pack_output,
+                ..
             } => self.timed(*op, || {
                 // LAB reads floats: a packed map (after a binary max-pool) as ±1.
                 let floats = match (signs, x) {
@@ -896,21 +995,20 @@ impl Compiler<'_> {
                         Signs::Lab(_) => "lab+binary_conv",
                         Signs::Sign => "binary_conv",
                     };
+                    let geometry = ConvGeometry {
+                        stride: conv.stride,
+                        pads: window.pads,
+                        pad_value: if conv.pad_value == 0.0 {
+                            PadValue::Zero
+                        } else {
+                            PadValue::One
+                        },
+                    };
                     Step::BinaryConv {
                         op: self.op(node, kind),
                         signs,
-                        conv: BinaryConv::new(
-                            &weights,
-                            ConvGeometry {
-                                stride: conv.stride,
-                                pads: window.pads,
-                                pad_value: if conv.pad_value == 0.0 {
-                                    PadValue::Zero
-                                } else {
-                                    PadValue::One
-                                },
-                            },
-                        ),
+                        conv: BinaryConv::new(&weights, geometry),
+                        source: Box::new((weights, geometry)),
                         epilogue,
                         pack_output: false,
                     }

@@ -2,8 +2,10 @@
 //! the stem and transition convolutions, depthwise convolution and the blur, pooling, the
 //! dense head, per-channel transforms, channel concatenation and the input's transpose, on
 //! batches of NHWC float maps ([`GpuFloats`]). Each computes what the CPU engine's layer
-//! computes (`zoo/src/engine/float.rs`), its output transform and residual included, up to the
-//! order of the float sums.
+//! computes (`zoo/src/engine/float.rs`), its output transform and residual included, with the
+//! float operations of its AVX2 / AVX-512 kernels in their order (fused multiply-adds for
+//! convolutions and the dense layer, rounded products and sums for depthwise ones), so that
+//! the outputs are the CPU's bit for bit where the CPU runs those kernels.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -280,6 +282,26 @@ impl Gpu {
         // float* dst)`; both hold `pixels` pixels, the channels fit (checked above).
         unsafe { launch.launch(elementwise(src.len())) }.w()?;
         Ok(())
+    }
+
+    /// Copies the values of `src` into `dst`, maps of as many values (a flattened `src`).
+    pub fn copy_into(&self, src: &GpuFloats, dst: &mut GpuFloats) -> Result<()> {
+        if src.len() != dst.len() || src.images != dst.images {
+            bail!(
+                "copy: {} maps of {:?} into {} of {:?}",
+                src.images,
+                src.shape(),
+                dst.images,
+                dst.shape()
+            );
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        let len = src.len();
+        self.stream
+            .memcpy_dtod(&src.data.slice(..len), &mut dst.data.slice_mut(..len))
+            .w()
     }
 
     /// `x`, `out.images` images in NCHW layout (the models' input), transposed into `out`.

@@ -20,9 +20,12 @@ pub mod float;
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode,
+};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DeviceRepr, LaunchArgs,
-    LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaModule, CudaSlice, CudaStream, DeviceRepr,
+    LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
 use candle_core::cuda_backend::WrapErr;
@@ -100,6 +103,34 @@ impl Gpu {
     /// The GPU's compute capability, `(major, minor)`.
     pub fn capability(&self) -> (i32, i32) {
         self.capability
+    }
+
+    /// The GPU's name, as the driver gives it.
+    pub fn name(&self) -> Result<String> {
+        self.stream.context().name().w()
+    }
+
+    /// The work `launches` puts on this GPU's stream, captured as a CUDA graph instead of run:
+    /// [`CudaGraph::launch`] replays it, on the buffers it used. The buffers must outlive the
+    /// graph, and `launches` may only launch kernels and copy between GPU buffers.
+    pub fn capture(&self, launches: impl FnOnce() -> Result<()>) -> Result<CudaGraph> {
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let captured = launches();
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0)).w();
+        captured?;
+        match graph? {
+            Some(graph) => Ok(graph),
+            None => bail!("capturing a CUDA graph: the stream captured nothing"),
+        }
+    }
+
+    /// An event recorded on the stream now, with timing, for [`CudaEvent::elapsed_ms`].
+    pub fn mark(&self) -> Result<CudaEvent> {
+        self.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .w()
     }
 
     /// The convolution path this GPU runs by default: tensor cores where it has binary ones

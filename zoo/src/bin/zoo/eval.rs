@@ -1,4 +1,5 @@
-//! `zoo eval`: top-1 and top-5 of trained or pretrained weights on a validation split.
+//! `zoo eval`: top-1 and top-5 of trained or pretrained weights, or of a packed `.zoo` model
+//! on the inference engine, on a validation split.
 
 use crate::hub::WeightsSource;
 use crate::parse_side;
@@ -6,8 +7,9 @@ use crate::parse_side;
 /// The weights to judge and the data to judge them on (`zoo eval`, `zoo inspect`).
 #[derive(clap::Args)]
 pub struct JudgedArgs {
-    /// A run directory (its final, else best weights), a safetensors weights file, or a
-    /// pretrained model (`quicknet-lab`, `org/name`, a local repo directory).
+    /// A run directory (its final, else best weights), a safetensors weights file, a
+    /// pretrained model (`quicknet-lab`, `org/name`, a local repo directory), or (`zoo eval`)
+    /// a packed `.zoo` model, run by the inference engine.
     weights: String,
     /// The architecture of a weights file: a registered name or a spec file (default:
     /// the run's or the repo's).
@@ -99,8 +101,13 @@ pub fn open_weights(
     Ok((source, run, model))
 }
 
-/// Evaluates weights on a validation split, on `device`.
-pub fn eval(args: EvalArgs, device: zoo::candle_core::Device) -> Result<(), zoo::Error> {
+/// Evaluates weights, or a `.zoo` model, on a validation split, on `device`.
+pub fn eval(args: EvalArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
+    let packed = std::path::Path::new(&args.judged.weights);
+    if packed.extension().is_some_and(|e| e == "zoo") && packed.is_file() {
+        return eval_packed(args, device, threads);
+    }
+    let device = zoo::device::parse(device)?;
     let Judged {
         run,
         model,
@@ -116,9 +123,49 @@ pub fn eval(args: EvalArgs, device: zoo::candle_core::Device) -> Result<(), zoo:
     let bar = zoo::train::bar_for(&session, dataset.len() as u64, "evaluating");
     let acc = zoo::train::evaluate(&*model, dataset, args.batch_size, 2, &bar, &session.device)?;
     bar.finish_and_clear();
+    report(&run.path.display().to_string(), &acc, &data);
+    Ok(())
+}
+
+/// `zoo eval` of a `.zoo` model: the packed engine on `device` over the validation split of
+/// `--data` (default Fashion-MNIST) at `--input` (default the model's).
+fn eval_packed(args: EvalArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
+    let JudgedArgs {
+        weights,
+        spec,
+        data,
+        input,
+    } = args.judged;
+    if spec.is_some() {
+        return Err(zoo::Error::Train(format!(
+            "`{weights}` is a packed model, which carries its spec: drop --spec"
+        )));
+    }
+    let mut model = zoo::engine::ZooModel::load(std::path::Path::new(&weights))?;
+    if let Some(side) = input {
+        model.config.input.height = side;
+        model.config.input.width = side;
+    }
+    let data = data.unwrap_or_else(|| zoo::train::FASHION_MNIST.to_string());
+    let side = model.config.input.height;
+    let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, side, false)?;
+    let engine = zoo::engine::Packed(zoo::engine::runner(&model, device, threads)?);
+    let session = zoo::train::Session {
+        progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        device: zoo::candle_core::Device::Cpu,
+    };
+    let bar = zoo::train::bar_for(&session, dataset.len() as u64, "evaluating");
+    let acc = zoo::train::evaluate(&engine, dataset, args.batch_size, 2, &bar, &session.device)?;
+    bar.finish_and_clear();
+    report(&weights, &acc, &data);
+    Ok(())
+}
+
+/// Prints an evaluation's figures.
+fn report(what: &str, acc: &zoo::train::Accuracy, data: &str) {
     println!(
         "{}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} on {} images of {}{}",
-        run.path.display(),
+        what,
         acc.top1,
         acc.top5,
         acc.loss,
@@ -130,5 +177,4 @@ pub fn eval(args: EvalArgs, device: zoo::candle_core::Device) -> Result<(), zoo:
             String::new()
         }
     );
-    Ok(())
 }

@@ -45,7 +45,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "MODEL", conflicts_with_all = ["floor", "profile"])]
     against: Option<String>,
     /// Where the profile goes: `<PREFIX>.csv` and `<PREFIX>.json` (default:
-    /// `runs/profiles/<model>-<input>-<threads>t`).
+    /// `runs/profiles/<model>-<input>-<threads>t`, or `-cuda<N>` on a GPU).
     #[arg(long)]
     profile_out: Option<PathBuf>,
     /// Write the figures as JSON to this file.
@@ -66,23 +66,33 @@ pub struct PredictArgs {
     top: usize,
 }
 
-/// Times the engine.
-pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
-    let engine = engine_for(&args.model, args.input, args.classes, threads)?;
-    let against = match &args.against {
-        Some(model) => Some(engine_for(model, args.input, args.classes, threads)?),
-        None => None,
-    };
+/// Times the engine on `device`.
+pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
+    let model = model_for(&args.model, args.input, args.classes)?;
     let report = if args.floor {
+        if zoo::device::gpu_ordinal(device)?.is_some() {
+            return Err(zoo::Error::Train(
+                "--floor times the CPU kernels' arithmetic floor; drop --device".into(),
+            ));
+        }
+        let engine = zoo::engine::Engine::new(&model, threads)?;
         zoo::engine::bench::floor(&engine, args.runs, args.warmup)?
     } else {
+        let engine = zoo::engine::runner(&model, device, threads)?;
+        let against = match &args.against {
+            Some(other) => {
+                let other = model_for(other, args.input, args.classes)?;
+                Some(zoo::engine::runner(&other, device, threads)?)
+            }
+            None => None,
+        };
         zoo::engine::bench::bench(
-            &engine,
+            &*engine,
             args.runs,
             args.warmup,
             args.batch,
             args.profile,
-            against.as_ref(),
+            against.as_deref(),
         )?
     };
     let floor = report.measure == zoo::engine::bench::Measure::Floor;
@@ -121,10 +131,11 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     if let Some(ops) = &report.profile {
         print!("{}", zoo::engine::bench::render_profile(ops));
         let prefix = args.profile_out.unwrap_or_else(|| {
-            PathBuf::from("runs/profiles").join(format!(
-                "{}-{}-{}t",
-                report.model, report.input, report.threads
-            ))
+            let on = match zoo::device::gpu_ordinal(device) {
+                Ok(Some(gpu)) => format!("cuda{gpu}"),
+                _ => format!("{}t", report.threads),
+            };
+            PathBuf::from("runs/profiles").join(format!("{}-{}-{on}", report.model, report.input))
         });
         if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| zoo::Error::Write {
@@ -150,10 +161,10 @@ pub fn bench(args: BenchArgs, threads: usize) -> Result<(), zoo::Error> {
     Ok(())
 }
 
-/// Classifies an image.
-pub fn predict(args: PredictArgs, threads: usize) -> Result<(), zoo::Error> {
+/// Classifies an image on `device`.
+pub fn predict(args: PredictArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
     let zoo_model = packed_model(&args.model)?;
-    let engine = zoo::engine::Engine::new(&zoo_model, threads)?;
+    let engine = zoo::engine::runner(&zoo_model, device, threads)?;
     let input = engine.config().input;
     let pixels = if input.channels == 1 {
         zoo::data::fashion_mnist::eval_image(&args.image, input.height)?
@@ -192,14 +203,13 @@ fn packed_model(model: &str) -> Result<zoo::engine::ZooModel, zoo::Error> {
     }
 }
 
-/// An engine for a `.zoo` file, for random weights of a registered model or spec file, or for
-/// a pretrained model (a tagged name, a hub repo or a local repo directory).
-fn engine_for(
+/// A `.zoo` file, random weights of a registered model or spec file, or a pretrained model (a
+/// tagged name, a hub repo or a local repo directory).
+fn model_for(
     model: &str,
     input: Option<InputShape>,
     classes: Option<usize>,
-    threads: usize,
-) -> Result<zoo::engine::Engine, zoo::Error> {
+) -> Result<zoo::engine::ZooModel, zoo::Error> {
     let path = std::path::Path::new(model);
     let zoo_model = if path.is_file() && zoo::spec(model).is_err() {
         let mut m = zoo::engine::ZooModel::load(path)?;
@@ -217,5 +227,5 @@ fn engine_for(
         }
         m
     };
-    zoo::engine::Engine::new(&zoo_model, threads)
+    Ok(zoo_model)
 }

@@ -26,8 +26,9 @@ struct Cli {
     /// Compute threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// Where `train` and `eval` compute: `cpu`, `cuda` or `cuda:N` (a GPU needs a zoo built
-    /// with its `cuda` feature).
+    /// Where `train`, `eval`, `bench` and `predict` compute: `cpu`, `cuda` or `cuda:N` (a GPU
+    /// needs a zoo built with its `cuda` feature; `bench` and `predict` run the packed engine
+    /// on it).
     #[arg(long, global = true, default_value = "cpu")]
     device: String,
 }
@@ -194,13 +195,13 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
             output,
         } => info::import_larq(&weights, &spec, input, classes, &output),
         Command::Train(args) => train::train(*args, zoo::device::parse(&cli.device)?),
-        Command::Eval(args) => eval::eval(args, zoo::device::parse(&cli.device)?),
+        Command::Eval(args) => eval::eval(args, &cli.device, threads),
         Command::Inspect(args) => inspect::inspect(args),
         Command::Plot(args) => plot::plot(args),
         Command::Show(args) => show::show(args),
         Command::Export(args) => export::export(args),
-        Command::Bench(args) => infer::bench(args, threads),
-        Command::Predict(args) => infer::predict(args, threads),
+        Command::Bench(args) => infer::bench(args, &cli.device, threads),
+        Command::Predict(args) => infer::predict(args, &cli.device, threads),
         Command::Pull(args) => hub::pull(args),
         Command::Push(args) => hub::push(args),
         Command::Data {

@@ -1,0 +1,999 @@
+//! The engine on an NVIDIA GPU (feature `cuda`): the same compiled steps as the CPU
+//! [`Engine`], run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
+//!
+//! [`GpuEngine::new`] walks the CPU engine's steps once, with the shapes of one image, into a
+//! flat [`Program`] of kernel launches between numbered buffers: sign and LAB packing, the
+//! binary convolutions on binary tensor cores with their output transform (batch norm, scale,
+//! bias, ReLU / PReLU, residual) fused and emitting packed signs where the next layer reads only
+//! signs, binary max pooling on bits, and the float stem, transitions and head. A run at a
+//! batch size first lays out every buffer for that batch ([`Plan`]), then launches the
+//! program; from the second run on, the program replays as one CUDA graph, without a launch
+//! per kernel (`ZOO_CUDA_GRAPH=0` launches kernel by kernel instead). The binary convolutions
+//! run on binary tensor cores where the GPU has them (compute capability 8.0), else on CUDA
+//! cores; `ZOO_GPU_CONV=popcount` forces the CUDA cores.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::sync::Mutex;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice};
+use zoo_kernels::packed::cuda::float::{GpuDense, GpuDepthwise, GpuFloatConv, PoolMode};
+use zoo_kernels::packed::cuda::{
+    ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuFloats, GpuLab, GpuMap, Window,
+};
+use zoo_kernels::packed::gpu::EpilogueOp;
+
+use super::float::{ChannelOp, Epilogue};
+use super::{Engine, OpInfo, OpTime, Signs, Step, ZooModel};
+use crate::spec::{ModelConfig, Spec};
+use crate::Error;
+
+/// A `.zoo` model compiled for a GPU.
+pub struct GpuEngine {
+    spec: Spec,
+    config: ModelConfig,
+    gpu: Gpu,
+    path: ConvPath,
+    program: Program,
+    ops: Vec<OpInfo>,
+    graphs: bool,
+    /// The buffers of each batch size run so far.
+    plans: Mutex<HashMap<usize, Plan>>,
+}
+
+/// A value between launches: buffer `buf`, floats or packed signs, of `shape` per image.
+#[derive(Clone, Copy, Debug)]
+struct Value {
+    buf: usize,
+    bits: bool,
+    shape: [usize; 3],
+}
+
+/// The launches of one run, between buffers numbered in the order they are made.
+struct Program {
+    /// Every buffer, as the value it holds.
+    buffers: Vec<Value>,
+    launches: Vec<Launch>,
+    /// The input, NHWC floats.
+    input: Value,
+    /// The logits.
+    output: Value,
+    /// The most dots per image a binary convolution hands its output transform (the CUDA-core
+    /// path's scratch).
+    dots: usize,
+}
+
+/// One kernel launch of a [`Program`]: what it computes, its buffers, and the op it belongs to
+/// (for profiles).
+struct Launch {
+    op: usize,
+    kind: Kind,
+}
+
+enum Kind {
+    /// The NCHW input into buffer `out`.
+    Transpose {
+        out: usize,
+    },
+    PackSigns {
+        x: usize,
+        out: usize,
+    },
+    Lab {
+        lab: GpuLab,
+        x: usize,
+        out: usize,
+    },
+    Unpack {
+        x: usize,
+        out: usize,
+    },
+    BinaryConv {
+        conv: GpuBinaryConv,
+        epilogue: GpuEpilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    FloatConv {
+        conv: GpuFloatConv,
+        epilogue: GpuEpilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    Depthwise {
+        conv: GpuDepthwise,
+        epilogue: GpuEpilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    Transform {
+        epilogue: GpuEpilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    MaxPoolBits {
+        window: Window,
+        x: usize,
+        out: usize,
+    },
+    Pool {
+        window: Window,
+        mode: PoolMode,
+        x: usize,
+        out: usize,
+    },
+    GlobalAvgPool {
+        x: usize,
+        out: usize,
+    },
+    Copy {
+        x: usize,
+        out: usize,
+    },
+    Concat {
+        x: usize,
+        out: usize,
+        offset: usize,
+    },
+    Dense {
+        dense: GpuDense,
+        epilogue: GpuEpilogue,
+        x: usize,
+        out: usize,
+    },
+}
+
+impl Kind {
+    /// The buffer the launch writes.
+    fn output(&self) -> usize {
+        match *self {
+            Kind::Transpose { out }
+            | Kind::PackSigns { out, .. }
+            | Kind::Lab { out, .. }
+            | Kind::Unpack { out, .. }
+            | Kind::BinaryConv { out, .. }
+            | Kind::FloatConv { out, .. }
+            | Kind::Depthwise { out, .. }
+            | Kind::Transform { out, .. }
+            | Kind::MaxPoolBits { out, .. }
+            | Kind::Pool { out, .. }
+            | Kind::GlobalAvgPool { out, .. }
+            | Kind::Copy { out, .. }
+            | Kind::Concat { out, .. }
+            | Kind::Dense { out, .. } => out,
+        }
+    }
+}
+
+/// A buffer of a [`Plan`].
+enum Buffer {
+    Floats(GpuFloats),
+    Bits(GpuMap),
+    /// Lent to the launch that writes it.
+    Lent,
+}
+
+impl Buffer {
+    fn floats(&self) -> &GpuFloats {
+        match self {
+            Buffer::Floats(f) => f,
+            _ => unreachable!("the program reads floats from a float buffer"),
+        }
+    }
+
+    fn bits(&self) -> &GpuMap {
+        match self {
+            Buffer::Bits(b) => b,
+            _ => unreachable!("the program reads signs from a packed buffer"),
+        }
+    }
+}
+
+/// Every buffer of a [`Program`] laid out for one batch size, and the program captured as a
+/// CUDA graph once it has run.
+struct Plan {
+    buffers: Vec<Buffer>,
+    /// The NCHW images the run copies in.
+    images: CudaSlice<f32>,
+    dots: CudaSlice<i32>,
+    graph: Option<Graph>,
+    runs: usize,
+}
+
+/// A captured CUDA graph, used only under the engine's lock on its plans.
+struct Graph(CudaGraph);
+
+// SAFETY: cudarc leaves a graph `!Send` because CUDA graphs must not be used by two threads at
+// once; a `Graph` is only reached through `GpuEngine::plans`' mutex, one thread at a time.
+unsafe impl Send for Graph {}
+
+/// A GPU error as the zoo's.
+fn gpu_error(what: &str) -> impl Fn(candle_core::Error) -> Error + '_ {
+    move |e| Error::Train(format!("{what} on the GPU: {e}"))
+}
+
+impl GpuEngine {
+    /// Compiles `model` for GPU `ordinal`.
+    pub fn new(model: &ZooModel, ordinal: usize) -> Result<GpuEngine, Error> {
+        let gpu =
+            Gpu::new(ordinal).map_err(|e| Error::Train(format!("device `cuda:{ordinal}`: {e}")))?;
+        let engine = Engine::new(model, 1)?;
+        let path = match std::env::var("ZOO_GPU_CONV").as_deref() {
+            Ok("popcount") => ConvPath::Popcount,
+            _ => gpu.conv_path(),
+        };
+        let mut ops = engine.ops.clone();
+        let input = engine.config.input;
+        let program = Builder::new(&gpu, &mut ops)
+            .program(&engine.steps, [input.height, input.width, input.channels])
+            .map_err(gpu_error("compiling the model"))?;
+        Ok(GpuEngine {
+            spec: engine.spec,
+            config: engine.config,
+            gpu,
+            path,
+            program,
+            ops,
+            graphs: std::env::var("ZOO_CUDA_GRAPH").as_deref() != Ok("0"),
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The engine with its binary convolutions on `path` (the tensor cores need compute
+    /// capability 8.0).
+    pub fn with_conv_path(mut self, path: ConvPath) -> Result<Self, Error> {
+        if path == ConvPath::TensorCores && self.gpu.conv_path() != path {
+            let (major, minor) = self.gpu.capability();
+            return Err(Error::Train(format!(
+                "binary tensor cores need compute capability 8.0; this GPU has {major}.{minor}"
+            )));
+        }
+        self.path = path;
+        self.plans
+            .get_mut()
+            .expect("no panics while running")
+            .clear();
+        Ok(self)
+    }
+
+    /// The engine replaying its launches as a CUDA graph from the second run on (`true`), or
+    /// launching kernel by kernel.
+    pub fn with_graphs(mut self, graphs: bool) -> Self {
+        self.graphs = graphs;
+        self.plans
+            .get_mut()
+            .expect("no panics while running")
+            .clear();
+        self
+    }
+
+    /// The spec the model was exported from.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// The input shape and class count.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// What runs the binary convolutions: the GPU's name and the path.
+    pub fn kernel(&self) -> String {
+        let name = self.gpu.name().unwrap_or_else(|_| "GPU".into());
+        let path = match self.path {
+            ConvPath::TensorCores => "binary tensor cores",
+            ConvPath::Popcount => "CUDA-core popcount",
+        };
+        let graph = if self.graphs { ", CUDA graph" } else { "" };
+        format!("{name}, {path}{graph}")
+    }
+
+    /// Bytes of GPU memory the buffers of a run at `batch` take.
+    pub fn buffer_bytes(&self, batch: usize) -> usize {
+        let per_image: usize = self
+            .program
+            .buffers
+            .iter()
+            .map(|v| {
+                let [h, w, c] = v.shape;
+                if v.bits {
+                    h * w * 2 * c.div_ceil(64) * 4
+                } else {
+                    h * w * c * 4
+                }
+            })
+            .sum();
+        batch * (per_image + self.program.dots * 4)
+    }
+
+    /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
+    /// [`Engine::run`].
+    pub fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
+        self.with_plan(images, batch, |engine, plan| {
+            if plan.graph.is_none() && engine.graphs && plan.runs > 0 {
+                let graph = engine.gpu.capture(|| engine.launch_all(plan, |_| Ok(())));
+                let graph = graph.map_err(gpu_error("capturing the model's graph"))?;
+                plan.graph = Some(Graph(graph));
+            }
+            match &plan.graph {
+                Some(Graph(graph)) => graph
+                    .launch()
+                    .map_err(|e| Error::Train(format!("replaying the model's graph: {e:?}"))),
+                None => engine
+                    .launch_all(plan, |_| Ok(()))
+                    .map_err(gpu_error("running the model")),
+            }
+        })
+    }
+
+    /// Runs one image `runs` times (after one warm-up), kernel by kernel, and reports the
+    /// median time per layer from CUDA events.
+    pub fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
+        let mut times = vec![Vec::new(); self.ops.len()];
+        let mut marks = Vec::new();
+        for run in 0..=runs.max(1) {
+            marks.clear();
+            self.with_plan(image, 1, |engine, plan| {
+                engine
+                    .launch_all(plan, |op| {
+                        marks.push((op, engine.gpu.mark()?));
+                        Ok(())
+                    })
+                    .map_err(gpu_error("profiling the model"))
+            })?;
+            let end = self.gpu.mark().map_err(gpu_error("profiling the model"))?;
+            if run == 0 {
+                continue;
+            }
+            for (i, (op, start)) in marks.iter().enumerate() {
+                let stop = marks.get(i + 1).map_or(&end, |(_, e)| e);
+                let ms = start
+                    .elapsed_ms(stop)
+                    .map_err(|e| Error::Train(format!("profiling the model: {e:?}")))?;
+                times[*op].push(ms as f64);
+            }
+        }
+        Ok(super::op_times(&self.ops, times))
+    }
+
+    /// Copies `images` in, runs `launch` on the plan of their batch size, and copies the logits
+    /// out.
+    fn with_plan(
+        &self,
+        images: &[f32],
+        batch: usize,
+        launch: impl FnOnce(&Self, &mut Plan) -> Result<(), Error>,
+    ) -> Result<Vec<f32>, Error> {
+        let [h, w, c] = self.program.input.shape;
+        if images.len() != batch * h * w * c {
+            return Err(Error::Train(format!(
+                "expected {batch} images of {} ({} values), found {} values",
+                self.config.input,
+                batch * h * w * c,
+                images.len()
+            )));
+        }
+        let mut plans = self.plans.lock().expect("no panics while running");
+        let plan = match plans.entry(batch) {
+            Entry::Occupied(plan) => plan.into_mut(),
+            Entry::Vacant(slot) => slot.insert(self.plan(batch).map_err(|e| {
+                Error::Train(format!(
+                    "laying out the buffers of batch {batch} ({} MB) on the GPU: {e}",
+                    self.buffer_bytes(batch) >> 20
+                ))
+            })?),
+        };
+        let copy_in = self.gpu.stream().memcpy_htod(images, &mut plan.images);
+        copy_in.map_err(|e| Error::Train(format!("copying the images to the GPU: {e:?}")))?;
+        launch(self, plan)?;
+        plan.runs += 1;
+        let out = &self.program.output;
+        let logits = match &plan.buffers[out.buf] {
+            Buffer::Floats(f) => self.gpu.download_floats(f),
+            Buffer::Bits(b) => self
+                .gpu
+                .download_maps(b)
+                .map(|maps| maps.iter().flat_map(|m| m.to_signs()).collect()),
+            Buffer::Lent => unreachable!("no launch holds a buffer between runs"),
+        };
+        logits.map_err(gpu_error("copying the logits back"))
+    }
+
+    /// The program's buffers for `batch` images.
+    fn plan(&self, batch: usize) -> candle_core::Result<Plan> {
+        let buffers = self
+            .program
+            .buffers
+            .iter()
+            .map(|v| match v.bits {
+                true => self.gpu.map(batch, v.shape).map(Buffer::Bits),
+                false => self.gpu.floats(batch, v.shape).map(Buffer::Floats),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let [h, w, c] = self.program.input.shape;
+        Ok(Plan {
+            buffers,
+            images: self.gpu.floats(batch, [c, h, w])?.data,
+            dots: self
+                .gpu
+                .upload(&vec![0i32; (batch * self.program.dots).max(1)])?,
+            graph: None,
+            runs: 0,
+        })
+    }
+
+    /// Launches the program on `plan`'s buffers, calling `before(op)` before each launch.
+    fn launch_all(
+        &self,
+        plan: &mut Plan,
+        mut before: impl FnMut(usize) -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        for launch in &self.program.launches {
+            before(launch.op)?;
+            let o = launch.kind.output();
+            let mut out = std::mem::replace(&mut plan.buffers[o], Buffer::Lent);
+            let result = self.launch(&launch.kind, plan, &mut out);
+            plan.buffers[o] = out;
+            result?;
+        }
+        Ok(())
+    }
+
+    /// One launch, writing `out`.
+    fn launch(&self, kind: &Kind, plan: &mut Plan, out: &mut Buffer) -> candle_core::Result<()> {
+        let gpu = &self.gpu;
+        let b = &plan.buffers;
+        let floats = |i: usize| b[i].floats();
+        let residual = |r: &Option<usize>| r.map(floats);
+        match (kind, out) {
+            (Kind::Transpose { .. }, Buffer::Floats(out)) => {
+                gpu.nchw_to_nhwc_into(&plan.images, out)
+            }
+            (Kind::PackSigns { x, .. }, Buffer::Bits(out)) => gpu.pack_signs_into(floats(*x), out),
+            (Kind::Lab { lab, x, .. }, Buffer::Bits(out)) => lab.pack_into(gpu, floats(*x), out),
+            (Kind::Unpack { x, .. }, Buffer::Floats(out)) => {
+                gpu.unpack_signs_into(b[*x].bits(), out)
+            }
+            (
+                Kind::BinaryConv {
+                    conv,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                },
+                out,
+            ) => {
+                let (values, signs) = match out {
+                    Buffer::Floats(f) => (Some(f), None),
+                    Buffer::Bits(m) => (None, Some(m)),
+                    Buffer::Lent => unreachable!("each launch writes its own buffer"),
+                };
+                let io = EpilogueIo {
+                    residual: residual(r),
+                    values,
+                    signs,
+                };
+                conv.run_into(gpu, b[*x].bits(), self.path, epilogue, io, &mut plan.dots)
+            }
+            (
+                Kind::FloatConv {
+                    conv,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                },
+                Buffer::Floats(out),
+            ) => conv.run_into(gpu, floats(*x), epilogue, residual(r), out),
+            (
+                Kind::Depthwise {
+                    conv,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                },
+                Buffer::Floats(out),
+            ) => conv.run_into(gpu, floats(*x), epilogue, residual(r), out),
+            (
+                Kind::Transform {
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                },
+                Buffer::Floats(out),
+            ) => epilogue.transform_into(gpu, floats(*x), residual(r), out),
+            (Kind::MaxPoolBits { window, x, .. }, Buffer::Bits(out)) => {
+                gpu.max_pool_into(b[*x].bits(), *window, out)
+            }
+            (
+                Kind::Pool {
+                    window, mode, x, ..
+                },
+                Buffer::Floats(out),
+            ) => gpu.pool_into(floats(*x), *window, *mode, out),
+            (Kind::GlobalAvgPool { x, .. }, Buffer::Floats(out)) => {
+                gpu.global_avg_pool_into(floats(*x), out)
+            }
+            (Kind::Copy { x, .. }, Buffer::Floats(out)) => gpu.copy_into(floats(*x), out),
+            (Kind::Concat { x, offset, .. }, Buffer::Floats(out)) => {
+                gpu.copy_channels_into(floats(*x), out, *offset)
+            }
+            (
+                Kind::Dense {
+                    dense, epilogue, x, ..
+                },
+                Buffer::Floats(out),
+            ) => dense.run_into(gpu, floats(*x), epilogue, out),
+            _ => unreachable!("the program writes each launch's output kind"),
+        }
+    }
+}
+
+/// Walks the CPU engine's steps into a [`Program`], uploading each layer's weights.
+struct Builder<'a> {
+    gpu: &'a Gpu,
+    ops: &'a mut Vec<OpInfo>,
+    buffers: Vec<Value>,
+    launches: Vec<Launch>,
+    dots: usize,
+}
+
+impl<'a> Builder<'a> {
+    fn new(gpu: &'a Gpu, ops: &'a mut Vec<OpInfo>) -> Self {
+        Builder {
+            gpu,
+            ops,
+            buffers: Vec::new(),
+            launches: Vec::new(),
+            dots: 0,
+        }
+    }
+
+    fn program(mut self, steps: &[Step], input: [usize; 3]) -> candle_core::Result<Program> {
+        self.ops.push(OpInfo {
+            name: "input".into(),
+            kind: "nchw_to_nhwc",
+            output: format!("{}x{}x{}", input[0], input[1], input[2]),
+        });
+        let transpose = self.ops.len() - 1;
+        let x = self.buffer(false, input);
+        self.push(transpose, Kind::Transpose { out: x.buf });
+        let out = self.sequence(steps, x, None)?;
+        let output = self.floats_of(steps.last().map_or(transpose, op_of), out);
+        Ok(Program {
+            buffers: self.buffers,
+            launches: self.launches,
+            input: x,
+            output,
+            dots: self.dots,
+        })
+    }
+
+    fn buffer(&mut self, bits: bool, shape: [usize; 3]) -> Value {
+        let value = Value {
+            buf: self.buffers.len(),
+            bits,
+            shape,
+        };
+        self.buffers.push(value);
+        value
+    }
+
+    fn push(&mut self, op: usize, kind: Kind) {
+        self.launches.push(Launch { op, kind });
+    }
+
+    /// `x` as floats (packed signs as ±1).
+    fn floats_of(&mut self, op: usize, x: Value) -> Value {
+        if !x.bits {
+            return x;
+        }
+        let out = self.buffer(false, x.shape);
+        self.push(
+            op,
+            Kind::Unpack {
+                x: x.buf,
+                out: out.buf,
+            },
+        );
+        out
+    }
+
+    /// `x`'s signs, packed: by sign or by LAB.
+    fn signs(&mut self, op: usize, signs: &Signs, x: Value) -> candle_core::Result<Value> {
+        match signs {
+            Signs::Sign if x.bits => Ok(x),
+            Signs::Sign => {
+                let out = self.buffer(true, x.shape);
+                self.push(
+                    op,
+                    Kind::PackSigns {
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Signs::Lab(lab) => {
+                let x = self.floats_of(op, x);
+                let out = self.buffer(true, x.shape);
+                let lab = GpuLab::new(self.gpu, lab)?;
+                self.push(
+                    op,
+                    Kind::Lab {
+                        lab,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+        }
+    }
+
+    fn epilogue(&self, channels: usize, epilogue: &Epilogue) -> candle_core::Result<GpuEpilogue> {
+        let ops: Vec<EpilogueOp> = epilogue
+            .ops
+            .iter()
+            .map(|op| match op {
+                ChannelOp::Affine { mul, add } => EpilogueOp::Affine { mul, add },
+                ChannelOp::Scale(mul) => EpilogueOp::Scale(mul),
+                ChannelOp::Add(add) => EpilogueOp::Add(add),
+                ChannelOp::Relu => EpilogueOp::Relu,
+                ChannelOp::PRelu(alpha) => EpilogueOp::PRelu(alpha),
+            })
+            .collect();
+        GpuEpilogue::new(self.gpu, channels, &ops)
+    }
+
+    /// Steps on `x`, adding `residual` to the output (inside the last step's output transform
+    /// where it can), as [`super::Run::sequence`].
+    fn sequence(
+        &mut self,
+        steps: &[Step],
+        x: Value,
+        mut residual: Option<Value>,
+    ) -> candle_core::Result<Value> {
+        let mut current = x;
+        for (i, step) in steps.iter().enumerate() {
+            let fused = match i + 1 == steps.len() && step.fuses_residual() {
+                true => residual.take(),
+                false => None,
+            };
+            current = self.step(step, current, fused)?;
+        }
+        let Some(r) = residual else {
+            return Ok(current);
+        };
+        let op = steps.last().map_or(0, op_of);
+        let x = self.floats_of(op, current);
+        let out = self.buffer(false, x.shape);
+        let epilogue = self.epilogue(x.shape[2], &Epilogue::default())?;
+        self.push(
+            op,
+            Kind::Transform {
+                epilogue,
+                x: x.buf,
+                residual: Some(r.buf),
+                out: out.buf,
+            },
+        );
+        Ok(out)
+    }
+
+    fn step(
+        &mut self,
+        step: &Step,
+        x: Value,
+        residual: Option<Value>,
+    ) -> candle_core::Result<Value> {
+        let [h, w, c] = x.shape;
+        let residual_buf = residual.map(|r| r.buf);
+        match step {
+            Step::FloatConv {
+                op,
+                weight,
+                window,
+                pad_value,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                let conv = GpuFloatConv::new(
+                    self.gpu,
+                    &weight.to_matrix(),
+                    window_of(window),
+                    *pad_value,
+                    [c, weight.n()],
+                )?;
+                let out = self.buffer(false, conv.output(h, w)?);
+                let epilogue = self.epilogue(weight.n(), epilogue)?;
+                self.push(
+                    *op,
+                    Kind::FloatConv {
+                        conv,
+                        epilogue,
+                        x: x.buf,
+                        residual: residual_buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::BinaryConv {
+                op,
+                signs,
+                conv,
+                source,
+                epilogue,
+                pack_output,
+            } => {
+                let input = self.signs(*op, signs, x)?;
+                let (oh, ow) = conv.output_size(h, w);
+                let co = conv.out_channels();
+                self.dots = self.dots.max(oh * ow * co);
+                let out = self.buffer(*pack_output, [oh, ow, co]);
+                let (weights, geometry) = &**source;
+                let conv = GpuBinaryConv::new(self.gpu, weights, *geometry)?;
+                let epilogue = self.epilogue(co, epilogue)?;
+                self.push(
+                    *op,
+                    Kind::BinaryConv {
+                        conv,
+                        epilogue,
+                        x: input.buf,
+                        residual: residual_buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Depthwise {
+                op,
+                weight,
+                multiplier,
+                window,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                let co = c * multiplier;
+                let conv = GpuDepthwise::new(self.gpu, weight, window_of(window), *multiplier, co)?;
+                let out = self.buffer(false, conv.output(h, w)?);
+                let epilogue = self.epilogue(co, epilogue)?;
+                self.push(
+                    *op,
+                    Kind::Depthwise {
+                        conv,
+                        epilogue,
+                        x: x.buf,
+                        residual: residual_buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Channel { op, epilogue } => {
+                let x = self.floats_of(*op, x);
+                let out = self.buffer(false, x.shape);
+                let epilogue = self.epilogue(c, epilogue)?;
+                self.push(
+                    *op,
+                    Kind::Transform {
+                        epilogue,
+                        x: x.buf,
+                        residual: residual_buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Binarize { op, signs } => self.signs(*op, signs, x),
+            Step::MaxPool { op, window, relu } => {
+                let window = window_of(window);
+                let (oh, ow) = window.output(h, w)?;
+                let out = self.buffer(x.bits, [oh, ow, c]);
+                let kind = match (x.bits, relu) {
+                    (true, _) => Kind::MaxPoolBits {
+                        window,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                    (false, relu) => Kind::Pool {
+                        window,
+                        mode: if *relu {
+                            PoolMode::MaxOfRelu
+                        } else {
+                            PoolMode::Max
+                        },
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                };
+                self.push(*op, kind);
+                Ok(out)
+            }
+            Step::AvgPool { op, window } => {
+                let x = self.floats_of(*op, x);
+                let window = window_of(window);
+                let (oh, ow) = window.output(h, w)?;
+                let out = self.buffer(false, [oh, ow, c]);
+                self.push(
+                    *op,
+                    Kind::Pool {
+                        window,
+                        mode: PoolMode::Average,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Blur { op, stride } => {
+                let x = self.floats_of(*op, x);
+                let (top, bottom) = zoo_spec::same_padding(h, 3, *stride);
+                let (left, right) = zoo_spec::same_padding(w, 3, *stride);
+                let window = Window {
+                    kernel: [3, 3],
+                    stride: [*stride; 2],
+                    pads: [top, bottom, left, right],
+                };
+                let conv = GpuDepthwise::blur(self.gpu, c, window)?;
+                let out = self.buffer(false, conv.output(h, w)?);
+                let epilogue = self.epilogue(c, &Epilogue::default())?;
+                self.push(
+                    *op,
+                    Kind::Depthwise {
+                        conv,
+                        epilogue,
+                        x: x.buf,
+                        residual: None,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::GlobalAvgPool { op } => {
+                let x = self.floats_of(*op, x);
+                let out = self.buffer(false, [1, 1, c]);
+                self.push(
+                    *op,
+                    Kind::GlobalAvgPool {
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Flatten { op } => {
+                let x = self.floats_of(*op, x);
+                let out = self.buffer(false, [1, 1, h * w * c]);
+                self.push(
+                    *op,
+                    Kind::Copy {
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Dense {
+                op,
+                weight,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                let dense = GpuDense::new(self.gpu, &weight.to_matrix(), weight.k(), weight.n())?;
+                let out = self.buffer(false, [1, 1, dense.units()]);
+                let epilogue = self.epilogue(dense.units(), epilogue)?;
+                self.push(
+                    *op,
+                    Kind::Dense {
+                        dense,
+                        epilogue,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                Ok(out)
+            }
+            Step::Duplicate { op } => {
+                let x = self.floats_of(*op, x);
+                self.concat(*op, &[x, x])
+            }
+            Step::Residual { body, shortcut } => {
+                let short = match shortcut.is_empty() {
+                    true => x,
+                    false => self.sequence(shortcut, x, None)?,
+                };
+                let op = body.first().or(shortcut.first()).map_or(0, op_of);
+                let short = self.floats_of(op, short);
+                self.sequence(body, x, Some(short))
+            }
+            Step::Concat { branches } => {
+                let mut outs = Vec::with_capacity(branches.len());
+                for branch in branches {
+                    let out = self.sequence(branch, x, None)?;
+                    let op = branch.last().map_or(0, op_of);
+                    outs.push(self.floats_of(op, out));
+                }
+                let op = branches.iter().flatten().last().map_or(0, op_of);
+                self.concat(op, &outs)
+            }
+        }
+    }
+
+    /// The maps `parts` (float, of one height and width) concatenated along channels.
+    fn concat(&mut self, op: usize, parts: &[Value]) -> candle_core::Result<Value> {
+        let [h, w, _] = parts[0].shape;
+        let channels = parts.iter().map(|p| p.shape[2]).sum();
+        let out = self.buffer(false, [h, w, channels]);
+        let mut offset = 0;
+        for part in parts {
+            self.push(
+                op,
+                Kind::Concat {
+                    x: part.buf,
+                    out: out.buf,
+                    offset,
+                },
+            );
+            offset += part.shape[2];
+        }
+        Ok(out)
+    }
+}
+
+/// The op a step's launches are profiled under (the last of a nested group).
+fn op_of(step: &Step) -> usize {
+    match step {
+        Step::FloatConv { op, .. }
+        | Step::BinaryConv { op, .. }
+        | Step::Depthwise { op, .. }
+        | Step::Channel { op, .. }
+        | Step::Binarize { op, .. }
+        | Step::MaxPool { op, .. }
+        | Step::AvgPool { op, .. }
+        | Step::Blur { op, .. }
+        | Step::GlobalAvgPool { op }
+        | Step::Flatten { op }
+        | Step::Dense { op, .. }
+        | Step::Duplicate { op } => *op,
+        Step::Residual { body, shortcut } => body.last().or(shortcut.last()).map_or(0, op_of),
+        Step::Concat { branches } => branches.iter().flatten().last().map_or(0, op_of),
+    }
+}
+
+/// The engine's window as the GPU kernels' (the same fields).
+fn window_of(w: &super::float::Window) -> Window {
+    Window {
+        kernel: w.kernel,
+        stride: w.stride,
+        pads: w.pads,
+    }
+}
+
+impl super::Runner for GpuEngine {
+    fn spec(&self) -> &Spec {
+        GpuEngine::spec(self)
+    }
+    fn config(&self) -> &ModelConfig {
+        GpuEngine::config(self)
+    }
+    fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
+        GpuEngine::run(self, images, batch)
+    }
+    fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
+        GpuEngine::profile(self, image, runs)
+    }
+    fn threads(&self) -> usize {
+        1
+    }
+    fn kernel(&self) -> String {
+        GpuEngine::kernel(self)
+    }
+}
