@@ -260,3 +260,55 @@ fn a_device_that_is_not_there_is_a_clear_error() {
     };
     assert!(err.contains(expected), "{err}");
 }
+
+/// `zoo eval` of a `.zoo` model: the packed engine over a dataset folder's validation split,
+/// with the figures `zoo::train::evaluate` gives for the same engine in process.
+#[test]
+fn eval_runs_a_packed_model_on_a_dataset_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    for split in ["train", "val"] {
+        for (c, class) in ["cat", "dog"].iter().enumerate() {
+            let folder = root.join(split).join(class);
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..4u32 {
+                let image = image::RgbImage::from_fn(40, 36, |x, y| {
+                    image::Rgb([(x * 7 + i * 31) as u8, (y * 5 + c as u32 * 90) as u8, 128])
+                });
+                image.save(folder.join(format!("{i}.png"))).unwrap();
+            }
+        }
+    }
+    let config = zoo::ModelConfig {
+        input: "32x32x3".parse().unwrap(),
+        classes: 2,
+    };
+    let model = zoo::engine::bench::random_model("quicknet", &config, 3).unwrap();
+    let path = dir.path().join("m.zoo");
+    model.save(&path).unwrap();
+    let data = root.display().to_string();
+    let (ok, out, err) = zoo(&[
+        "eval",
+        path.to_str().unwrap(),
+        "--data",
+        &data,
+        "--batch-size",
+        "3",
+        "--threads",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    let dataset = zoo::train::open_dataset(&data, zoo::data::Split::Validation, 32, false).unwrap();
+    let engine = zoo::engine::Packed(Box::new(zoo::engine::Engine::new(&model, 1).unwrap()));
+    let bar = indicatif::ProgressBar::hidden();
+    let cpu = candle_core::Device::Cpu;
+    let acc = zoo::train::evaluate(&engine, dataset, 3, 1, &bar, &cpu).unwrap();
+    let expected = format!(
+        "top-1 {:.2}%, top-5 {:.2}%, loss {:.4} on 8 images of {data}",
+        acc.top1, acc.top5, acc.loss
+    );
+    assert!(out.contains(&expected), "{out} (expected {expected})");
+
+    let (ok, _, err) = zoo(&["eval", path.to_str().unwrap(), "--spec", "quicknet"]);
+    assert!(!ok && err.contains("carries its spec"), "{err}");
+}

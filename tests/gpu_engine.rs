@@ -153,6 +153,23 @@ fn official_lab_pairing_matches_the_cpu_engine() {
     check(&model, "quicknet-lab, official pairing", 5);
 }
 
+/// Trained models (`.zoo` files named in `ZOO_ENGINE_MODELS`, separated by `:`; the GPU check
+/// exports the campaign's Fashion-MNIST weights) on random images.
+#[test]
+fn trained_models_match_the_cpu_engine() {
+    if gpu("trained_models_match_the_cpu_engine").is_none() {
+        return;
+    }
+    let Ok(paths) = std::env::var("ZOO_ENGINE_MODELS") else {
+        println!("trained_models_match_the_cpu_engine: no models named in ZOO_ENGINE_MODELS");
+        return;
+    };
+    for (i, path) in paths.split(':').filter(|p| !p.is_empty()).enumerate() {
+        let model = ZooModel::load(std::path::Path::new(path)).unwrap();
+        check(&model, path, 70 + i as u64);
+    }
+}
+
 /// A float map of `images` random images.
 fn maps(rng: &mut rand::rngs::StdRng, images: usize, [h, w, c]: [usize; 3]) -> Vec<FloatMap> {
     (0..images)

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check of the CUDA training issue, as one call on a lent GPU machine: the machine and
-# its CUDA libraries, the GPU tests (every CUDA op against its CPU op, the packed engine's
-# kernels against the CPU's and the binary convolution's rate, a whole training step of
-# every registered model against the CPU), then training throughput side by side with PyTorch
-# on the same card (benches/peers/train_throughput.sh): QuickNet and QuickNet-LAB at 32x32x1
-# (Fashion-MNIST) and 224x224x3 (a folder of random JPEGs made on the spot), batch 256.
+# The GPU check of the CUDA issues, as one call on a lent GPU machine: the machine and its CUDA
+# libraries, the GPU tests (every CUDA op against its CPU op, the packed engine's kernels
+# against the CPU's with the binary convolution's rate and LAB's bandwidth, the engine on the
+# GPU against the CPU engine for every shipped spec, a whole training step of every registered
+# model against the CPU), then inference side by side with PyTorch fp16 on the same card
+# (`zoo --device cuda bench`, benches/peers/torch_infer.py): QuickNet and QuickNet-LAB at
+# 224x224x3, batch 1, 256 and 1024, LAB's cost, a per-layer profile; then training throughput
+# side by side with PyTorch (benches/peers/train_throughput.sh): at 32x32x1 (Fashion-MNIST) and
+# 224x224x3 (a folder of random JPEGs made on the spot), batch 256.
 #
 # The GPU machines have no Rust toolchain. Here, first:
 #   benches/gpu/device_check.sh --bundle     # builds with kernels/cuda/build.sh, packs
@@ -13,7 +16,9 @@
 #   benches/gpu/device_check.sh              # results under $OUT (or target/device/out)
 #
 # Environment: ROUNDS [2], STEPS_SMALL [30] and STEPS_LARGE [10] timed steps per run,
-# THREADS [all cores], SKIP_TESTS=1, SKIP_BENCH=1, PROFILE=1 (also: every GPU kernel of
+# THREADS [all cores], SKIP_TESTS=1, SKIP_INFER=1 (the inference benchmarks), SKIP_BENCH=1 (the
+# training ones), TORCH_COMPILE=1 (PyTorch's inference also under torch.compile), PROFILE=1
+# (also: every GPU kernel of
 # QuickNet-LAB training steps at 224x224x3, batch PROFILE_BATCH [64], timed by Nsight Systems
 # (3 steps) or else Nsight Compute (1 step), summed by kernel into $OUT/kernels.txt).
 set -uo pipefail
@@ -24,7 +29,8 @@ if [[ ${1:-} == --bundle ]]; then
     set -e
     kernels/cuda/build.sh build --release --features cuda -p zoo --bin zoo
     tests=$(kernels/cuda/build.sh test --release --features cuda -p zoo-kernels -p zoo \
-        --test cuda --test cuda_packed --test gpu_training --no-run --message-format=json 2>/dev/null |
+        --test cuda --test cuda_packed --test gpu_training --test gpu_engine --no-run \
+        --message-format=json 2>/dev/null |
         python3 -c 'import json, sys
 for line in sys.stdin:
     if not line.startswith("{"):
@@ -37,8 +43,15 @@ for line in sys.stdin:
     cp target/cuda/release/zoo "$stage/bin/zoo"
     while read -r name exe; do cp "$exe" "$stage/bin/test-$name"; done <<<"$tests"
     strip "$stage"/bin/*
+    # Trained weights for the engine's GPU test: the accuracy campaign's QuickNet pair, packed
+    # by the default build (target/release/zoo) where both are here.
+    mkdir -p "$stage/models"
+    for run in target/accuracy-runs/quicknet-e32-s*/ target/accuracy-runs/quicknet-lab-e32-s*/; do
+        [[ -f $run/best.safetensors && -x target/release/zoo ]] || continue
+        target/release/zoo export "$run" --output "$stage/models/$(basename "$run").zoo" || true
+    done
     mkdir -p target/device
-    tar -C "$stage" -cJf "$bundle" bin
+    tar -C "$stage" -cJf "$bundle" bin models
     rm -rf "$stage"
     ls -l "$bundle"
     tar -tvf "$bundle"
@@ -85,9 +98,35 @@ if [[ -z ${SKIP_TESTS:-} ]]; then
     "$bin/test-cuda" --nocapture --test-threads 1 || failed=1
     step "GPU tests: the packed engine's kernels (tensor-core convolution, LAB, packing, pooling) against the CPU"
     "$bin/test-cuda_packed" --nocapture --test-threads 1 || failed=1
-    "$bin/test-cuda_packed" --nocapture --ignored binary_convolution_rate || failed=1
+    "$bin/test-cuda_packed" --nocapture --ignored binary_convolution_rate lab_bandwidth || failed=1
+    step "GPU tests: the engine on the GPU against the CPU engine (every shipped spec, trained weights)"
+    models=$(ls "$bin"/../models/*.zoo 2>/dev/null | tr '\n' ':')
+    ZOO_ENGINE_MODELS=$models "$bin/test-gpu_engine" --nocapture --test-threads 1 || failed=1
     step "GPU tests: a training step of every registered model against the CPU"
     "$bin/test-gpu_training" --nocapture || failed=1
+fi
+
+if [[ -z ${SKIP_INFER:-} ]]; then
+    step "inference on the GPU: the zoo's engine, QuickNet and QuickNet-LAB at 224x224x3"
+    for model in quicknet quicknet-lab; do
+        for batch in 256 1024; do
+            "$bin/zoo" --device cuda bench "$model" --runs 200 --batch "$batch" \
+                --json "$OUT/infer-$model-$batch.json" || failed=1
+        done
+    done
+    step "LAB's cost over sign at batch 1, calls in pairs"
+    "$bin/zoo" --device cuda bench quicknet --against quicknet-lab --runs 400 --batch 0 \
+        --json "$OUT/infer-lab-cost.json" || failed=1
+    step "without the CUDA graph, and on CUDA cores"
+    ZOO_CUDA_GRAPH=0 "$bin/zoo" --device cuda bench quicknet --runs 200 --batch 0 || failed=1
+    ZOO_GPU_CONV=popcount "$bin/zoo" --device cuda bench quicknet --runs 200 --batch 256 || failed=1
+    step "per-layer profile of QuickNet-LAB at batch 1 (CUDA events)"
+    "$bin/zoo" --device cuda bench quicknet-lab --profile --runs 50 --batch 0 \
+        --profile-out "$OUT/profile-quicknet-lab" || failed=1
+    step "PyTorch on the same card: fp16, channels-last, cuDNN autotuning${TORCH_COMPILE:+, torch.compile}"
+    timeout "${TORCH_TIMEOUT:-300}" python3 benches/peers/torch_infer.py --batches 1,256,1024 \
+        ${TORCH_COMPILE:+--compile --compile-mode max-autotune-no-cudagraphs} \
+        | tee "$OUT/torch_infer.jsonl" || failed=1
 fi
 
 images=$(mktemp -d)

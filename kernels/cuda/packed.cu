@@ -376,7 +376,12 @@ extern "C" __global__ void __launch_bounds__(32 * MMA_WARPS)
         word[r] |= __shfl_xor_sync(FULL_MASK, word[r], 1);
         word[r] |= __shfl_xor_sync(FULL_MASK, word[r], 2);
         if (e.write_signs && member == 0 && t.rows[r].valid) {
-            bits[(t.m0 + group + 8 * r) * e.words + blockIdx.y] = word[r];
+            unsigned* pixel = bits + (t.m0 + group + 8 * r) * e.words;
+            pixel[blockIdx.y] = word[r];
+            // With an odd number of 32-channel words the pixel's last word has no warp: 0.
+            if (blockIdx.y + 1 == gridDim.y && gridDim.y < e.words) {
+                pixel[gridDim.y] = 0u;
+            }
         }
     }
 }

@@ -475,3 +475,48 @@ fn binary_convolution_rate() {
         }
     }
 }
+
+/// LAB's packing against a device-to-device copy of its input, at QuickNet-224's first binary
+/// layer (56x56x64) and at 14x14x256, batch 256: GB/s of the floats read (the bits written are
+/// a 32nd of them) and the share of the copy's rate (which reads and writes the bytes):
+/// `--ignored`, run by `benches/gpu/device_check.sh`.
+#[test]
+#[ignore = "a timing: run on a GPU with --ignored"]
+fn lab_bandwidth() {
+    let Some(gpu) = gpu("lab_bandwidth") else {
+        return;
+    };
+    let mut rng = Rng(8);
+    let images = 256;
+    for (h, c) in [(56, 64), (14, 256)] {
+        let x = gpu
+            .upload_floats(&rng.floats(images * h * h * c), images, [h, h, c])
+            .unwrap();
+        let mut copy = gpu.floats(images, [h, h, c]).unwrap();
+        let lab = LabKernel::folded(c, rng.floats(9 * c), rng.floats(c));
+        let lab = GpuLab::new(&gpu, &lab).unwrap();
+        let mut bits = gpu.map(images, [h, h, c]).unwrap();
+        let time = |run: &mut dyn FnMut()| {
+            run();
+            gpu.stream().synchronize().unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..20 {
+                run();
+            }
+            gpu.stream().synchronize().unwrap();
+            start.elapsed().as_secs_f64() / 20.0
+        };
+        let bytes = (x.len() * 4) as f64;
+        let copy_s = time(&mut || gpu.copy_into(&x, &mut copy).unwrap());
+        let lab_s = time(&mut || lab.pack_into(&gpu, &x, &mut bits).unwrap());
+        println!(
+            "LAB {h}x{h}x{c}, batch {images}: {:.3} ms, {:.0} GB/s read; copy {:.3} ms, {:.0} GB/s \
+             read + written; LAB at {:.0}% of the copy's time",
+            lab_s * 1e3,
+            bytes / lab_s / 1e9,
+            copy_s * 1e3,
+            2.0 * bytes / copy_s / 1e9,
+            100.0 * copy_s / lab_s
+        );
+    }
+}

@@ -31,13 +31,14 @@ use crate::Error;
 pub struct GpuEngine {
     spec: Spec,
     config: ModelConfig,
+    /// The buffers of each batch size run so far (dropped before the GPU's modules, which their
+    /// graphs launch).
+    plans: Mutex<HashMap<usize, Plan>>,
+    program: Program,
     gpu: Gpu,
     path: ConvPath,
-    program: Program,
     ops: Vec<OpInfo>,
     graphs: bool,
-    /// The buffers of each batch size run so far.
-    plans: Mutex<HashMap<usize, Plan>>,
 }
 
 /// A value between launches: buffer `buf`, floats or packed signs, of `shape` per image.
@@ -306,7 +307,16 @@ impl GpuEngine {
                 }
             })
             .sum();
-        batch * (per_image + self.program.dots * 4)
+        batch * (per_image + self.dots_per_image() * 4)
+    }
+
+    /// The scratch dots per image: the CUDA-core path's (the tensor cores' output transform
+    /// runs on their accumulators).
+    fn dots_per_image(&self) -> usize {
+        match self.path {
+            ConvPath::Popcount => self.program.dots,
+            ConvPath::TensorCores => 0,
+        }
     }
 
     /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
@@ -336,24 +346,33 @@ impl GpuEngine {
         let mut marks = Vec::new();
         for run in 0..=runs.max(1) {
             marks.clear();
+            let mut end = None;
             self.with_plan(image, 1, |engine, plan| {
-                engine
-                    .launch_all(plan, |op| {
+                let mut launches = || {
+                    engine.launch_all(plan, |op| {
                         marks.push((op, engine.gpu.mark()?));
                         Ok(())
-                    })
-                    .map_err(gpu_error("profiling the model"))
+                    })?;
+                    end = Some(engine.gpu.mark()?);
+                    Ok(())
+                };
+                launches().map_err(gpu_error("profiling the model"))
             })?;
-            let end = self.gpu.mark().map_err(gpu_error("profiling the model"))?;
+            let end = end.expect("marked after the launches");
             if run == 0 {
                 continue;
             }
+            // An op's launches (a packing and its convolution, say) summed.
+            let mut run_ms: Vec<Option<f64>> = vec![None; self.ops.len()];
             for (i, (op, start)) in marks.iter().enumerate() {
                 let stop = marks.get(i + 1).map_or(&end, |(_, e)| e);
                 let ms = start
                     .elapsed_ms(stop)
                     .map_err(|e| Error::Train(format!("profiling the model: {e:?}")))?;
-                times[*op].push(ms as f64);
+                *run_ms[*op].get_or_insert(0.0) += ms as f64;
+            }
+            for (times, ms) in times.iter_mut().zip(run_ms) {
+                times.extend(ms);
             }
         }
         Ok(super::op_times(&self.ops, times))
@@ -419,7 +438,7 @@ impl GpuEngine {
             images: self.gpu.floats(batch, [c, h, w])?.data,
             dots: self
                 .gpu
-                .upload(&vec![0i32; (batch * self.program.dots).max(1)])?,
+                .upload(&vec![0i32; (batch * self.dots_per_image()).max(1)])?,
             graph: None,
             runs: 0,
         })

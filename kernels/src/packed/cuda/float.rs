@@ -85,6 +85,7 @@ unsafe impl DeviceRepr for WindowShape {}
 impl WindowShape {
     /// `window` over `x` with `oc` output channels; also the output's `[oh, ow, oc]`.
     fn new(x: &GpuFloats, window: Window, oc: usize) -> Result<(Self, [usize; 3])> {
+        check_input("window op", x)?;
         let (oh, ow) = window.output(x.height, x.width)?;
         let shape = WindowShape {
             n: x.images as i64,
@@ -105,7 +106,12 @@ impl WindowShape {
     }
 }
 
-/// Fails, naming `op`, unless `out` is `images` maps of `shape`.
+/// Fails, naming `op`, unless `x` holds the values of its shape.
+pub(super) fn check_input(op: &str, x: &GpuFloats) -> Result<()> {
+    check_floats(op, x, x.images, x.shape())
+}
+
+/// Fails, naming `op`, unless `out` is `images` maps of `shape` and holds their values.
 fn check_floats(op: &str, out: &GpuFloats, images: usize, shape: [usize; 3]) -> Result<()> {
     if out.images != images || out.shape() != shape {
         bail!(
@@ -219,6 +225,7 @@ impl Gpu {
     /// The mean of each image's channels over its pixels into `out`, `images` maps of
     /// `1 x 1 x channels`.
     pub fn global_avg_pool_into(&self, x: &GpuFloats, out: &mut GpuFloats) -> Result<()> {
+        check_input("global_avg_pool", x)?;
         check_floats("global_avg_pool", out, x.images, [1, 1, x.channels])?;
         let total = out.len();
         if total == 0 {
@@ -252,6 +259,7 @@ impl Gpu {
         offset: usize,
     ) -> Result<()> {
         let shape = [src.height, src.width, dst.channels];
+        check_input("concat", src)?;
         check_floats("concat", dst, src.images, shape)?;
         if offset + src.channels > dst.channels {
             bail!(
@@ -286,6 +294,8 @@ impl Gpu {
 
     /// Copies the values of `src` into `dst`, maps of as many values (a flattened `src`).
     pub fn copy_into(&self, src: &GpuFloats, dst: &mut GpuFloats) -> Result<()> {
+        check_input("copy", src)?;
+        check_input("copy", dst)?;
         if src.len() != dst.len() || src.images != dst.images {
             bail!(
                 "copy: {} maps of {:?} into {} of {:?}",
@@ -549,6 +559,7 @@ impl GpuDense {
         epilogue: &GpuEpilogue,
         out: &mut GpuFloats,
     ) -> Result<()> {
+        check_input("dense", x)?;
         let features = x.height * x.width * x.channels;
         if features != self.features {
             bail!(
@@ -589,6 +600,7 @@ impl GpuEpilogue {
         residual: Option<&GpuFloats>,
         out: &mut GpuFloats,
     ) -> Result<()> {
+        check_input("channel transform", x)?;
         check_floats("channel transform", out, x.images, x.shape())?;
         if let Some(r) = residual {
             check_floats("residual", r, x.images, x.shape())?;

@@ -192,7 +192,7 @@ impl Gpu {
         })
     }
 
-    /// Fails, naming `op`, unless `map` is `images` maps of `shape`.
+    /// Fails, naming `op`, unless `map` is `images` maps of `shape` with their words.
     fn check_map(op: &str, map: &GpuMap, images: usize, shape: [usize; 3]) -> Result<()> {
         let has = [map.height, map.width, map.channels];
         if map.images != images || has != shape {
@@ -201,7 +201,20 @@ impl Gpu {
                 map.images
             );
         }
+        let words = 2 * map.channels.div_ceil(64);
+        if map.words != words || map.data.len() < images * map.height * map.width * words {
+            bail!(
+                "{op}: a map of {} words per pixel in {} words, expected {words} per pixel",
+                map.words,
+                map.data.len()
+            );
+        }
         Ok(())
+    }
+
+    /// [`Gpu::check_map`] of a map against its own shape.
+    fn check_input(op: &str, map: &GpuMap) -> Result<()> {
+        Self::check_map(op, map, map.images, [map.height, map.width, map.channels])
     }
 
     /// Larq's sign of `images` NHWC float maps (`x`: `[images][height][width][channels]`),
@@ -214,6 +227,7 @@ impl Gpu {
 
     /// [`Gpu::pack_signs`] into `out`, a map of `x`'s shape.
     pub fn pack_signs_into(&self, x: &GpuFloats, out: &mut GpuMap) -> Result<()> {
+        float::check_input("pack_signs", x)?;
         Self::check_map("pack_signs", out, x.images, x.shape())?;
         let (pixels, words) = (x.pixels(), out.words);
         if pixels * words > 0 {
@@ -237,6 +251,7 @@ impl Gpu {
     /// The ±1 values of `map` as floats into `out`, of its shape.
     pub fn unpack_signs_into(&self, map: &GpuMap, out: &mut GpuFloats) -> Result<()> {
         Self::check_map("unpack_signs", map, out.images, out.shape())?;
+        float::check_input("unpack_signs", out)?;
         let (pixels, values) = (out.pixels(), out.len());
         if values > 0 {
             let (pixels, c, w) = (pixels as i64, map.channels as i32, map.words as i32);
@@ -301,6 +316,7 @@ impl Gpu {
     /// [`Gpu::max_pool`] into `out`, a map of the output's shape.
     pub fn max_pool_into(&self, input: &GpuMap, window: Window, out: &mut GpuMap) -> Result<()> {
         let (oh, ow) = window.output(input.height, input.width)?;
+        Self::check_input("max_pool", input)?;
         Self::check_map("max_pool", out, input.images, [oh, ow, input.channels])?;
         let total = input.images * oh * ow * input.words;
         if total > 0 {
@@ -475,6 +491,7 @@ impl GpuBinaryConv {
 
     /// The kernel's shape for `input`, after checking it and `path`.
     fn shape(&self, gpu: &Gpu, input: &GpuMap, path: ConvPath) -> Result<BinaryConvShape> {
+        Gpu::check_input("binary convolution", input)?;
         let layout = &self.layout;
         if input.channels != layout.in_channels {
             bail!(
@@ -607,10 +624,6 @@ impl GpuBinaryConv {
         io: EpilogueIo,
         dots: &mut CudaSlice<i32>,
     ) -> Result<()> {
-        if path == ConvPath::Popcount {
-            self.dots_into(gpu, input, path, dots)?;
-            return epilogue.apply_into(gpu, dots, io);
-        }
         let shape = self.shape(gpu, input, path)?;
         let dims = [
             shape.oh as usize,
@@ -620,6 +633,10 @@ impl GpuBinaryConv {
         let Some(e) = epilogue.shape("binary convolution", input.images, dims, &io)? else {
             return Ok(());
         };
+        if path == ConvPath::Popcount {
+            self.dots_into(gpu, input, path, dots)?;
+            return epilogue.apply_into(gpu, dots, io);
+        }
         let (null, residual) = (0u64, io.residual.map(|r| &r.data));
         let (values, signs) = (
             io.values.map(|v| &mut v.data),
@@ -727,6 +744,7 @@ impl GpuLab {
                 self.channels
             );
         }
+        float::check_input("lab", x)?;
         Gpu::check_map("lab", out, x.images, x.shape())?;
         let (pixels, words) = (x.pixels(), out.words);
         if pixels * words == 0 {
