@@ -311,15 +311,9 @@ fn full_precision_layers_match_the_cpu() {
         }
 
         // The blur, the global average and the dense head.
-        let (top, bottom) = zoo::spec::same_padding(h, 3, 2);
-        let (left, right) = zoo::spec::same_padding(w, 3, 2);
-        let blur_window = Window {
-            kernel: [3, 3],
-            stride: [2, 2],
-            pads: [top, bottom, left, right],
-        };
+        let (blur_weight, blur_window) = float::blur_kernel(h, w, c, 2);
         let (bh, bw) = blur_window.output(h, w);
-        let blur = GpuDepthwise::blur(&gpu, c, gpu_window(blur_window)).unwrap();
+        let blur = GpuDepthwise::new(&gpu, &blur_weight, gpu_window(blur_window), 1, c).unwrap();
         let mut out = gpu.floats(images, [bh, bw, c]).unwrap();
         let identity = GpuEpilogue::new(&gpu, c, &[]).unwrap();
         blur.run_into(&gpu, &x, &identity, None, &mut out).unwrap();

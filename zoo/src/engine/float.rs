@@ -904,20 +904,25 @@ fn depthwise_row_multiplier(
 
 /// The fixed `[1,2,1] x [1,2,1] / 16` blur with SAME zero padding and stride `stride`.
 pub fn blur(x: &FloatMap, stride: usize) -> FloatMap {
-    let c = x.channels;
+    let (weight, window) = blur_kernel(x.height, x.width, x.channels, stride);
+    depthwise(x, &weight, 1, window, &Epilogue::default(), None)
+}
+
+/// The blur as a depthwise convolution of an `h x w x c` map: its weights and window.
+pub fn blur_kernel(h: usize, w: usize, c: usize, stride: usize) -> (Vec<f32>, Window) {
     let taps = [1.0, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0];
     let weight: Vec<f32> = taps
         .iter()
         .flat_map(|&t| std::iter::repeat_n(t / 16.0, c))
         .collect();
-    let (top, bottom) = zoo_spec::same_padding(x.height, 3, stride);
-    let (left, right) = zoo_spec::same_padding(x.width, 3, stride);
+    let (top, bottom) = zoo_spec::same_padding(h, 3, stride);
+    let (left, right) = zoo_spec::same_padding(w, 3, stride);
     let window = Window {
         kernel: [3, 3],
         stride: [stride; 2],
         pads: [top, bottom, left, right],
     };
-    depthwise(x, &weight, 1, window, &Epilogue::default(), None)
+    (weight, window)
 }
 
 /// Max pooling; padding never wins. With `relu`, of the map's ReLU (the same as the ReLU of

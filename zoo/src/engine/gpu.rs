@@ -1,8 +1,9 @@
 //! The engine on an NVIDIA GPU (feature `cuda`): the same compiled steps as the CPU
 //! [`Engine`], run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
 //!
-//! [`GpuEngine::new`] walks the CPU engine's steps once, with the shapes of one image, into a
-//! flat [`Program`] of kernel launches between numbered buffers: sign and LAB packing, the
+//! [`GpuEngine::new`] takes the flat program of the CPU engine's steps (`engine::program`:
+//! launches between numbered buffers, with the shapes of one image) and uploads each
+//! launch's weights: sign and LAB packing, the
 //! binary convolutions on binary tensor cores with their output transform (batch norm, scale,
 //! bias, ReLU / PReLU, residual) fused and emitting packed signs where the next layer reads only
 //! signs, binary max pooling on bits, and the float stem, transitions and head. A run at a
@@ -23,7 +24,8 @@ use zoo_kernels::packed::cuda::{
 use zoo_kernels::packed::gpu::EpilogueOp;
 
 use super::float::{ChannelOp, Epilogue};
-use super::{Engine, OpInfo, OpTime, Signs, Step, ZooModel};
+use super::program::{self, Value};
+use super::{Engine, OpInfo, OpTime, ZooModel};
 use crate::spec::{ModelConfig, Spec};
 use crate::Error;
 
@@ -41,35 +43,22 @@ pub struct GpuEngine {
     graphs: bool,
 }
 
-/// A value between launches: buffer `buf`, floats or packed signs, of `shape` per image.
-#[derive(Clone, Copy, Debug)]
-struct Value {
-    buf: usize,
-    bits: bool,
-    shape: [usize; 3],
-}
-
-/// The launches of one run, between buffers numbered in the order they are made.
+/// The program's launches with their weights on the GPU, and its buffers' shapes.
 struct Program {
-    /// Every buffer, as the value it holds.
     buffers: Vec<Value>,
     launches: Vec<Launch>,
-    /// The input, NHWC floats.
     input: Value,
-    /// The logits.
     output: Value,
-    /// The most dots per image a binary convolution hands its output transform (the CUDA-core
-    /// path's scratch).
     dots: usize,
 }
 
-/// One kernel launch of a [`Program`]: what it computes, its buffers, and the op it belongs to
-/// (for profiles).
+/// One launch of the program on the GPU, and the op it belongs to (for profiles).
 struct Launch {
     op: usize,
     kind: Kind,
 }
 
+/// [`program::Kind`] with its weights uploaded.
 enum Kind {
     /// The NCHW input into buffer `out`.
     Transpose {
@@ -226,11 +215,14 @@ impl GpuEngine {
             Ok("popcount") => ConvPath::Popcount,
             _ => gpu.conv_path(),
         };
-        let mut ops = engine.ops.clone();
         let input = engine.config.input;
-        let program = Builder::new(&gpu, &mut ops)
-            .program(&engine.steps, [input.height, input.width, input.channels])
-            .map_err(gpu_error("compiling the model"))?;
+        let program = program::Program::new(
+            &engine.steps,
+            &engine.ops,
+            [input.height, input.width, input.channels],
+        );
+        let ops = program.ops.clone();
+        let program = upload(&gpu, program).map_err(gpu_error("uploading the model"))?;
         Ok(GpuEngine {
             spec: engine.spec,
             config: engine.config,
@@ -554,110 +546,10 @@ impl GpuEngine {
     }
 }
 
-/// Walks the CPU engine's steps into a [`Program`], uploading each layer's weights.
-struct Builder<'a> {
-    gpu: &'a Gpu,
-    ops: &'a mut Vec<OpInfo>,
-    buffers: Vec<Value>,
-    launches: Vec<Launch>,
-    dots: usize,
-}
-
-impl<'a> Builder<'a> {
-    fn new(gpu: &'a Gpu, ops: &'a mut Vec<OpInfo>) -> Self {
-        Builder {
-            gpu,
-            ops,
-            buffers: Vec::new(),
-            launches: Vec::new(),
-            dots: 0,
-        }
-    }
-
-    fn program(mut self, steps: &[Step], input: [usize; 3]) -> candle_core::Result<Program> {
-        self.ops.push(OpInfo {
-            name: "input".into(),
-            kind: "nchw_to_nhwc",
-            output: format!("{}x{}x{}", input[0], input[1], input[2]),
-        });
-        let transpose = self.ops.len() - 1;
-        let x = self.buffer(false, input);
-        self.push(transpose, Kind::Transpose { out: x.buf });
-        let out = self.sequence(steps, x, None)?;
-        let output = self.floats_of(steps.last().map_or(transpose, op_of), out);
-        Ok(Program {
-            buffers: self.buffers,
-            launches: self.launches,
-            input: x,
-            output,
-            dots: self.dots,
-        })
-    }
-
-    fn buffer(&mut self, bits: bool, shape: [usize; 3]) -> Value {
-        let value = Value {
-            buf: self.buffers.len(),
-            bits,
-            shape,
-        };
-        self.buffers.push(value);
-        value
-    }
-
-    fn push(&mut self, op: usize, kind: Kind) {
-        self.launches.push(Launch { op, kind });
-    }
-
-    /// `x` as floats (packed signs as ±1).
-    fn floats_of(&mut self, op: usize, x: Value) -> Value {
-        if !x.bits {
-            return x;
-        }
-        let out = self.buffer(false, x.shape);
-        self.push(
-            op,
-            Kind::Unpack {
-                x: x.buf,
-                out: out.buf,
-            },
-        );
-        out
-    }
-
-    /// `x`'s signs, packed: by sign or by LAB.
-    fn signs(&mut self, op: usize, signs: &Signs, x: Value) -> candle_core::Result<Value> {
-        match signs {
-            Signs::Sign if x.bits => Ok(x),
-            Signs::Sign => {
-                let out = self.buffer(true, x.shape);
-                self.push(
-                    op,
-                    Kind::PackSigns {
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Signs::Lab(lab) => {
-                let x = self.floats_of(op, x);
-                let out = self.buffer(true, x.shape);
-                let lab = GpuLab::new(self.gpu, lab)?;
-                self.push(
-                    op,
-                    Kind::Lab {
-                        lab,
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-        }
-    }
-
-    fn epilogue(&self, channels: usize, epilogue: &Epilogue) -> candle_core::Result<GpuEpilogue> {
-        let ops: Vec<EpilogueOp> = epilogue
+/// `program`'s launches with their weights uploaded to `gpu`.
+fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> {
+    let epilogue = |channels: usize, e: &Epilogue| -> candle_core::Result<GpuEpilogue> {
+        let ops: Vec<EpilogueOp> = e
             .ops
             .iter()
             .map(|op| match op {
@@ -668,323 +560,139 @@ impl<'a> Builder<'a> {
                 ChannelOp::PRelu(alpha) => EpilogueOp::PRelu(alpha),
             })
             .collect();
-        GpuEpilogue::new(self.gpu, channels, &ops)
-    }
-
-    /// Steps on `x`, adding `residual` to the output (inside the last step's output transform
-    /// where it can), as [`super::Run::sequence`].
-    fn sequence(
-        &mut self,
-        steps: &[Step],
-        x: Value,
-        mut residual: Option<Value>,
-    ) -> candle_core::Result<Value> {
-        let mut current = x;
-        for (i, step) in steps.iter().enumerate() {
-            let fused = match i + 1 == steps.len() && step.fuses_residual() {
-                true => residual.take(),
-                false => None,
-            };
-            current = self.step(step, current, fused)?;
-        }
-        let Some(r) = residual else {
-            return Ok(current);
-        };
-        let op = steps.last().map_or(0, op_of);
-        let x = self.floats_of(op, current);
-        let out = self.buffer(false, x.shape);
-        let epilogue = self.epilogue(x.shape[2], &Epilogue::default())?;
-        self.push(
-            op,
-            Kind::Transform {
-                epilogue,
-                x: x.buf,
-                residual: Some(r.buf),
-                out: out.buf,
+        GpuEpilogue::new(gpu, channels, &ops)
+    };
+    let channels = |buf: usize| program.buffers[buf].shape[2];
+    let mut launches = Vec::with_capacity(program.launches.len());
+    for launch in &program.launches {
+        use program::Kind as P;
+        let kind = match &launch.kind {
+            P::Transpose { out } => Kind::Transpose { out: *out },
+            P::PackSigns { x, out } => Kind::PackSigns { x: *x, out: *out },
+            P::Lab { lab, x, out } => Kind::Lab {
+                lab: GpuLab::new(gpu, lab)?,
+                x: *x,
+                out: *out,
             },
-        );
-        Ok(out)
-    }
-
-    fn step(
-        &mut self,
-        step: &Step,
-        x: Value,
-        residual: Option<Value>,
-    ) -> candle_core::Result<Value> {
-        let [h, w, c] = x.shape;
-        let residual_buf = residual.map(|r| r.buf);
-        match step {
-            Step::FloatConv {
-                op,
+            P::Unpack { x, out } => Kind::Unpack { x: *x, out: *out },
+            P::BinaryConv {
+                weights,
+                geometry,
+                epilogue: e,
+                x,
+                residual,
+                out,
+            } => Kind::BinaryConv {
+                conv: GpuBinaryConv::new(gpu, weights, *geometry)?,
+                epilogue: epilogue(weights.out_channels, e)?,
+                x: *x,
+                residual: *residual,
+                out: *out,
+            },
+            P::FloatConv {
                 weight,
                 window,
                 pad_value,
-                epilogue,
-            } => {
-                let x = self.floats_of(*op, x);
-                let conv = GpuFloatConv::new(
-                    self.gpu,
+                epilogue: e,
+                x,
+                residual,
+                out,
+            } => Kind::FloatConv {
+                conv: GpuFloatConv::new(
+                    gpu,
                     &weight.to_matrix(),
                     window_of(window),
                     *pad_value,
-                    [c, weight.n()],
-                )?;
-                let out = self.buffer(false, conv.output(h, w)?);
-                let epilogue = self.epilogue(weight.n(), epilogue)?;
-                self.push(
-                    *op,
-                    Kind::FloatConv {
-                        conv,
-                        epilogue,
-                        x: x.buf,
-                        residual: residual_buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::BinaryConv {
-                op,
-                signs,
-                conv,
-                source,
-                epilogue,
-                pack_output,
-            } => {
-                let input = self.signs(*op, signs, x)?;
-                let (oh, ow) = conv.output_size(h, w);
-                let co = conv.out_channels();
-                self.dots = self.dots.max(oh * ow * co);
-                let out = self.buffer(*pack_output, [oh, ow, co]);
-                let (weights, geometry) = &**source;
-                let conv = GpuBinaryConv::new(self.gpu, weights, *geometry)?;
-                let epilogue = self.epilogue(co, epilogue)?;
-                self.push(
-                    *op,
-                    Kind::BinaryConv {
-                        conv,
-                        epilogue,
-                        x: input.buf,
-                        residual: residual_buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Depthwise {
-                op,
+                    [channels(*x), weight.n()],
+                )?,
+                epilogue: epilogue(weight.n(), e)?,
+                x: *x,
+                residual: *residual,
+                out: *out,
+            },
+            P::Depthwise {
                 weight,
                 multiplier,
                 window,
-                epilogue,
-            } => {
-                let x = self.floats_of(*op, x);
-                let co = c * multiplier;
-                let conv = GpuDepthwise::new(self.gpu, weight, window_of(window), *multiplier, co)?;
-                let out = self.buffer(false, conv.output(h, w)?);
-                let epilogue = self.epilogue(co, epilogue)?;
-                self.push(
-                    *op,
-                    Kind::Depthwise {
-                        conv,
-                        epilogue,
-                        x: x.buf,
-                        residual: residual_buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Channel { op, epilogue } => {
-                let x = self.floats_of(*op, x);
-                let out = self.buffer(false, x.shape);
-                let epilogue = self.epilogue(c, epilogue)?;
-                self.push(
-                    *op,
-                    Kind::Transform {
-                        epilogue,
-                        x: x.buf,
-                        residual: residual_buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Binarize { op, signs } => self.signs(*op, signs, x),
-            Step::MaxPool { op, window, relu } => {
-                let window = window_of(window);
-                let (oh, ow) = window.output(h, w)?;
-                let out = self.buffer(x.bits, [oh, ow, c]);
-                let kind = match (x.bits, relu) {
-                    (true, _) => Kind::MaxPoolBits {
-                        window,
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                    (false, relu) => Kind::Pool {
-                        window,
-                        mode: if *relu {
-                            PoolMode::MaxOfRelu
-                        } else {
-                            PoolMode::Max
-                        },
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                };
-                self.push(*op, kind);
-                Ok(out)
-            }
-            Step::AvgPool { op, window } => {
-                let x = self.floats_of(*op, x);
-                let window = window_of(window);
-                let (oh, ow) = window.output(h, w)?;
-                let out = self.buffer(false, [oh, ow, c]);
-                self.push(
-                    *op,
-                    Kind::Pool {
-                        window,
-                        mode: PoolMode::Average,
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Blur { op, stride } => {
-                let x = self.floats_of(*op, x);
-                let (top, bottom) = zoo_spec::same_padding(h, 3, *stride);
-                let (left, right) = zoo_spec::same_padding(w, 3, *stride);
-                let window = Window {
-                    kernel: [3, 3],
-                    stride: [*stride; 2],
-                    pads: [top, bottom, left, right],
-                };
-                let conv = GpuDepthwise::blur(self.gpu, c, window)?;
-                let out = self.buffer(false, conv.output(h, w)?);
-                let epilogue = self.epilogue(c, &Epilogue::default())?;
-                self.push(
-                    *op,
-                    Kind::Depthwise {
-                        conv,
-                        epilogue,
-                        x: x.buf,
-                        residual: None,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::GlobalAvgPool { op } => {
-                let x = self.floats_of(*op, x);
-                let out = self.buffer(false, [1, 1, c]);
-                self.push(
-                    *op,
-                    Kind::GlobalAvgPool {
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Flatten { op } => {
-                let x = self.floats_of(*op, x);
-                let out = self.buffer(false, [1, 1, h * w * c]);
-                self.push(
-                    *op,
-                    Kind::Copy {
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Dense {
-                op,
-                weight,
-                epilogue,
-            } => {
-                let x = self.floats_of(*op, x);
-                let dense = GpuDense::new(self.gpu, &weight.to_matrix(), weight.k(), weight.n())?;
-                let out = self.buffer(false, [1, 1, dense.units()]);
-                let epilogue = self.epilogue(dense.units(), epilogue)?;
-                self.push(
-                    *op,
-                    Kind::Dense {
-                        dense,
-                        epilogue,
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                );
-                Ok(out)
-            }
-            Step::Duplicate { op } => {
-                let x = self.floats_of(*op, x);
-                self.concat(*op, &[x, x])
-            }
-            Step::Residual { body, shortcut } => {
-                let short = match shortcut.is_empty() {
-                    true => x,
-                    false => self.sequence(shortcut, x, None)?,
-                };
-                let op = body.first().or(shortcut.first()).map_or(0, op_of);
-                let short = self.floats_of(op, short);
-                self.sequence(body, x, Some(short))
-            }
-            Step::Concat { branches } => {
-                let mut outs = Vec::with_capacity(branches.len());
-                for branch in branches {
-                    let out = self.sequence(branch, x, None)?;
-                    let op = branch.last().map_or(0, op_of);
-                    outs.push(self.floats_of(op, out));
-                }
-                let op = branches.iter().flatten().last().map_or(0, op_of);
-                self.concat(op, &outs)
-            }
-        }
-    }
-
-    /// The maps `parts` (float, of one height and width) concatenated along channels.
-    fn concat(&mut self, op: usize, parts: &[Value]) -> candle_core::Result<Value> {
-        let [h, w, _] = parts[0].shape;
-        let channels = parts.iter().map(|p| p.shape[2]).sum();
-        let out = self.buffer(false, [h, w, channels]);
-        let mut offset = 0;
-        for part in parts {
-            self.push(
-                op,
-                Kind::Concat {
-                    x: part.buf,
-                    out: out.buf,
-                    offset,
+                epilogue: e,
+                x,
+                residual,
+                out,
+            } => Kind::Depthwise {
+                conv: GpuDepthwise::new(
+                    gpu,
+                    weight,
+                    window_of(window),
+                    *multiplier,
+                    channels(*out),
+                )?,
+                epilogue: epilogue(channels(*out), e)?,
+                x: *x,
+                residual: *residual,
+                out: *out,
+            },
+            P::Transform {
+                epilogue: e,
+                x,
+                residual,
+                out,
+            } => Kind::Transform {
+                epilogue: epilogue(channels(*out), e)?,
+                x: *x,
+                residual: *residual,
+                out: *out,
+            },
+            P::MaxPoolBits { window, x, out } => Kind::MaxPoolBits {
+                window: window_of(window),
+                x: *x,
+                out: *out,
+            },
+            P::Pool {
+                window,
+                mode,
+                x,
+                out,
+            } => Kind::Pool {
+                window: window_of(window),
+                mode: match mode {
+                    program::PoolMode::Max => PoolMode::Max,
+                    program::PoolMode::MaxOfRelu => PoolMode::MaxOfRelu,
+                    program::PoolMode::Average => PoolMode::Average,
                 },
-            );
-            offset += part.shape[2];
-        }
-        Ok(out)
+                x: *x,
+                out: *out,
+            },
+            P::GlobalAvgPool { x, out } => Kind::GlobalAvgPool { x: *x, out: *out },
+            P::Copy { x, out } => Kind::Copy { x: *x, out: *out },
+            P::Concat { x, out, offset } => Kind::Concat {
+                x: *x,
+                out: *out,
+                offset: *offset,
+            },
+            P::Dense {
+                weight,
+                epilogue: e,
+                x,
+                out,
+            } => Kind::Dense {
+                dense: GpuDense::new(gpu, &weight.to_matrix(), weight.k(), weight.n())?,
+                epilogue: epilogue(weight.n(), e)?,
+                x: *x,
+                out: *out,
+            },
+        };
+        launches.push(Launch {
+            op: launch.op,
+            kind,
+        });
     }
-}
-
-/// The op a step's launches are profiled under (the last of a nested group).
-fn op_of(step: &Step) -> usize {
-    match step {
-        Step::FloatConv { op, .. }
-        | Step::BinaryConv { op, .. }
-        | Step::Depthwise { op, .. }
-        | Step::Channel { op, .. }
-        | Step::Binarize { op, .. }
-        | Step::MaxPool { op, .. }
-        | Step::AvgPool { op, .. }
-        | Step::Blur { op, .. }
-        | Step::GlobalAvgPool { op }
-        | Step::Flatten { op }
-        | Step::Dense { op, .. }
-        | Step::Duplicate { op } => *op,
-        Step::Residual { body, shortcut } => body.last().or(shortcut.last()).map_or(0, op_of),
-        Step::Concat { branches } => branches.iter().flatten().last().map_or(0, op_of),
-    }
+    Ok(Program {
+        buffers: program.buffers,
+        launches,
+        input: program.input,
+        output: program.output,
+        dots: program.dots,
+    })
 }
 
 /// The engine's window as the GPU kernels' (the same fields).

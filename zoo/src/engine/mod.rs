@@ -31,6 +31,10 @@ mod format;
 mod gemm;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+// The GPU's flat program of the steps; built in every build, so that its CPU interpretation is
+// tested where there is no GPU.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod program;
 
 use std::borrow::Cow;
 use std::path::Path;

@@ -461,16 +461,6 @@ impl GpuDepthwise {
         })
     }
 
-    /// The fixed `[1,2,1] x [1,2,1] / 16` blur of `channels` channels over `window` (3x3).
-    pub fn blur(gpu: &Gpu, channels: usize, window: Window) -> Result<Self> {
-        let taps = [1.0f32, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0];
-        let weight: Vec<f32> = taps
-            .iter()
-            .flat_map(|&t| std::iter::repeat_n(t / 16.0, channels))
-            .collect();
-        Self::new(gpu, &weight, window, 1, channels)
-    }
-
     /// The output's `[height, width, channels]` for an input of `height x width`.
     pub fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
         let (oh, ow) = self.window.output(height, width)?;

@@ -1,0 +1,825 @@
+//! The engine's compiled steps as one flat program of launches between numbered buffers, for
+//! devices that run a model as a sequence of kernels over batches (the GPU, `gpu`): each
+//! launch reads buffers written by earlier ones and writes a buffer of its own, so every
+//! buffer can be laid out once per batch size and the whole sequence replayed.
+//!
+//! The program is built from the same [`Step`]s [`super::Engine`] runs, with the same
+//! semantics (a residual added in the last step's output transform where it can be, else after
+//! it; LAB reading packed maps as ±1; a binary convolution emitting packed signs for a next
+//! layer that reads only signs), and borrows their weights. Its CPU interpretation in this
+//! module's tests gives the engine's logits for every shipped spec, which checks the wiring
+//! apart from any device.
+
+use std::borrow::Cow;
+
+use zoo_kernels::packed::{ConvGeometry, LabKernel, PackedConvWeights};
+
+use super::float::{Epilogue, PackedWeights, Window};
+use super::{OpInfo, Signs, Step};
+
+/// A buffer: floats or packed signs, of `shape` (`[height, width, channels]`) per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Value {
+    pub buf: usize,
+    pub bits: bool,
+    pub shape: [usize; 3],
+}
+
+/// The launches of one run.
+pub(super) struct Program<'s> {
+    /// Every buffer, in the order launches first write them.
+    pub buffers: Vec<Value>,
+    pub launches: Vec<Launch<'s>>,
+    /// The input, NHWC floats, written by the first launch from the NCHW images.
+    pub input: Value,
+    /// The logits.
+    pub output: Value,
+    /// The most dots per image a binary convolution computes.
+    pub dots: usize,
+    /// The engine's ops and, last, the input's transpose: what each launch is profiled under.
+    pub ops: Vec<OpInfo>,
+}
+
+/// One launch: what it computes and the op it belongs to.
+pub(super) struct Launch<'s> {
+    pub op: usize,
+    pub kind: Kind<'s>,
+}
+
+/// What a pooling launch computes over the taps inside the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum PoolMode {
+    Max,
+    /// The max pool of the map's ReLU (a ReLU joined to the pool).
+    MaxOfRelu,
+    Average,
+}
+
+/// A launch's computation. `x`, `residual` and `out` are buffers; `out` is written.
+pub(super) enum Kind<'s> {
+    /// The NCHW images into `out`.
+    Transpose {
+        out: usize,
+    },
+    /// Larq's sign, packed.
+    PackSigns {
+        x: usize,
+        out: usize,
+    },
+    /// LAB's binarization, packed.
+    Lab {
+        lab: &'s LabKernel,
+        x: usize,
+        out: usize,
+    },
+    /// Packed signs as ±1 floats.
+    Unpack {
+        x: usize,
+        out: usize,
+    },
+    /// A binary convolution of packed `x` with its output transform and residual; `out`
+    /// floats, or packed signs.
+    BinaryConv {
+        weights: &'s PackedConvWeights,
+        geometry: ConvGeometry,
+        epilogue: &'s Epilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    FloatConv {
+        weight: &'s PackedWeights,
+        window: Window,
+        pad_value: f32,
+        epilogue: &'s Epilogue,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    /// A depthwise convolution (the blur's weights made here).
+    Depthwise {
+        weight: Cow<'s, [f32]>,
+        multiplier: usize,
+        window: Window,
+        epilogue: Cow<'s, Epilogue>,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    /// The output transform alone, and a residual.
+    Transform {
+        epilogue: Cow<'s, Epilogue>,
+        x: usize,
+        residual: Option<usize>,
+        out: usize,
+    },
+    MaxPoolBits {
+        window: Window,
+        x: usize,
+        out: usize,
+    },
+    Pool {
+        window: Window,
+        mode: PoolMode,
+        x: usize,
+        out: usize,
+    },
+    GlobalAvgPool {
+        x: usize,
+        out: usize,
+    },
+    /// The same values, flattened to `1 x 1 x (h w c)`.
+    Copy {
+        x: usize,
+        out: usize,
+    },
+    /// `x` into channels `offset..` of `out`.
+    Concat {
+        x: usize,
+        out: usize,
+        offset: usize,
+    },
+    Dense {
+        weight: &'s PackedWeights,
+        epilogue: &'s Epilogue,
+        x: usize,
+        out: usize,
+    },
+}
+
+#[cfg(test)]
+impl Kind<'_> {
+    /// The buffer the launch writes.
+    pub fn output(&self) -> usize {
+        match *self {
+            Kind::Transpose { out }
+            | Kind::PackSigns { out, .. }
+            | Kind::Lab { out, .. }
+            | Kind::Unpack { out, .. }
+            | Kind::BinaryConv { out, .. }
+            | Kind::FloatConv { out, .. }
+            | Kind::Depthwise { out, .. }
+            | Kind::Transform { out, .. }
+            | Kind::MaxPoolBits { out, .. }
+            | Kind::Pool { out, .. }
+            | Kind::GlobalAvgPool { out, .. }
+            | Kind::Copy { out, .. }
+            | Kind::Concat { out, .. }
+            | Kind::Dense { out, .. } => out,
+        }
+    }
+}
+
+impl<'s> Program<'s> {
+    /// The program of `steps` (with `ops`, the engine's) on images of `input`.
+    pub fn new(steps: &'s [Step], ops: &[OpInfo], input: [usize; 3]) -> Program<'s> {
+        let mut ops = ops.to_vec();
+        ops.push(OpInfo {
+            name: "input".into(),
+            kind: "nchw_to_nhwc",
+            output: format!("{}x{}x{}", input[0], input[1], input[2]),
+        });
+        let mut builder = Builder {
+            buffers: Vec::new(),
+            launches: Vec::new(),
+            dots: 0,
+        };
+        let transpose = ops.len() - 1;
+        let x = builder.buffer(false, input);
+        builder.push(transpose, Kind::Transpose { out: x.buf });
+        let out = builder.sequence(steps, x, None);
+        let output = builder.floats_of(steps.last().map_or(transpose, op_of), out);
+        Program {
+            buffers: builder.buffers,
+            launches: builder.launches,
+            input: x,
+            output,
+            dots: builder.dots,
+            ops,
+        }
+    }
+}
+
+/// Walks steps into launches.
+struct Builder<'s> {
+    buffers: Vec<Value>,
+    launches: Vec<Launch<'s>>,
+    dots: usize,
+}
+
+impl<'s> Builder<'s> {
+    fn buffer(&mut self, bits: bool, shape: [usize; 3]) -> Value {
+        let value = Value {
+            buf: self.buffers.len(),
+            bits,
+            shape,
+        };
+        self.buffers.push(value);
+        value
+    }
+
+    fn push(&mut self, op: usize, kind: Kind<'s>) {
+        self.launches.push(Launch { op, kind });
+    }
+
+    /// A float buffer of `shape`, written by `launch(out)`.
+    fn floats(
+        &mut self,
+        op: usize,
+        shape: [usize; 3],
+        launch: impl FnOnce(usize) -> Kind<'s>,
+    ) -> Value {
+        let out = self.buffer(false, shape);
+        self.push(op, launch(out.buf));
+        out
+    }
+
+    /// `x` as floats (packed signs as ±1).
+    fn floats_of(&mut self, op: usize, x: Value) -> Value {
+        match x.bits {
+            false => x,
+            true => self.floats(op, x.shape, |out| Kind::Unpack { x: x.buf, out }),
+        }
+    }
+
+    /// `x`'s signs, packed: by sign or by LAB.
+    fn signs(&mut self, op: usize, signs: &'s Signs, x: Value) -> Value {
+        match signs {
+            Signs::Sign if x.bits => x,
+            Signs::Sign => {
+                let out = self.buffer(true, x.shape);
+                self.push(
+                    op,
+                    Kind::PackSigns {
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                out
+            }
+            Signs::Lab(lab) => {
+                let x = self.floats_of(op, x);
+                let out = self.buffer(true, x.shape);
+                self.push(
+                    op,
+                    Kind::Lab {
+                        lab,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                );
+                out
+            }
+        }
+    }
+
+    /// Steps on `x`, adding `residual` to the output inside the last step's output transform
+    /// where it can, else after it (as `Run::sequence`).
+    fn sequence(&mut self, steps: &'s [Step], x: Value, mut residual: Option<Value>) -> Value {
+        let mut current = x;
+        for (i, step) in steps.iter().enumerate() {
+            let fused = match i + 1 == steps.len() && step.fuses_residual() {
+                true => residual.take(),
+                false => None,
+            };
+            current = self.step(step, current, fused);
+        }
+        let Some(r) = residual else {
+            return current;
+        };
+        let op = steps.last().map_or(0, op_of);
+        let x = self.floats_of(op, current);
+        self.floats(op, x.shape, |out| Kind::Transform {
+            epilogue: Cow::Owned(Epilogue::default()),
+            x: x.buf,
+            residual: Some(r.buf),
+            out,
+        })
+    }
+
+    fn step(&mut self, step: &'s Step, x: Value, residual: Option<Value>) -> Value {
+        let [h, w, c] = x.shape;
+        let residual = residual.map(|r| r.buf);
+        match step {
+            Step::FloatConv {
+                op,
+                weight,
+                window,
+                pad_value,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                let (oh, ow) = window.output(h, w);
+                self.floats(*op, [oh, ow, weight.n()], |out| Kind::FloatConv {
+                    weight,
+                    window: *window,
+                    pad_value: *pad_value,
+                    epilogue,
+                    x: x.buf,
+                    residual,
+                    out,
+                })
+            }
+            Step::BinaryConv {
+                op,
+                signs,
+                conv,
+                source,
+                epilogue,
+                pack_output,
+            } => {
+                let input = self.signs(*op, signs, x);
+                let (oh, ow) = conv.output_size(h, w);
+                let co = conv.out_channels();
+                self.dots = self.dots.max(oh * ow * co);
+                let out = self.buffer(*pack_output, [oh, ow, co]);
+                let (weights, geometry) = &**source;
+                self.push(
+                    *op,
+                    Kind::BinaryConv {
+                        weights,
+                        geometry: *geometry,
+                        epilogue,
+                        x: input.buf,
+                        residual,
+                        out: out.buf,
+                    },
+                );
+                out
+            }
+            Step::Depthwise {
+                op,
+                weight,
+                multiplier,
+                window,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                let (oh, ow) = window.output(h, w);
+                self.floats(*op, [oh, ow, c * multiplier], |out| Kind::Depthwise {
+                    weight: Cow::Borrowed(weight),
+                    multiplier: *multiplier,
+                    window: *window,
+                    epilogue: Cow::Borrowed(epilogue),
+                    x: x.buf,
+                    residual,
+                    out,
+                })
+            }
+            Step::Channel { op, epilogue } => {
+                let x = self.floats_of(*op, x);
+                self.floats(*op, x.shape, |out| Kind::Transform {
+                    epilogue: Cow::Borrowed(epilogue),
+                    x: x.buf,
+                    residual,
+                    out,
+                })
+            }
+            Step::Binarize { op, signs } => self.signs(*op, signs, x),
+            Step::MaxPool { op, window, relu } => {
+                let (oh, ow) = window.output(h, w);
+                let out = self.buffer(x.bits, [oh, ow, c]);
+                let kind = match (x.bits, relu) {
+                    (true, _) => Kind::MaxPoolBits {
+                        window: *window,
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                    (false, relu) => Kind::Pool {
+                        window: *window,
+                        mode: if *relu {
+                            PoolMode::MaxOfRelu
+                        } else {
+                            PoolMode::Max
+                        },
+                        x: x.buf,
+                        out: out.buf,
+                    },
+                };
+                self.push(*op, kind);
+                out
+            }
+            Step::AvgPool { op, window } => {
+                let x = self.floats_of(*op, x);
+                let (oh, ow) = window.output(h, w);
+                self.floats(*op, [oh, ow, c], |out| Kind::Pool {
+                    window: *window,
+                    mode: PoolMode::Average,
+                    x: x.buf,
+                    out,
+                })
+            }
+            Step::Blur { op, stride } => {
+                let x = self.floats_of(*op, x);
+                let (weight, window) = super::float::blur_kernel(h, w, c, *stride);
+                let (oh, ow) = window.output(h, w);
+                self.floats(*op, [oh, ow, c], |out| Kind::Depthwise {
+                    weight: Cow::Owned(weight),
+                    multiplier: 1,
+                    window,
+                    epilogue: Cow::Owned(Epilogue::default()),
+                    x: x.buf,
+                    residual: None,
+                    out,
+                })
+            }
+            Step::GlobalAvgPool { op } => {
+                let x = self.floats_of(*op, x);
+                self.floats(*op, [1, 1, c], |out| Kind::GlobalAvgPool { x: x.buf, out })
+            }
+            Step::Flatten { op } => {
+                let x = self.floats_of(*op, x);
+                self.floats(*op, [1, 1, h * w * c], |out| Kind::Copy { x: x.buf, out })
+            }
+            Step::Dense {
+                op,
+                weight,
+                epilogue,
+            } => {
+                let x = self.floats_of(*op, x);
+                self.floats(*op, [1, 1, weight.n()], |out| Kind::Dense {
+                    weight,
+                    epilogue,
+                    x: x.buf,
+                    out,
+                })
+            }
+            Step::Duplicate { op } => {
+                let x = self.floats_of(*op, x);
+                self.concat(*op, &[x, x])
+            }
+            Step::Residual { body, shortcut } => {
+                let short = match shortcut.is_empty() {
+                    true => x,
+                    false => self.sequence(shortcut, x, None),
+                };
+                let op = body.first().or(shortcut.first()).map_or(0, op_of);
+                let short = self.floats_of(op, short);
+                self.sequence(body, x, Some(short))
+            }
+            Step::Concat { branches } => {
+                let mut outs = Vec::with_capacity(branches.len());
+                for branch in branches {
+                    let out = self.sequence(branch, x, None);
+                    outs.push(self.floats_of(branch.last().map_or(0, op_of), out));
+                }
+                let op = branches.iter().flatten().last().map_or(0, op_of);
+                self.concat(op, &outs)
+            }
+        }
+    }
+
+    /// The float maps `parts` (of one height and width) concatenated along channels.
+    fn concat(&mut self, op: usize, parts: &[Value]) -> Value {
+        let [h, w, _] = parts[0].shape;
+        let channels = parts.iter().map(|p| p.shape[2]).sum();
+        let out = self.buffer(false, [h, w, channels]);
+        let mut offset = 0;
+        for part in parts {
+            self.push(
+                op,
+                Kind::Concat {
+                    x: part.buf,
+                    out: out.buf,
+                    offset,
+                },
+            );
+            offset += part.shape[2];
+        }
+        out
+    }
+}
+
+/// The op a step's launches are profiled under (the last of a nested group).
+fn op_of(step: &Step) -> usize {
+    match step {
+        Step::FloatConv { op, .. }
+        | Step::BinaryConv { op, .. }
+        | Step::Depthwise { op, .. }
+        | Step::Channel { op, .. }
+        | Step::Binarize { op, .. }
+        | Step::MaxPool { op, .. }
+        | Step::AvgPool { op, .. }
+        | Step::Blur { op, .. }
+        | Step::GlobalAvgPool { op }
+        | Step::Flatten { op }
+        | Step::Dense { op, .. }
+        | Step::Duplicate { op } => *op,
+        Step::Residual { body, shortcut } => body.last().or(shortcut.last()).map_or(0, op_of),
+        Step::Concat { branches } => branches.iter().flatten().last().map_or(0, op_of),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use zoo_kernels::packed::{self, ConvInput, PackedMap};
+
+    use super::super::float::{self, FloatMap};
+    use super::super::{binary_conv, Engine};
+    use super::*;
+    use crate::spec::{InputShape, ModelConfig};
+
+    /// A buffer on the CPU: one map per image.
+    #[derive(Clone)]
+    enum Maps {
+        Floats(Vec<FloatMap>),
+        Bits(Vec<PackedMap>),
+    }
+
+    impl Maps {
+        fn floats(&self) -> &[FloatMap] {
+            match self {
+                Maps::Floats(f) => f,
+                Maps::Bits(_) => panic!("a launch reads floats from a packed buffer"),
+            }
+        }
+
+        fn bits(&self) -> &[PackedMap] {
+            match self {
+                Maps::Bits(b) => b,
+                Maps::Floats(_) => panic!("a launch reads signs from a float buffer"),
+            }
+        }
+    }
+
+    /// The program run launch by launch with the CPU engine's kernels, image by image,
+    /// checking that every launch reads buffers already written and writes its declared one.
+    fn interpret(program: &Program, images: &[f32], batch: usize) -> Vec<f32> {
+        let mut buffers: Vec<Option<Maps>> = vec![None; program.buffers.len()];
+        let read = |buffers: &[Option<Maps>], i: usize| -> Maps {
+            buffers[i]
+                .clone()
+                .expect("a launch reads a buffer written before it")
+        };
+        for launch in &program.launches {
+            let out = launch.kind.output();
+            let declared = program.buffers[out];
+            let floats = |buffers: &[Option<Maps>], i| read(buffers, i).floats().to_vec();
+            let residual = |buffers: &[Option<Maps>], r: Option<usize>, n: usize| {
+                r.map(|r| floats(buffers, r)[n].data.clone())
+            };
+            let result = match &launch.kind {
+                Kind::Transpose { .. } => {
+                    let [h, w, c] = declared.shape;
+                    Maps::Floats(
+                        images
+                            .chunks(h * w * c)
+                            .take(batch)
+                            .map(|image| {
+                                let mut data = vec![0.0; h * w * c];
+                                for ch in 0..c {
+                                    for p in 0..h * w {
+                                        data[p * c + ch] = image[ch * h * w + p];
+                                    }
+                                }
+                                FloatMap {
+                                    height: h,
+                                    width: w,
+                                    channels: c,
+                                    data,
+                                }
+                            })
+                            .collect(),
+                    )
+                }
+                Kind::PackSigns { x, .. } => Maps::Bits(
+                    floats(&buffers, *x)
+                        .iter()
+                        .map(|m| PackedMap::from_signs(&m.data, m.height, m.width, m.channels))
+                        .collect(),
+                ),
+                Kind::Lab { lab, x, .. } => Maps::Bits(
+                    floats(&buffers, *x)
+                        .iter()
+                        .map(|m| packed::lab_pack(&m.data, m.height, m.width, lab))
+                        .collect(),
+                ),
+                Kind::Unpack { x, .. } => Maps::Floats(
+                    read(&buffers, *x)
+                        .bits()
+                        .iter()
+                        .map(|p| FloatMap {
+                            height: p.height,
+                            width: p.width,
+                            channels: p.channels,
+                            data: p.to_signs(),
+                        })
+                        .collect(),
+                ),
+                Kind::BinaryConv {
+                    weights,
+                    geometry,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                } => {
+                    let conv = packed::BinaryConv::new(weights, *geometry);
+                    let outs: Vec<_> = read(&buffers, *x)
+                        .bits()
+                        .iter()
+                        .enumerate()
+                        .map(|(n, map)| {
+                            let r = residual(&buffers, *r, n);
+                            let input = ConvInput::Packed(map);
+                            binary_conv(input, &conv, epilogue, declared.bits, r.as_deref())
+                        })
+                        .collect();
+                    match declared.bits {
+                        true => Maps::Bits(outs.into_iter().map(packed_of).collect()),
+                        false => Maps::Floats(outs.into_iter().map(floats_of).collect()),
+                    }
+                }
+                Kind::FloatConv {
+                    weight,
+                    window,
+                    pad_value,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .iter()
+                        .enumerate()
+                        .map(|(n, m)| {
+                            let r = residual(&buffers, *r, n);
+                            float::conv(m, weight, *window, *pad_value, epilogue, r.as_deref())
+                        })
+                        .collect(),
+                ),
+                Kind::Depthwise {
+                    weight,
+                    multiplier,
+                    window,
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .iter()
+                        .enumerate()
+                        .map(|(n, m)| {
+                            let r = residual(&buffers, *r, n);
+                            float::depthwise(
+                                m,
+                                weight,
+                                *multiplier,
+                                *window,
+                                epilogue,
+                                r.as_deref(),
+                            )
+                        })
+                        .collect(),
+                ),
+                Kind::Transform {
+                    epilogue,
+                    x,
+                    residual: r,
+                    ..
+                } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, mut m)| {
+                            let r = residual(&buffers, *r, n);
+                            epilogue.apply_map(&mut m.data, m.channels, r.as_deref());
+                            m
+                        })
+                        .collect(),
+                ),
+                Kind::MaxPoolBits { window, x, .. } => Maps::Bits(
+                    read(&buffers, *x)
+                        .bits()
+                        .iter()
+                        .map(|p| packed::max_pool(p, window.kernel, window.stride, window.pads))
+                        .collect(),
+                ),
+                Kind::Pool {
+                    window, mode, x, ..
+                } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .iter()
+                        .map(|m| match mode {
+                            PoolMode::Average => float::avg_pool(m, *window),
+                            _ => float::max_pool(m, *window, *mode == PoolMode::MaxOfRelu),
+                        })
+                        .collect(),
+                ),
+                Kind::GlobalAvgPool { x, .. } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .iter()
+                        .map(float::global_avg_pool)
+                        .collect(),
+                ),
+                Kind::Copy { x, .. } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .into_iter()
+                        .map(|m| FloatMap {
+                            height: 1,
+                            width: 1,
+                            channels: m.data.len(),
+                            data: m.data,
+                        })
+                        .collect(),
+                ),
+                Kind::Concat { x, offset, .. } => {
+                    let [h, w, c] = declared.shape;
+                    let mut outs = match &buffers[out] {
+                        Some(maps) => maps.floats().to_vec(),
+                        None => vec![FloatMap::zeros(h, w, c); batch],
+                    };
+                    for (o, part) in outs.iter_mut().zip(floats(&buffers, *x)) {
+                        for p in 0..h * w {
+                            let from = &part.data[p * part.channels..][..part.channels];
+                            o.data[p * c + offset..][..part.channels].copy_from_slice(from);
+                        }
+                    }
+                    Maps::Floats(outs)
+                }
+                Kind::Dense {
+                    weight,
+                    epilogue,
+                    x,
+                    ..
+                } => Maps::Floats(
+                    floats(&buffers, *x)
+                        .iter()
+                        .map(|m| float::dense(m, weight, epilogue))
+                        .collect(),
+                ),
+            };
+            let shapes_ok = match &result {
+                Maps::Floats(f) => {
+                    !declared.bits
+                        && f.iter()
+                            .all(|m| [m.height, m.width, m.channels] == declared.shape)
+                }
+                Maps::Bits(b) => {
+                    declared.bits
+                        && b.iter()
+                            .all(|m| [m.height, m.width, m.channels] == declared.shape)
+                }
+            };
+            assert!(
+                shapes_ok,
+                "launch {:?} writes its buffer's shape",
+                launch.op
+            );
+            buffers[out] = Some(result);
+        }
+        let logits = read(&buffers, program.output.buf);
+        logits
+            .floats()
+            .iter()
+            .flat_map(|m| m.data.clone())
+            .collect()
+    }
+
+    fn packed_of(value: super::super::Value) -> PackedMap {
+        match value {
+            super::super::Value::Packed(p) => p,
+            super::super::Value::Float(_) => panic!("a binary convolution packs its output"),
+        }
+    }
+
+    fn floats_of(value: super::super::Value) -> FloatMap {
+        match value {
+            super::super::Value::Float(m) => m,
+            super::super::Value::Packed(_) => panic!("a binary convolution writes floats"),
+        }
+    }
+
+    /// Every shipped spec's program, interpreted on the CPU, gives the engine's logits bit for
+    /// bit: the launches, their buffers and the residuals are wired as the engine runs its steps.
+    #[test]
+    fn every_shipped_spec_runs_as_its_program() {
+        for (i, entry) in crate::list().iter().enumerate() {
+            let side = if entry.name.starts_with("xnornet") {
+                224
+            } else {
+                32
+            };
+            let config = ModelConfig {
+                input: InputShape {
+                    height: side,
+                    width: side,
+                    channels: 3,
+                },
+                classes: 10,
+            };
+            let model = super::super::bench::random_model(entry.name, &config, i as u64).unwrap();
+            let engine = Engine::new(&model, 1).unwrap();
+            let images = super::super::bench::random_images(&engine, 2, 7);
+            let expected = engine.run(&images, 2).unwrap();
+            let program = Program::new(&engine.steps, &engine.ops, [side, side, 3]);
+            assert_eq!(
+                program.launches.first().map(|l| l.op),
+                Some(engine.ops.len())
+            );
+            let got = interpret(&program, &images, 2);
+            assert_eq!(got, expected, "{}", entry.name);
+        }
+    }
+}
