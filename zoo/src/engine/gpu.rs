@@ -2,11 +2,11 @@
 //! [`Engine`], run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
 //!
 //! [`GpuEngine::new`] takes the flat program of the CPU engine's steps (`engine::program`:
-//! launches between numbered buffers, with the shapes of one image) and uploads each
-//! launch's weights: sign and LAB packing, the
-//! binary convolutions on binary tensor cores with their output transform (batch norm, scale,
-//! bias, ReLU / PReLU, residual) fused and emitting packed signs where the next layer reads only
-//! signs, binary max pooling on bits, and the float stem, transitions and head. A run at a
+//! launches between numbered buffers, with the shapes of one image) and uploads each launch's
+//! weights for its kernel: sign and LAB packing, the binary convolutions on binary tensor
+//! cores with their output transform (batch norm, scale, bias, ReLU / PReLU, residual) fused and
+//! emitting packed signs where the next layer reads only signs, binary max pooling on bits, and
+//! the float stem, transitions and head. A run at a
 //! batch size first lays out every buffer for that batch ([`Plan`]), then launches the
 //! program; from the second run on, the program replays as one CUDA graph, without a launch
 //! per kernel (`ZOO_CUDA_GRAPH=0` launches kernel by kernel instead). The binary convolutions
@@ -52,110 +52,75 @@ struct Program {
     dots: usize,
 }
 
-/// One launch of the program on the GPU, and the op it belongs to (for profiles).
+/// One launch of the program on the GPU: the op it belongs to (for profiles), the buffer it
+/// writes, and what it computes from which buffers.
 struct Launch {
     op: usize,
+    out: usize,
     kind: Kind,
 }
 
 /// [`program::Kind`] with its weights uploaded.
 enum Kind {
-    /// The NCHW input into buffer `out`.
-    Transpose {
-        out: usize,
-    },
+    /// The NCHW input.
+    Transpose,
     PackSigns {
         x: usize,
-        out: usize,
     },
     Lab {
         lab: GpuLab,
         x: usize,
-        out: usize,
     },
     Unpack {
         x: usize,
-        out: usize,
     },
     BinaryConv {
         conv: GpuBinaryConv,
         epilogue: GpuEpilogue,
         x: usize,
         residual: Option<usize>,
-        out: usize,
     },
     FloatConv {
         conv: GpuFloatConv,
         epilogue: GpuEpilogue,
         x: usize,
         residual: Option<usize>,
-        out: usize,
     },
     Depthwise {
         conv: GpuDepthwise,
         epilogue: GpuEpilogue,
         x: usize,
         residual: Option<usize>,
-        out: usize,
     },
     Transform {
         epilogue: GpuEpilogue,
         x: usize,
         residual: Option<usize>,
-        out: usize,
     },
     MaxPoolBits {
         window: Window,
         x: usize,
-        out: usize,
     },
     Pool {
         window: Window,
         mode: PoolMode,
         x: usize,
-        out: usize,
     },
     GlobalAvgPool {
         x: usize,
-        out: usize,
     },
     Copy {
         x: usize,
-        out: usize,
     },
     Concat {
         x: usize,
-        out: usize,
         offset: usize,
     },
     Dense {
         dense: GpuDense,
         epilogue: GpuEpilogue,
         x: usize,
-        out: usize,
     },
-}
-
-impl Kind {
-    /// The buffer the launch writes.
-    fn output(&self) -> usize {
-        match *self {
-            Kind::Transpose { out }
-            | Kind::PackSigns { out, .. }
-            | Kind::Lab { out, .. }
-            | Kind::Unpack { out, .. }
-            | Kind::BinaryConv { out, .. }
-            | Kind::FloatConv { out, .. }
-            | Kind::Depthwise { out, .. }
-            | Kind::Transform { out, .. }
-            | Kind::MaxPoolBits { out, .. }
-            | Kind::Pool { out, .. }
-            | Kind::GlobalAvgPool { out, .. }
-            | Kind::Copy { out, .. }
-            | Kind::Concat { out, .. }
-            | Kind::Dense { out, .. } => out,
-        }
-    }
 }
 
 /// A buffer of a [`Plan`].
@@ -444,10 +409,9 @@ impl GpuEngine {
     ) -> candle_core::Result<()> {
         for launch in &self.program.launches {
             before(launch.op)?;
-            let o = launch.kind.output();
-            let mut out = std::mem::replace(&mut plan.buffers[o], Buffer::Lent);
+            let mut out = std::mem::replace(&mut plan.buffers[launch.out], Buffer::Lent);
             let result = self.launch(&launch.kind, plan, &mut out);
-            plan.buffers[o] = out;
+            plan.buffers[launch.out] = out;
             result?;
         }
         Ok(())
@@ -460,21 +424,16 @@ impl GpuEngine {
         let floats = |i: usize| b[i].floats();
         let residual = |r: &Option<usize>| r.map(floats);
         match (kind, out) {
-            (Kind::Transpose { .. }, Buffer::Floats(out)) => {
-                gpu.nchw_to_nhwc_into(&plan.images, out)
-            }
-            (Kind::PackSigns { x, .. }, Buffer::Bits(out)) => gpu.pack_signs_into(floats(*x), out),
-            (Kind::Lab { lab, x, .. }, Buffer::Bits(out)) => lab.pack_into(gpu, floats(*x), out),
-            (Kind::Unpack { x, .. }, Buffer::Floats(out)) => {
-                gpu.unpack_signs_into(b[*x].bits(), out)
-            }
+            (Kind::Transpose, Buffer::Floats(out)) => gpu.nchw_to_nhwc_into(&plan.images, out),
+            (Kind::PackSigns { x }, Buffer::Bits(out)) => gpu.pack_signs_into(floats(*x), out),
+            (Kind::Lab { lab, x }, Buffer::Bits(out)) => lab.pack_into(gpu, floats(*x), out),
+            (Kind::Unpack { x }, Buffer::Floats(out)) => gpu.unpack_signs_into(b[*x].bits(), out),
             (
                 Kind::BinaryConv {
                     conv,
                     epilogue,
                     x,
                     residual: r,
-                    ..
                 },
                 out,
             ) => {
@@ -496,7 +455,6 @@ impl GpuEngine {
                     epilogue,
                     x,
                     residual: r,
-                    ..
                 },
                 Buffer::Floats(out),
             ) => conv.run_into(gpu, floats(*x), epilogue, residual(r), out),
@@ -506,7 +464,6 @@ impl GpuEngine {
                     epilogue,
                     x,
                     residual: r,
-                    ..
                 },
                 Buffer::Floats(out),
             ) => conv.run_into(gpu, floats(*x), epilogue, residual(r), out),
@@ -515,11 +472,10 @@ impl GpuEngine {
                     epilogue,
                     x,
                     residual: r,
-                    ..
                 },
                 Buffer::Floats(out),
             ) => epilogue.transform_into(gpu, floats(*x), residual(r), out),
-            (Kind::MaxPoolBits { window, x, .. }, Buffer::Bits(out)) => {
+            (Kind::MaxPoolBits { window, x }, Buffer::Bits(out)) => {
                 gpu.max_pool_into(b[*x].bits(), *window, out)
             }
             (
@@ -528,11 +484,11 @@ impl GpuEngine {
                 },
                 Buffer::Floats(out),
             ) => gpu.pool_into(floats(*x), *window, *mode, out),
-            (Kind::GlobalAvgPool { x, .. }, Buffer::Floats(out)) => {
+            (Kind::GlobalAvgPool { x }, Buffer::Floats(out)) => {
                 gpu.global_avg_pool_into(floats(*x), out)
             }
-            (Kind::Copy { x, .. }, Buffer::Floats(out)) => gpu.copy_into(floats(*x), out),
-            (Kind::Concat { x, offset, .. }, Buffer::Floats(out)) => {
+            (Kind::Copy { x }, Buffer::Floats(out)) => gpu.copy_into(floats(*x), out),
+            (Kind::Concat { x, offset }, Buffer::Floats(out)) => {
                 gpu.copy_channels_into(floats(*x), out, *offset)
             }
             (
@@ -566,28 +522,27 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
     let mut launches = Vec::with_capacity(program.launches.len());
     for launch in &program.launches {
         use program::Kind as P;
+        let out = launch.kind.output();
         let kind = match &launch.kind {
-            P::Transpose { out } => Kind::Transpose { out: *out },
-            P::PackSigns { x, out } => Kind::PackSigns { x: *x, out: *out },
-            P::Lab { lab, x, out } => Kind::Lab {
+            P::Transpose { .. } => Kind::Transpose,
+            P::PackSigns { x, .. } => Kind::PackSigns { x: *x },
+            P::Lab { lab, x, .. } => Kind::Lab {
                 lab: GpuLab::new(gpu, lab)?,
                 x: *x,
-                out: *out,
             },
-            P::Unpack { x, out } => Kind::Unpack { x: *x, out: *out },
+            P::Unpack { x, .. } => Kind::Unpack { x: *x },
             P::BinaryConv {
                 weights,
                 geometry,
                 epilogue: e,
                 x,
                 residual,
-                out,
+                ..
             } => Kind::BinaryConv {
                 conv: GpuBinaryConv::new(gpu, weights, *geometry)?,
                 epilogue: epilogue(weights.out_channels, e)?,
                 x: *x,
                 residual: *residual,
-                out: *out,
             },
             P::FloatConv {
                 weight,
@@ -596,7 +551,7 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 epilogue: e,
                 x,
                 residual,
-                out,
+                ..
             } => Kind::FloatConv {
                 conv: GpuFloatConv::new(
                     gpu,
@@ -608,7 +563,6 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 epilogue: epilogue(weight.n(), e)?,
                 x: *x,
                 residual: *residual,
-                out: *out,
             },
             P::Depthwise {
                 weight,
@@ -617,41 +571,35 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 epilogue: e,
                 x,
                 residual,
-                out,
+                ..
             } => Kind::Depthwise {
                 conv: GpuDepthwise::new(
                     gpu,
                     weight,
                     window_of(window),
                     *multiplier,
-                    channels(*out),
+                    channels(out),
                 )?,
-                epilogue: epilogue(channels(*out), e)?,
+                epilogue: epilogue(channels(out), e)?,
                 x: *x,
                 residual: *residual,
-                out: *out,
             },
             P::Transform {
                 epilogue: e,
                 x,
                 residual,
-                out,
+                ..
             } => Kind::Transform {
-                epilogue: epilogue(channels(*out), e)?,
+                epilogue: epilogue(channels(out), e)?,
                 x: *x,
                 residual: *residual,
-                out: *out,
             },
-            P::MaxPoolBits { window, x, out } => Kind::MaxPoolBits {
+            P::MaxPoolBits { window, x, .. } => Kind::MaxPoolBits {
                 window: window_of(window),
                 x: *x,
-                out: *out,
             },
             P::Pool {
-                window,
-                mode,
-                x,
-                out,
+                window, mode, x, ..
             } => Kind::Pool {
                 window: window_of(window),
                 mode: match mode {
@@ -660,29 +608,27 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                     program::PoolMode::Average => PoolMode::Average,
                 },
                 x: *x,
-                out: *out,
             },
-            P::GlobalAvgPool { x, out } => Kind::GlobalAvgPool { x: *x, out: *out },
-            P::Copy { x, out } => Kind::Copy { x: *x, out: *out },
-            P::Concat { x, out, offset } => Kind::Concat {
+            P::GlobalAvgPool { x, .. } => Kind::GlobalAvgPool { x: *x },
+            P::Copy { x, .. } => Kind::Copy { x: *x },
+            P::Concat { x, offset, .. } => Kind::Concat {
                 x: *x,
-                out: *out,
                 offset: *offset,
             },
             P::Dense {
                 weight,
                 epilogue: e,
                 x,
-                out,
+                ..
             } => Kind::Dense {
                 dense: GpuDense::new(gpu, &weight.to_matrix(), weight.k(), weight.n())?,
                 epilogue: epilogue(weight.n(), e)?,
                 x: *x,
-                out: *out,
             },
         };
         launches.push(Launch {
             op: launch.op,
+            out,
             kind,
         });
     }

@@ -147,7 +147,6 @@ pub(super) enum Kind<'s> {
     },
 }
 
-#[cfg(test)]
 impl Kind<'_> {
     /// The buffer the launch writes.
     pub fn output(&self) -> usize {
