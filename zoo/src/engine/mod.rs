@@ -168,7 +168,6 @@ enum Step {
         signs: Signs,
         conv: BinaryConv,
         /// The filters and geometry `conv` was laid out from (the GPU lays them out its way).
-        #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
         source: Box<(PackedConvWeights, ConvGeometry)>,
         epilogue: Epilogue,
         /// Emit the signs of the transformed output, packed, for a binarized next layer.
