@@ -117,9 +117,11 @@ if [[ -z ${SKIP_INFER:-} ]]; then
     step "LAB's cost over sign at batch 1, calls in pairs"
     "$bin/zoo" --device cuda bench quicknet --against quicknet-lab --runs 400 --batch 0 \
         --json "$OUT/infer-lab-cost.json" || failed=1
-    step "without the CUDA graph, and on CUDA cores"
+    step "without the CUDA graph; the binary convolutions all on tensor cores, all on CUDA cores"
     ZOO_CUDA_GRAPH=0 "$bin/zoo" --device cuda bench quicknet --runs 200 --batch 0 || failed=1
-    ZOO_GPU_CONV=popcount "$bin/zoo" --device cuda bench quicknet --runs 200 --batch 256 || failed=1
+    for conv in tensor popcount; do
+        ZOO_GPU_CONV=$conv "$bin/zoo" --device cuda bench quicknet --runs 200 --batch 256 || failed=1
+    done
     step "per-layer profile of QuickNet-LAB at batch 1 (CUDA events)"
     "$bin/zoo" --device cuda bench quicknet-lab --profile --runs 50 --batch 0 \
         --profile-out "$OUT/profile-quicknet-lab" || failed=1

@@ -9,14 +9,16 @@
 //! the float stem, transitions and head. A run at a
 //! batch size first lays out every buffer for that batch ([`Plan`]), then launches the
 //! program; from the second run on, the program replays as one CUDA graph, without a launch
-//! per kernel (`ZOO_CUDA_GRAPH=0` launches kernel by kernel instead). The binary convolutions
-//! run on binary tensor cores where the GPU has them (compute capability 8.0), else on CUDA
-//! cores; `ZOO_GPU_CONV=popcount` forces the CUDA cores.
+//! per kernel (`ZOO_CUDA_GRAPH=0` launches kernel by kernel instead). Each binary convolution
+//! runs on binary tensor cores (compute capability 8.0) or with XOR + popcount on CUDA cores,
+//! whichever ran it faster when its batch size was laid out (`ZOO_GPU_CONV=tensor|popcount`
+//! forces one).
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::sync::Mutex;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice};
+use candle_core::cuda_backend::WrapErr;
 use zoo_kernels::packed::cuda::float::{GpuDense, GpuDepthwise, GpuFloatConv, PoolMode};
 use zoo_kernels::packed::cuda::{
     ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuFloats, GpuLab, GpuMap, Window,
@@ -38,7 +40,8 @@ pub struct GpuEngine {
     plans: Mutex<HashMap<usize, Plan>>,
     program: Program,
     gpu: Gpu,
-    path: ConvPath,
+    /// The binary convolutions' path, where forced; else each layer's faster one on the GPU.
+    path: Option<ConvPath>,
     ops: Vec<OpInfo>,
     graphs: bool,
 }
@@ -154,6 +157,8 @@ struct Plan {
     /// The NCHW images the run copies in.
     images: CudaSlice<f32>,
     dots: CudaSlice<i32>,
+    /// Each launch's binary convolution path.
+    paths: Vec<ConvPath>,
     graph: Option<Graph>,
     runs: usize,
 }
@@ -177,8 +182,9 @@ impl GpuEngine {
             Gpu::new(ordinal).map_err(|e| Error::Train(format!("device `cuda:{ordinal}`: {e}")))?;
         let engine = Engine::new(model, 1)?;
         let path = match std::env::var("ZOO_GPU_CONV").as_deref() {
-            Ok("popcount") => ConvPath::Popcount,
-            _ => gpu.conv_path(),
+            Ok("popcount") => Some(ConvPath::Popcount),
+            Ok("tensor") => Some(gpu.conv_path()),
+            _ => None,
         };
         let input = engine.config.input;
         let program = program::Program::new(
@@ -201,9 +207,10 @@ impl GpuEngine {
     }
 
     /// The engine with its binary convolutions on `path` (the tensor cores need compute
-    /// capability 8.0).
-    pub fn with_conv_path(mut self, path: ConvPath) -> Result<Self, Error> {
-        if path == ConvPath::TensorCores && self.gpu.conv_path() != path {
+    /// capability 8.0), or (`None`) on the faster of the two for each layer, as timed on the
+    /// GPU when a batch size first runs.
+    pub fn with_conv_path(mut self, path: Option<ConvPath>) -> Result<Self, Error> {
+        if path == Some(ConvPath::TensorCores) && self.gpu.conv_path() != ConvPath::TensorCores {
             let (major, minor) = self.gpu.capability();
             return Err(Error::Train(format!(
                 "binary tensor cores need compute capability 8.0; this GPU has {major}.{minor}"
@@ -241,9 +248,10 @@ impl GpuEngine {
     /// What runs the binary convolutions: the GPU's name and the path.
     pub fn kernel(&self) -> String {
         let name = self.gpu.name().unwrap_or_else(|_| "GPU".into());
-        let path = match self.path {
-            ConvPath::TensorCores => "binary tensor cores",
-            ConvPath::Popcount => "CUDA-core popcount",
+        let path = match (self.path, self.gpu.conv_path()) {
+            (Some(ConvPath::Popcount), _) | (None, ConvPath::Popcount) => "CUDA-core popcount",
+            (Some(ConvPath::TensorCores), _) => "binary tensor cores",
+            (None, ConvPath::TensorCores) => "binary tensor cores or CUDA cores per layer",
         };
         let graph = if self.graphs { ", CUDA graph" } else { "" };
         format!("{name}, {path}{graph}")
@@ -271,9 +279,46 @@ impl GpuEngine {
     /// runs on their accumulators).
     fn dots_per_image(&self) -> usize {
         match self.path {
-            ConvPath::Popcount => self.program.dots,
-            ConvPath::TensorCores => 0,
+            Some(ConvPath::TensorCores) => 0,
+            _ => self.program.dots,
         }
+    }
+
+    /// The path of each launch's binary convolution for `plan`: the forced one, the only one
+    /// the GPU has, or the faster of three timed calls of each on `plan`'s buffers.
+    fn choose_paths(&self, plan: &mut Plan) -> candle_core::Result<()> {
+        let only = self
+            .path
+            .or_else(|| (self.gpu.conv_path() == ConvPath::Popcount).then_some(ConvPath::Popcount));
+        if let Some(path) = only {
+            plan.paths.fill(path);
+            return Ok(());
+        }
+        // Buffers that hold what a run writes, so each convolution times on real inputs.
+        self.launch_all(plan, |_| Ok(()))?;
+        for (i, launch) in self.program.launches.iter().enumerate() {
+            if !matches!(launch.kind, Kind::BinaryConv { .. }) {
+                continue;
+            }
+            let mut ms = [0.0f32; 2];
+            for (ms, path) in ms
+                .iter_mut()
+                .zip([ConvPath::TensorCores, ConvPath::Popcount])
+            {
+                plan.paths[i] = path;
+                self.launch_one(i, plan)?;
+                let start = self.gpu.mark()?;
+                for _ in 0..3 {
+                    self.launch_one(i, plan)?;
+                }
+                *ms = start.elapsed_ms(&self.gpu.mark()?).w()?;
+            }
+            plan.paths[i] = match ms[1] < ms[0] {
+                true => ConvPath::Popcount,
+                false => ConvPath::TensorCores,
+            };
+        }
+        Ok(())
     }
 
     /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
@@ -332,7 +377,20 @@ impl GpuEngine {
                 times.extend(ms);
             }
         }
-        Ok(super::op_times(&self.ops, times))
+        // The binary convolutions the batch-1 plan runs on CUDA cores, said in their kind.
+        let mut ops = self.ops.clone();
+        let plans = self.plans.lock().expect("no panics while running");
+        let paths = &plans.get(&1).expect("profiled at batch 1").paths;
+        for (launch, path) in self.program.launches.iter().zip(paths) {
+            let op = &mut ops[launch.op];
+            if matches!(launch.kind, Kind::BinaryConv { .. }) && *path == ConvPath::Popcount {
+                op.kind = match op.kind {
+                    "lab+binary_conv" => "lab+binary_conv (CUDA cores)",
+                    _ => "binary_conv (CUDA cores)",
+                };
+            }
+        }
+        Ok(super::op_times(&ops, times))
     }
 
     /// Copies `images` in, runs `launch` on the plan of their batch size, and copies the logits
@@ -390,15 +448,18 @@ impl GpuEngine {
             })
             .collect::<candle_core::Result<_>>()?;
         let [h, w, c] = self.program.input.shape;
-        Ok(Plan {
+        let mut plan = Plan {
             buffers,
             images: self.gpu.floats(batch, [c, h, w])?.data,
             dots: self
                 .gpu
                 .upload(&vec![0i32; (batch * self.dots_per_image()).max(1)])?,
+            paths: vec![ConvPath::TensorCores; self.program.launches.len()],
             graph: None,
             runs: 0,
-        })
+        };
+        self.choose_paths(&mut plan)?;
+        Ok(plan)
     }
 
     /// Launches the program on `plan`'s buffers, calling `before(op)` before each launch.
@@ -407,18 +468,31 @@ impl GpuEngine {
         plan: &mut Plan,
         mut before: impl FnMut(usize) -> candle_core::Result<()>,
     ) -> candle_core::Result<()> {
-        for launch in &self.program.launches {
+        for (i, launch) in self.program.launches.iter().enumerate() {
             before(launch.op)?;
-            let mut out = std::mem::replace(&mut plan.buffers[launch.out], Buffer::Lent);
-            let result = self.launch(&launch.kind, plan, &mut out);
-            plan.buffers[launch.out] = out;
-            result?;
+            self.launch_one(i, plan)?;
         }
         Ok(())
     }
 
-    /// One launch, writing `out`.
-    fn launch(&self, kind: &Kind, plan: &mut Plan, out: &mut Buffer) -> candle_core::Result<()> {
+    /// Launch `i` of the program on `plan`'s buffers.
+    fn launch_one(&self, i: usize, plan: &mut Plan) -> candle_core::Result<()> {
+        let launch = &self.program.launches[i];
+        let path = plan.paths[i];
+        let mut out = std::mem::replace(&mut plan.buffers[launch.out], Buffer::Lent);
+        let result = self.launch(&launch.kind, plan, path, &mut out);
+        plan.buffers[launch.out] = out;
+        result
+    }
+
+    /// One launch, writing `out`; a binary convolution on `path`.
+    fn launch(
+        &self,
+        kind: &Kind,
+        plan: &mut Plan,
+        path: ConvPath,
+        out: &mut Buffer,
+    ) -> candle_core::Result<()> {
         let gpu = &self.gpu;
         let b = &plan.buffers;
         let floats = |i: usize| b[i].floats();
@@ -447,7 +521,7 @@ impl GpuEngine {
                     values,
                     signs,
                 };
-                conv.run_into(gpu, b[*x].bits(), self.path, epilogue, io, &mut plan.dots)
+                conv.run_into(gpu, b[*x].bits(), path, epilogue, io, &mut plan.dots)
             }
             (
                 Kind::FloatConv {
