@@ -259,6 +259,18 @@ fn a_device_that_is_not_there_is_a_clear_error() {
         "built without its `cuda` feature"
     };
     assert!(err.contains(expected), "{err}");
+    // The packed engine on a GPU, likewise.
+    let (ok, _, err) = zoo(&[
+        "--device",
+        "cuda:4096",
+        "bench",
+        "quicknet",
+        "--input",
+        "32x32x1",
+        "--runs",
+        "1",
+    ]);
+    assert!(!ok && err.contains(expected), "{err}");
 }
 
 /// `zoo eval` of a `.zoo` model: the packed engine over a dataset folder's validation split,
