@@ -223,7 +223,7 @@ fn convolution_with_its_output_transform_matches_the_cpu() {
         let gpu_residual = gpu
             .upload_floats(&residual, images, [oh, ow, cout])
             .unwrap();
-        let mut scratch = gpu.upload(&vec![0i32; images * per_image]).unwrap();
+        let mut scratch = gpu.zeros::<i32>(images * per_image).unwrap();
         for path in conv_paths(&gpu) {
             let mut values = gpu.floats(images, [oh, ow, cout]).unwrap();
             let mut bits = gpu.map(images, [oh, ow, cout]).unwrap();

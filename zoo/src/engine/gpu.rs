@@ -451,9 +451,7 @@ impl GpuEngine {
         let mut plan = Plan {
             buffers,
             images: self.gpu.floats(batch, [c, h, w])?.data,
-            dots: self
-                .gpu
-                .upload(&vec![0i32; (batch * self.dots_per_image()).max(1)])?,
+            dots: self.gpu.zeros(batch * self.dots_per_image())?,
             paths: vec![ConvPath::TensorCores; self.program.launches.len()],
             graph: None,
             runs: 0,

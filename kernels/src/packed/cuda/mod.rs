@@ -6,7 +6,8 @@
 //! - [`GpuLab::pack`]: LAB's depthwise score, thresholded and packed, bit for bit the CPU's;
 //! - [`GpuBinaryConv::dots`]: the exact integer ±1 convolution on binary tensor cores
 //!   (`mma.m16n8k256` with AND + popcount; compute capability 8.0 and later), or with XOR and
-//!   popcount on CUDA cores on older GPUs ([`ConvPath`]);
+//!   popcount on CUDA cores ([`ConvPath`]); [`GpuBinaryConv::run_into`] with its output
+//!   transform, fused into the tensor-core kernel;
 //! - [`GpuEpilogue::apply`]: the per-channel transforms of the dots and a residual, written as
 //!   floats and/or packed signs;
 //! - [`Gpu::max_pool`]: max pooling of ±1 maps;
@@ -175,7 +176,7 @@ impl Gpu {
     }
 
     /// A buffer of `len` zeros (at least one element, which CUDA needs).
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
+    pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, len: usize) -> Result<CudaSlice<T>> {
         self.stream.alloc_zeros::<T>(len.max(1)).w()
     }
 
