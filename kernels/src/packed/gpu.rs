@@ -116,7 +116,7 @@ pub fn batch_words(maps: &[PackedMap]) -> Vec<u32> {
     maps.iter().flat_map(|m| map_words(&m.data)).collect()
 }
 
-/// One per-channel transform of a layer's output, as `dots_epilogue` applies it (the engine's
+/// One per-channel transform of a layer's output, as the GPU kernels apply it (`channel_ops`) (the engine's
 /// channel ops): parameters per output channel.
 #[derive(Clone, Copy, Debug)]
 pub enum EpilogueOp<'a> {
@@ -143,7 +143,7 @@ pub enum EpilogueOp<'a> {
 pub struct EpilogueProgram {
     /// Output channels.
     pub channels: usize,
-    /// The kind of each op (`OP_AFFINE` .. `OP_PRELU` of `packed.cu`).
+    /// The kind of each op (`OP_AFFINE` .. `OP_PRELU` of `common.cuh`).
     pub kinds: Vec<i32>,
     /// Where each op's parameters start in `params`.
     pub offsets: Vec<i32>,
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(words_from_gpu(&gpu), words);
     }
 
-    /// The ops as `dots_epilogue` reads them: a kind per op (the `OP_*` of `packed.cu`), each
+    /// The ops as the kernels read them: a kind per op (the `OP_*` of `common.cuh`), each
     /// op's parameters at its offset, an affine op's multipliers before its offsets.
     #[test]
     fn epilogue_program_layout() {
@@ -285,7 +285,7 @@ mod tests {
             program.params,
             [1.0, 2.0, 3.0, 4.0, 1.0, 2.0, 5.0, 6.0, 3.0, 4.0]
         );
-        let source = include_str!("../../cuda/packed.cu");
+        let source = include_str!("../../cuda/common.cuh");
         for (name, kind) in [
             ("OP_AFFINE", 0),
             ("OP_SCALE", 1),
@@ -295,7 +295,7 @@ mod tests {
         ] {
             assert!(
                 source.contains(&format!("#define {name} {kind} ")),
-                "{name} is not {kind} in packed.cu"
+                "{name} is not {kind} in common.cuh"
             );
         }
     }

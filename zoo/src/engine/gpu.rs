@@ -2,12 +2,13 @@
 //! [`Engine`], run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
 //!
 //! [`GpuEngine::new`] takes the flat program of the CPU engine's steps (`engine::program`:
-//! launches between numbered buffers, with the shapes of one image) and uploads each launch's
-//! weights for its kernel: sign and LAB packing, the binary convolutions on binary tensor
+//! launches between numbered buffers, with the shapes of one image, and the slots of memory the
+//! buffers share where their lives do not overlap) and uploads each launch's weights for its
+//! kernel: sign and LAB packing, the binary convolutions on binary tensor
 //! cores with their output transform (batch norm, scale, bias, ReLU / PReLU, residual) fused and
 //! emitting packed signs where the next layer reads only signs, binary max pooling on bits, and
 //! the float stem, transitions and head. A run at a
-//! batch size first lays out every buffer for that batch ([`Plan`]), then launches the
+//! batch size first lays out every slot for that batch ([`Plan`]), then launches the
 //! program; from the second run on, the program replays as one CUDA graph, without a launch
 //! per kernel (`ZOO_CUDA_GRAPH=0` launches kernel by kernel instead). Each binary convolution
 //! runs on binary tensor cores (compute capability 8.0) or with XOR + popcount on CUDA cores,
@@ -26,7 +27,7 @@ use zoo_kernels::packed::cuda::{
 use zoo_kernels::packed::gpu::EpilogueOp;
 
 use super::float::{ChannelOp, Epilogue};
-use super::program::{self, Value};
+use super::program::{self, Slots, Value};
 use super::{Engine, OpInfo, OpTime, ZooModel};
 use crate::spec::{ModelConfig, Spec};
 use crate::Error;
@@ -53,12 +54,15 @@ struct Program {
     input: Value,
     output: Value,
     dots: usize,
+    slots: Slots,
 }
 
 /// One launch of the program on the GPU: the op it belongs to (for profiles), the buffer it
 /// writes, and what it computes from which buffers.
 struct Launch {
     op: usize,
+    /// The buffers it reads.
+    inputs: Vec<usize>,
     out: usize,
     kind: Kind,
 }
@@ -135,6 +139,20 @@ enum Buffer {
 }
 
 impl Buffer {
+    /// Shapes the slot as `images` maps of `shape` (its memory holds at least as many).
+    fn shape(&mut self, images: usize, [height, width, channels]: [usize; 3]) {
+        match self {
+            Buffer::Floats(f) => {
+                (f.images, f.height, f.width, f.channels) = (images, height, width, channels);
+            }
+            Buffer::Bits(m) => {
+                (m.images, m.height, m.width, m.channels) = (images, height, width, channels);
+                m.words = 2 * channels.div_ceil(64);
+            }
+            Buffer::Lent => unreachable!("no launch holds a slot while another runs"),
+        }
+    }
+
     fn floats(&self) -> &GpuFloats {
         match self {
             Buffer::Floats(f) => f,
@@ -150,9 +168,11 @@ impl Buffer {
     }
 }
 
-/// Every buffer of a [`Program`] laid out for one batch size, and the program captured as a
-/// CUDA graph once it has run.
+/// The slots of a [`Program`]'s buffers laid out for one batch size, and the program captured
+/// as a CUDA graph once it has run.
 struct Plan {
+    batch: usize,
+    /// A buffer per slot.
     buffers: Vec<Buffer>,
     /// The NCHW images the run copies in.
     images: CudaSlice<f32>,
@@ -257,22 +277,10 @@ impl GpuEngine {
         format!("{name}, {path}{graph}")
     }
 
-    /// Bytes of GPU memory the buffers of a run at `batch` take.
+    /// Bytes of GPU memory the buffers of a run at `batch` take (floats and words of 4 bytes).
     pub fn buffer_bytes(&self, batch: usize) -> usize {
-        let per_image: usize = self
-            .program
-            .buffers
-            .iter()
-            .map(|v| {
-                let [h, w, c] = v.shape;
-                if v.bits {
-                    h * w * 2 * c.div_ceil(64) * 4
-                } else {
-                    h * w * c * 4
-                }
-            })
-            .sum();
-        batch * (per_image + self.dots_per_image() * 4)
+        let per_image: usize = self.program.slots.size.iter().sum();
+        4 * batch * (per_image + self.dots_per_image())
     }
 
     /// The scratch dots per image: the CUDA-core path's (the tensor cores' output transform
@@ -294,7 +302,8 @@ impl GpuEngine {
             plan.paths.fill(path);
             return Ok(());
         }
-        // Buffers that hold what a run writes, so each convolution times on real inputs.
+        // One run first, so that every slot is written (a convolution's time does not depend on
+        // what its slots hold).
         self.launch_all(plan, |_| Ok(()))?;
         for (i, launch) in self.program.launches.iter().enumerate() {
             if !matches!(launch.kind, Kind::BinaryConv { .. }) {
@@ -425,7 +434,7 @@ impl GpuEngine {
         launch(self, plan)?;
         plan.runs += 1;
         let out = &self.program.output;
-        let logits = match &plan.buffers[out.buf] {
+        let logits = match &plan.buffers[self.program.slots.slot[out.buf]] {
             Buffer::Floats(f) => self.gpu.download_floats(f),
             Buffer::Bits(b) => self
                 .gpu
@@ -436,19 +445,22 @@ impl GpuEngine {
         logits.map_err(gpu_error("copying the logits back"))
     }
 
-    /// The program's buffers for `batch` images.
+    /// The program's slots for `batch` images, each shaped as a launch uses it.
     fn plan(&self, batch: usize) -> candle_core::Result<Plan> {
-        let buffers = self
-            .program
-            .buffers
+        let slots = &self.program.slots;
+        let buffers = slots
+            .bits
             .iter()
-            .map(|v| match v.bits {
-                true => self.gpu.map(batch, v.shape).map(Buffer::Bits),
-                false => self.gpu.floats(batch, v.shape).map(Buffer::Floats),
+            .zip(&slots.size)
+            .map(|(&bits, &size)| match bits {
+                // A map of 2 words a pixel (64 channels) per 2 words.
+                true => self.gpu.map(batch, [size / 2, 1, 64]).map(Buffer::Bits),
+                false => self.gpu.floats(batch, [size, 1, 1]).map(Buffer::Floats),
             })
             .collect::<candle_core::Result<_>>()?;
         let [h, w, c] = self.program.input.shape;
         let mut plan = Plan {
+            batch,
             buffers,
             images: self.gpu.floats(batch, [c, h, w])?.data,
             dots: self.gpu.zeros(batch * self.dots_per_image())?,
@@ -473,13 +485,19 @@ impl GpuEngine {
         Ok(())
     }
 
-    /// Launch `i` of the program on `plan`'s buffers.
+    /// Launch `i` of the program on `plan`'s buffers, their slots shaped as it reads and
+    /// writes them.
     fn launch_one(&self, i: usize, plan: &mut Plan) -> candle_core::Result<()> {
         let launch = &self.program.launches[i];
+        let slots = &self.program.slots.slot;
+        for &b in launch.inputs.iter().chain([&launch.out]) {
+            plan.buffers[slots[b]].shape(plan.batch, self.program.buffers[b].shape);
+        }
         let path = plan.paths[i];
-        let mut out = std::mem::replace(&mut plan.buffers[launch.out], Buffer::Lent);
-        let result = self.launch(&launch.kind, plan, path, &mut out);
-        plan.buffers[launch.out] = out;
+        let out = slots[launch.out];
+        let mut written = std::mem::replace(&mut plan.buffers[out], Buffer::Lent);
+        let result = self.launch(&launch.kind, plan, path, &mut written);
+        plan.buffers[out] = written;
         result
     }
 
@@ -492,14 +510,15 @@ impl GpuEngine {
         out: &mut Buffer,
     ) -> candle_core::Result<()> {
         let gpu = &self.gpu;
-        let b = &plan.buffers;
-        let floats = |i: usize| b[i].floats();
+        let slots = &self.program.slots.slot;
+        let b = |i: usize| &plan.buffers[slots[i]];
+        let floats = |i: usize| b(i).floats();
         let residual = |r: &Option<usize>| r.map(floats);
         match (kind, out) {
             (Kind::Transpose, Buffer::Floats(out)) => gpu.nchw_to_nhwc_into(&plan.images, out),
             (Kind::PackSigns { x }, Buffer::Bits(out)) => gpu.pack_signs_into(floats(*x), out),
             (Kind::Lab { lab, x }, Buffer::Bits(out)) => lab.pack_into(gpu, floats(*x), out),
-            (Kind::Unpack { x }, Buffer::Floats(out)) => gpu.unpack_signs_into(b[*x].bits(), out),
+            (Kind::Unpack { x }, Buffer::Floats(out)) => gpu.unpack_signs_into(b(*x).bits(), out),
             (
                 Kind::BinaryConv {
                     conv,
@@ -519,7 +538,7 @@ impl GpuEngine {
                     values,
                     signs,
                 };
-                conv.run_into(gpu, b[*x].bits(), path, epilogue, io, &mut plan.dots)
+                conv.run_into(gpu, b(*x).bits(), path, epilogue, io, &mut plan.dots)
             }
             (
                 Kind::FloatConv {
@@ -548,7 +567,7 @@ impl GpuEngine {
                 Buffer::Floats(out),
             ) => epilogue.transform_into(gpu, floats(*x), residual(r), out),
             (Kind::MaxPoolBits { window, x }, Buffer::Bits(out)) => {
-                gpu.max_pool_into(b[*x].bits(), *window, out)
+                gpu.max_pool_into(b(*x).bits(), *window, out)
             }
             (
                 Kind::Pool {
@@ -700,6 +719,7 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
         };
         launches.push(Launch {
             op: launch.op,
+            inputs: launch.kind.inputs(),
             out,
             kind,
         });
@@ -710,6 +730,7 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
         input: program.input,
         output: program.output,
         dots: program.dots,
+        slots: program.slots,
     })
 }
 

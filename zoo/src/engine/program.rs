@@ -38,6 +38,86 @@ pub(super) struct Program<'s> {
     pub dots: usize,
     /// The engine's ops and, last, the input's transpose: what each launch is profiled under.
     pub ops: Vec<OpInfo>,
+    /// The memory each buffer lives in: buffers whose lives do not overlap share a slot (of
+    /// their kind, floats or packed signs).
+    pub slots: Slots,
+}
+
+/// Where a program's buffers live: `slot[buffer]`, and each slot's kind (`true` for packed
+/// signs) and size per image (floats or `u32` words).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Slots {
+    pub slot: Vec<usize>,
+    pub bits: Vec<bool>,
+    pub size: Vec<usize>,
+}
+
+impl Value {
+    /// Floats, or `u32` words, per image.
+    pub fn size(&self) -> usize {
+        let [h, w, c] = self.shape;
+        match self.bits {
+            true => h * w * 2 * c.div_ceil(64),
+            false => h * w * c,
+        }
+    }
+}
+
+impl Slots {
+    /// Slots for `buffers`: a launch's output takes a free slot of its kind (the smallest
+    /// that fits, else the largest, grown) when first written; a buffer's slot is free again
+    /// after the last launch that reads it, except `keep`'s.
+    fn assign(buffers: &[Value], launches: &[Launch], keep: usize) -> Slots {
+        let mut last = vec![0; buffers.len()];
+        for (i, launch) in launches.iter().enumerate() {
+            for b in launch
+                .kind
+                .inputs()
+                .into_iter()
+                .chain([launch.kind.output()])
+            {
+                last[b] = i;
+            }
+        }
+        last[keep] = usize::MAX;
+        let mut slots = Slots {
+            slot: vec![usize::MAX; buffers.len()],
+            bits: Vec::new(),
+            size: Vec::new(),
+        };
+        let mut free: Vec<usize> = Vec::new();
+        for (i, launch) in launches.iter().enumerate() {
+            let out = launch.kind.output();
+            if slots.slot[out] == usize::MAX {
+                let (bits, size) = (buffers[out].bits, buffers[out].size());
+                let fits = |&&s: &&usize| slots.bits[s] == bits && slots.size[s] >= size;
+                let of_kind = |&&s: &&usize| slots.bits[s] == bits;
+                let pick = free
+                    .iter()
+                    .filter(fits)
+                    .min_by_key(|&&s| slots.size[s])
+                    .or_else(|| free.iter().filter(of_kind).max_by_key(|&&s| slots.size[s]))
+                    .copied();
+                let s = match pick {
+                    Some(s) => {
+                        free.retain(|&f| f != s);
+                        slots.size[s] = slots.size[s].max(size);
+                        s
+                    }
+                    None => {
+                        slots.bits.push(bits);
+                        slots.size.push(size);
+                        slots.bits.len() - 1
+                    }
+                };
+                slots.slot[out] = s;
+            }
+            for (b, _) in last.iter().enumerate().filter(|&(_, &l)| l == i) {
+                free.push(slots.slot[b]);
+            }
+        }
+        slots
+    }
 }
 
 /// One launch: what it computes and the op it belongs to.
@@ -148,6 +228,28 @@ pub(super) enum Kind<'s> {
 }
 
 impl Kind<'_> {
+    /// The buffers the launch reads.
+    pub fn inputs(&self) -> Vec<usize> {
+        match *self {
+            Kind::Transpose { .. } => vec![],
+            Kind::PackSigns { x, .. }
+            | Kind::Lab { x, .. }
+            | Kind::Unpack { x, .. }
+            | Kind::MaxPoolBits { x, .. }
+            | Kind::Pool { x, .. }
+            | Kind::GlobalAvgPool { x, .. }
+            | Kind::Copy { x, .. }
+            | Kind::Concat { x, .. }
+            | Kind::Dense { x, .. } => vec![x],
+            Kind::BinaryConv { x, residual, .. }
+            | Kind::FloatConv { x, residual, .. }
+            | Kind::Depthwise { x, residual, .. }
+            | Kind::Transform { x, residual, .. } => {
+                [Some(x), residual].into_iter().flatten().collect()
+            }
+        }
+    }
+
     /// The buffer the launch writes.
     pub fn output(&self) -> usize {
         match *self {
@@ -188,6 +290,7 @@ impl<'s> Program<'s> {
         builder.push(transpose, Kind::Transpose { out: x.buf });
         let out = builder.sequence(steps, x, None);
         let output = builder.floats_of(steps.last().map_or(transpose, op_of), out);
+        let slots = Slots::assign(&builder.buffers, &builder.launches, output.buf);
         Program {
             buffers: builder.buffers,
             launches: builder.launches,
@@ -195,6 +298,7 @@ impl<'s> Program<'s> {
             output,
             dots: builder.dots,
             ops,
+            slots,
         }
     }
 }
@@ -541,20 +645,28 @@ mod tests {
         }
     }
 
-    /// The program run launch by launch with the CPU engine's kernels, image by image,
-    /// checking that every launch reads buffers already written and writes its declared one.
+    /// A slot of the program's memory: the buffer it holds now, and its maps.
+    type Slot = Option<(usize, Maps)>;
+
+    /// The program run launch by launch with the CPU engine's kernels, image by image, in its
+    /// slots, checking that every launch reads buffers written before it and not overwritten
+    /// since (by a buffer sharing the slot), and writes its declared buffer into a slot of its
+    /// kind and size.
     fn interpret(program: &Program, images: &[f32], batch: usize) -> Vec<f32> {
-        let mut buffers: Vec<Option<Maps>> = vec![None; program.buffers.len()];
-        let read = |buffers: &[Option<Maps>], i: usize| -> Maps {
-            buffers[i]
-                .clone()
-                .expect("a launch reads a buffer written before it")
+        let slots = &program.slots;
+        let mut buffers: Vec<Slot> = vec![None; slots.bits.len()];
+        let read = |buffers: &[Slot], i: usize| -> Maps {
+            match &buffers[slots.slot[i]] {
+                Some((held, maps)) if *held == i => maps.clone(),
+                Some((held, _)) => panic!("buffer {i} was overwritten by buffer {held}"),
+                None => panic!("buffer {i} is read before it is written"),
+            }
         };
         for launch in &program.launches {
             let out = launch.kind.output();
             let declared = program.buffers[out];
-            let floats = |buffers: &[Option<Maps>], i| read(buffers, i).floats().to_vec();
-            let residual = |buffers: &[Option<Maps>], r: Option<usize>, n: usize| {
+            let floats = |buffers: &[Slot], i| read(buffers, i).floats().to_vec();
+            let residual = |buffers: &[Slot], r: Option<usize>, n: usize| {
                 r.map(|r| floats(buffers, r)[n].data.clone())
             };
             let result = match &launch.kind {
@@ -725,9 +837,9 @@ mod tests {
                 ),
                 Kind::Concat { x, offset, .. } => {
                     let [h, w, c] = declared.shape;
-                    let mut outs = match &buffers[out] {
-                        Some(maps) => maps.floats().to_vec(),
-                        None => vec![FloatMap::zeros(h, w, c); batch],
+                    let mut outs = match &buffers[slots.slot[out]] {
+                        Some((held, maps)) if *held == out => maps.floats().to_vec(),
+                        _ => vec![FloatMap::zeros(h, w, c); batch],
                     };
                     for (o, part) in outs.iter_mut().zip(floats(&buffers, *x)) {
                         for p in 0..h * w {
@@ -766,7 +878,12 @@ mod tests {
                 "launch {:?} writes its buffer's shape",
                 launch.op
             );
-            buffers[out] = Some(result);
+            let slot = slots.slot[out];
+            assert!(
+                slots.bits[slot] == declared.bits && slots.size[slot] >= declared.size(),
+                "buffer {out} fits its slot"
+            );
+            buffers[slot] = Some((out, result));
         }
         let logits = read(&buffers, program.output.buf);
         logits
@@ -819,6 +936,10 @@ mod tests {
             );
             let got = interpret(&program, &images, 2);
             assert_eq!(got, expected, "{}", entry.name);
+            // Sharing slots saves memory: at most half the buffers' floats and words.
+            let all: usize = program.buffers.iter().map(Value::size).sum();
+            let kept: usize = program.slots.size.iter().sum();
+            assert!(2 * kept <= all, "{}: slots of {kept} for {all}", entry.name);
         }
     }
 }
