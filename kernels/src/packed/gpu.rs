@@ -116,8 +116,8 @@ pub fn batch_words(maps: &[PackedMap]) -> Vec<u32> {
     maps.iter().flat_map(|m| map_words(&m.data)).collect()
 }
 
-/// One per-channel transform of a layer's output, as the GPU kernels apply it (`channel_ops`) (the engine's
-/// channel ops): parameters per output channel.
+/// One per-channel transform of a layer's output (the engine's channel ops), as the GPU
+/// kernels apply it (`channel_ops` of `common.cuh`): parameters per output channel.
 #[derive(Clone, Copy, Debug)]
 pub enum EpilogueOp<'a> {
     /// `v * mul[c] + add[c]`, the product rounded before the sum.
