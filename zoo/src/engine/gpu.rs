@@ -453,7 +453,7 @@ impl GpuEngine {
             .iter()
             .zip(&slots.size)
             .map(|(&bits, &size)| match bits {
-                // A map of 2 words a pixel (64 channels) per 2 words.
+                // `size` words an image: `size / 2` pixels of 64 channels, 2 words each.
                 true => self.gpu.map(batch, [size / 2, 1, 64]).map(Buffer::Bits),
                 false => self.gpu.floats(batch, [size, 1, 1]).map(Buffer::Floats),
             })
