@@ -665,6 +665,16 @@ mod tests {
         for launch in &program.launches {
             let out = launch.kind.output();
             let declared = program.buffers[out];
+            // The GPU lends a launch its output slot while it reads the others.
+            assert!(
+                launch
+                    .kind
+                    .inputs()
+                    .iter()
+                    .all(|&b| slots.slot[b] != slots.slot[out]),
+                "launch {} writes a slot it reads",
+                launch.op
+            );
             let floats = |buffers: &[Slot], i| read(buffers, i).floats().to_vec();
             let residual = |buffers: &[Slot], r: Option<usize>, n: usize| {
                 r.map(|r| floats(buffers, r)[n].data.clone())
