@@ -52,8 +52,9 @@ fn compare(ours: &[f32], reference: &[f32]) -> (f32, usize) {
     (diff / scale, same)
 }
 
-/// Runs `model` on the CPU engine and on the GPU (both paths where the GPU has tensor cores,
-/// batch 1 three times, batch 3 once) and checks the logits.
+/// Runs `model` on the CPU engine and on the GPU (binary convolutions on CUDA cores, on tensor
+/// cores where the GPU has them, and each on its faster; batch 3 once, batch 1 three times, the
+/// last two as graph replays) and checks the logits.
 fn check(model: &ZooModel, what: &str, seed: u64) {
     let cpu = Engine::new(model, 2).unwrap();
     let mut gpu = GpuEngine::new(model, 0).unwrap();
