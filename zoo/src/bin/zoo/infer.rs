@@ -104,9 +104,13 @@ pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::E
         ),
         false => report.model.clone(),
     };
+    let on = match zoo::device::gpu_ordinal(device)? {
+        Some(_) => format!("on {}", report.kernel),
+        None => format!("{} thread(s), {} kernel", report.threads, report.kernel),
+    };
     println!(
-        "{what} at {}, {} thread(s), {} kernel: batch 1 {}",
-        report.input, report.threads, report.kernel, report.latency_ms
+        "{what} at {}, {on}: batch 1 {}",
+        report.input, report.latency_ms
     );
     if floor {
         let rate = report.binary_macs as f64 / (report.latency_ms.median / 1e3);
