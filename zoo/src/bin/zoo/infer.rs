@@ -69,8 +69,9 @@ pub struct PredictArgs {
 /// Times the engine on `device`.
 pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
     let model = model_for(&args.model, args.input, args.classes)?;
+    let gpu = zoo::device::gpu_ordinal(device)?;
     let report = if args.floor {
-        if zoo::device::gpu_ordinal(device)?.is_some() {
+        if gpu.is_some() {
             return Err(zoo::Error::Train(
                 "--floor times the CPU kernels' arithmetic floor; drop --device".into(),
             ));
@@ -104,7 +105,7 @@ pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::E
         ),
         false => report.model.clone(),
     };
-    let on = match zoo::device::gpu_ordinal(device)? {
+    let on = match gpu {
         Some(_) => format!("on {}", report.kernel),
         None => format!("{} thread(s), {} kernel", report.threads, report.kernel),
     };
@@ -135,9 +136,9 @@ pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::E
     if let Some(ops) = &report.profile {
         print!("{}", zoo::engine::bench::render_profile(ops));
         let prefix = args.profile_out.unwrap_or_else(|| {
-            let on = match zoo::device::gpu_ordinal(device) {
-                Ok(Some(gpu)) => format!("cuda{gpu}"),
-                _ => format!("{}t", report.threads),
+            let on = match gpu {
+                Some(gpu) => format!("cuda{gpu}"),
+                None => format!("{}t", report.threads),
             };
             PathBuf::from("runs/profiles").join(format!("{}-{}-{on}", report.model, report.input))
         });
