@@ -341,14 +341,69 @@ impl Gpu {
     }
 }
 
+/// The weights of a window op with an output transform (a convolution or a depthwise one) on
+/// the GPU, and the launch both share: `kernel(WindowShape, param, const float* x, const float*
+/// weight, int ops, const int* kinds, const int* offsets, const float* params, const float*
+/// residual, float* out)`.
+struct WindowWeights {
+    weight: CudaSlice<f32>,
+    window: Window,
+    out_channels: usize,
+}
+
+impl WindowWeights {
+    /// The output's `[height, width, channels]` for an input of `height x width`.
+    fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
+        let (oh, ow) = self.window.output(height, width)?;
+        Ok([oh, ow, self.out_channels])
+    }
+
+    /// `kernel` (named `op` in errors) with its `param` on `x`, `epilogue` applied and
+    /// `residual` added, into `out`.
+    fn run_into<P: DeviceRepr>(
+        &self,
+        gpu: &Gpu,
+        (kernel, op, param): (&str, &str, P),
+        x: &GpuFloats,
+        epilogue: &GpuEpilogue,
+        residual: Option<&GpuFloats>,
+        out: &mut GpuFloats,
+    ) -> Result<()> {
+        let (shape, dims) = WindowShape::new(x, self.window, self.out_channels)?;
+        check_floats(op, out, x.images, dims)?;
+        if let Some(r) = residual {
+            check_floats(&format!("{op}'s residual"), r, x.images, dims)?;
+        }
+        let total = out.len();
+        if total == 0 {
+            return Ok(());
+        }
+        let null = 0u64;
+        let func = gpu.float_kernel(kernel)?;
+        let mut launch = gpu.stream.launch_builder(&func);
+        launch
+            .arg(&shape)
+            .arg(&param)
+            .arg(&x.data)
+            .arg(&self.weight);
+        epilogue.push_program(&mut launch, op, self.out_channels)?;
+        push_or_null(&mut launch, residual.map(|r| &r.data), &null);
+        launch.arg(&mut out.data);
+        // SAFETY: `float_conv(WindowShape, float pad_value, ...)` and `depthwise_conv(
+        // WindowShape, int multiplier, ...)` take the arguments above in this order (`P` is the
+        // param's type, as the callers pass it); the weights are the shape's kernel, the maps
+        // its input and output (checked above), a null residual is not read.
+        unsafe { launch.launch(elementwise(total)) }.w()?;
+        Ok(())
+    }
+}
+
 /// A full-precision convolution on the GPU: weights `[kh][kw][in][out]`, taps in the padding
 /// reading `pad_value`.
 pub struct GpuFloatConv {
-    weight: CudaSlice<f32>,
-    window: Window,
+    weights: WindowWeights,
     pad_value: f32,
     in_channels: usize,
-    out_channels: usize,
 }
 
 impl GpuFloatConv {
@@ -368,18 +423,19 @@ impl GpuFloatConv {
             );
         }
         Ok(GpuFloatConv {
-            weight: gpu.upload(weight)?,
-            window,
+            weights: WindowWeights {
+                weight: gpu.upload(weight)?,
+                window,
+                out_channels,
+            },
             pad_value,
             in_channels,
-            out_channels,
         })
     }
 
     /// The output's `[height, width, channels]` for an input of `height x width`.
     pub fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        let (oh, ow) = self.window.output(height, width)?;
-        Ok([oh, ow, self.out_channels])
+        self.weights.output(height, width)
     }
 
     /// The convolution of `x`, `epilogue` applied and `residual` added, into `out`.
@@ -398,42 +454,17 @@ impl GpuFloatConv {
                 self.in_channels
             );
         }
-        let (shape, dims) = WindowShape::new(x, self.window, self.out_channels)?;
-        check_floats("convolution", out, x.images, dims)?;
-        if let Some(r) = residual {
-            check_floats("convolution's residual", r, x.images, dims)?;
-        }
-        let total = out.len();
-        if total == 0 {
-            return Ok(());
-        }
-        let null = 0u64;
-        let func = gpu.float_kernel("float_conv")?;
-        let mut launch = gpu.stream.launch_builder(&func);
-        launch
-            .arg(&shape)
-            .arg(&self.pad_value)
-            .arg(&x.data)
-            .arg(&self.weight);
-        epilogue.push_program(&mut launch, "convolution", self.out_channels)?;
-        push_or_null(&mut launch, residual.map(|r| &r.data), &null);
-        launch.arg(&mut out.data);
-        // SAFETY: `float_conv(WindowShape, float pad_value, const float* x, const float* weight,
-        // int ops, const int* kinds, const int* offsets, const float* params, const float*
-        // residual, float* out)`; the weights are the shape's kernel, the maps its input and
-        // output (checked above), a null residual is not read.
-        unsafe { launch.launch(elementwise(total)) }.w()?;
-        Ok(())
+        let kernel = ("float_conv", "convolution", self.pad_value);
+        self.weights
+            .run_into(gpu, kernel, x, epilogue, residual, out)
     }
 }
 
 /// A depthwise convolution on the GPU with zero padding: weights `[kh][kw][channels *
 /// multiplier]`, output channel `k * multiplier + q` reading input channel `k`.
 pub struct GpuDepthwise {
-    weight: CudaSlice<f32>,
-    window: Window,
+    weights: WindowWeights,
     multiplier: usize,
-    out_channels: usize,
 }
 
 impl GpuDepthwise {
@@ -454,17 +485,18 @@ impl GpuDepthwise {
             );
         }
         Ok(GpuDepthwise {
-            weight: gpu.upload(weight)?,
-            window,
+            weights: WindowWeights {
+                weight: gpu.upload(weight)?,
+                window,
+                out_channels,
+            },
             multiplier,
-            out_channels,
         })
     }
 
     /// The output's `[height, width, channels]` for an input of `height x width`.
     pub fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        let (oh, ow) = self.window.output(height, width)?;
-        Ok([oh, ow, self.out_channels])
+        self.weights.output(height, width)
     }
 
     /// The convolution of `x`, `epilogue` applied and `residual` added, into `out`.
@@ -476,39 +508,22 @@ impl GpuDepthwise {
         residual: Option<&GpuFloats>,
         out: &mut GpuFloats,
     ) -> Result<()> {
-        if x.channels * self.multiplier != self.out_channels {
+        let out_channels = self.weights.out_channels;
+        if x.channels * self.multiplier != out_channels {
             bail!(
-                "depthwise convolution: {} input channels for {} outputs at multiplier {}",
+                "depthwise convolution: {} input channels for {out_channels} outputs at \
+                 multiplier {}",
                 x.channels,
-                self.out_channels,
                 self.multiplier
             );
         }
-        let (shape, dims) = WindowShape::new(x, self.window, self.out_channels)?;
-        check_floats("depthwise convolution", out, x.images, dims)?;
-        if let Some(r) = residual {
-            check_floats("depthwise convolution's residual", r, x.images, dims)?;
-        }
-        let total = out.len();
-        if total == 0 {
-            return Ok(());
-        }
-        let (null, multiplier) = (0u64, self.multiplier as i32);
-        let func = gpu.float_kernel("depthwise_conv")?;
-        let mut launch = gpu.stream.launch_builder(&func);
-        launch
-            .arg(&shape)
-            .arg(&multiplier)
-            .arg(&x.data)
-            .arg(&self.weight);
-        epilogue.push_program(&mut launch, "depthwise convolution", self.out_channels)?;
-        push_or_null(&mut launch, residual.map(|r| &r.data), &null);
-        launch.arg(&mut out.data);
-        // SAFETY: `depthwise_conv(WindowShape, int multiplier, const float* x, const float*
-        // weight, int ops, const int* kinds, const int* offsets, const float* params, const
-        // float* residual, float* out)`: as for `float_conv`.
-        unsafe { launch.launch(elementwise(total)) }.w()?;
-        Ok(())
+        let kernel = (
+            "depthwise_conv",
+            "depthwise convolution",
+            self.multiplier as i32,
+        );
+        self.weights
+            .run_into(gpu, kernel, x, epilogue, residual, out)
     }
 }
 
