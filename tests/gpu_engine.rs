@@ -15,7 +15,7 @@
 use rand::{Rng, SeedableRng};
 use zoo::engine::float::{self, ChannelOp, Epilogue, FloatMap, PackedWeights, Window};
 use zoo::engine::gpu::GpuEngine;
-use zoo::engine::{Engine, ZooModel};
+use zoo::engine::{Engine, Runner, ZooModel};
 use zoo::spec::{InputShape, ModelConfig};
 use zoo_kernels::packed::cuda::float::{GpuDense, GpuDepthwise, GpuFloatConv, PoolMode};
 use zoo_kernels::packed::cuda::{self, ConvPath, Gpu, GpuEpilogue, GpuFloats};

@@ -255,28 +255,6 @@ impl GpuEngine {
         self
     }
 
-    /// The spec the model was exported from.
-    pub fn spec(&self) -> &Spec {
-        &self.spec
-    }
-
-    /// The input shape and class count.
-    pub fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    /// What runs the binary convolutions: the GPU's name and the path.
-    pub fn kernel(&self) -> String {
-        let name = self.gpu.name().unwrap_or_else(|_| "GPU".into());
-        let path = match (self.path, self.gpu.conv_path()) {
-            (Some(ConvPath::Popcount), _) | (None, ConvPath::Popcount) => "CUDA-core popcount",
-            (Some(ConvPath::TensorCores), _) => "binary tensor cores",
-            (None, ConvPath::TensorCores) => "binary tensor cores or CUDA cores per layer",
-        };
-        let graph = if self.graphs { ", CUDA graph" } else { "" };
-        format!("{name}, {path}{graph}")
-    }
-
     /// Bytes of GPU memory the buffers of a run at `batch` take (floats and words of 4 bytes).
     pub fn buffer_bytes(&self, batch: usize) -> usize {
         let per_image: usize = self.program.slots.size.iter().sum();
@@ -328,78 +306,6 @@ impl GpuEngine {
             };
         }
         Ok(())
-    }
-
-    /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
-    /// [`Engine::run`].
-    pub fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
-        self.with_plan(images, batch, |engine, plan| {
-            if plan.graph.is_none() && engine.graphs && plan.runs > 0 {
-                let graph = engine.gpu.capture(|| engine.launch_all(plan, |_| Ok(())));
-                let graph = graph.map_err(gpu_error("capturing the model's graph"))?;
-                plan.graph = Some(Graph(graph));
-            }
-            match &plan.graph {
-                Some(Graph(graph)) => graph
-                    .launch()
-                    .map_err(|e| Error::Train(format!("replaying the model's graph: {e:?}"))),
-                None => engine
-                    .launch_all(plan, |_| Ok(()))
-                    .map_err(gpu_error("running the model")),
-            }
-        })
-    }
-
-    /// Runs one image `runs` times (after one warm-up), kernel by kernel, and reports the
-    /// median time per layer from CUDA events.
-    pub fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
-        let mut times = vec![Vec::new(); self.ops.len()];
-        let mut marks = Vec::new();
-        for run in 0..=runs.max(1) {
-            marks.clear();
-            let mut end = None;
-            self.with_plan(image, 1, |engine, plan| {
-                let mut launches = || {
-                    engine.launch_all(plan, |op| {
-                        marks.push((op, engine.gpu.mark()?));
-                        Ok(())
-                    })?;
-                    end = Some(engine.gpu.mark()?);
-                    Ok(())
-                };
-                launches().map_err(gpu_error("profiling the model"))
-            })?;
-            let end = end.expect("marked after the launches");
-            if run == 0 {
-                continue;
-            }
-            // An op's launches (a packing and its convolution, say) summed.
-            let mut run_ms: Vec<Option<f64>> = vec![None; self.ops.len()];
-            for (i, (op, start)) in marks.iter().enumerate() {
-                let stop = marks.get(i + 1).map_or(&end, |(_, e)| e);
-                let ms = start
-                    .elapsed_ms(stop)
-                    .map_err(|e| Error::Train(format!("profiling the model: {e:?}")))?;
-                *run_ms[*op].get_or_insert(0.0) += ms as f64;
-            }
-            for (times, ms) in times.iter_mut().zip(run_ms) {
-                times.extend(ms);
-            }
-        }
-        // The binary convolutions the batch-1 plan runs on CUDA cores, said in their kind.
-        let mut ops = self.ops.clone();
-        let plans = self.plans.lock().expect("no panics while running");
-        let paths = &plans.get(&1).expect("profiled at batch 1").paths;
-        for (launch, path) in self.program.launches.iter().zip(paths) {
-            let op = &mut ops[launch.op];
-            if matches!(launch.kind, Kind::BinaryConv { .. }) && *path == ConvPath::Popcount {
-                op.kind = match op.kind {
-                    "lab+binary_conv" => "lab+binary_conv (CUDA cores)",
-                    _ => "binary_conv (CUDA cores)",
-                };
-            }
-        }
-        Ok(super::op_times(&ops, times))
     }
 
     /// Copies `images` in, runs `launch` on the plan of their batch size, and copies the logits
@@ -744,22 +650,101 @@ fn window_of(w: &super::float::Window) -> Window {
 }
 
 impl super::Runner for GpuEngine {
+    /// The spec the model was exported from.
     fn spec(&self) -> &Spec {
-        GpuEngine::spec(self)
+        &self.spec
     }
+
+    /// The input shape and class count.
     fn config(&self) -> &ModelConfig {
-        GpuEngine::config(self)
+        &self.config
     }
+
+    /// What runs the binary convolutions: the GPU's name and the path.
+    fn kernel(&self) -> String {
+        let name = self.gpu.name().unwrap_or_else(|_| "GPU".into());
+        let path = match (self.path, self.gpu.conv_path()) {
+            (Some(ConvPath::Popcount), _) | (None, ConvPath::Popcount) => "CUDA-core popcount",
+            (Some(ConvPath::TensorCores), _) => "binary tensor cores",
+            (None, ConvPath::TensorCores) => "binary tensor cores or CUDA cores per layer",
+        };
+        let graph = if self.graphs { ", CUDA graph" } else { "" };
+        format!("{name}, {path}{graph}")
+    }
+
+    /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
+    /// [`Engine::run`].
     fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
-        GpuEngine::run(self, images, batch)
+        self.with_plan(images, batch, |engine, plan| {
+            if plan.graph.is_none() && engine.graphs && plan.runs > 0 {
+                let graph = engine.gpu.capture(|| engine.launch_all(plan, |_| Ok(())));
+                let graph = graph.map_err(gpu_error("capturing the model's graph"))?;
+                plan.graph = Some(Graph(graph));
+            }
+            match &plan.graph {
+                Some(Graph(graph)) => graph
+                    .launch()
+                    .map_err(|e| Error::Train(format!("replaying the model's graph: {e:?}"))),
+                None => engine
+                    .launch_all(plan, |_| Ok(()))
+                    .map_err(gpu_error("running the model")),
+            }
+        })
     }
+
+    /// Runs one image `runs` times (after one warm-up), kernel by kernel, and reports the
+    /// median time per layer from CUDA events.
     fn profile(&self, image: &[f32], runs: usize) -> Result<Vec<OpTime>, Error> {
-        GpuEngine::profile(self, image, runs)
+        let mut times = vec![Vec::new(); self.ops.len()];
+        let mut marks = Vec::new();
+        for run in 0..=runs.max(1) {
+            marks.clear();
+            let mut end = None;
+            self.with_plan(image, 1, |engine, plan| {
+                let mut launches = || {
+                    engine.launch_all(plan, |op| {
+                        marks.push((op, engine.gpu.mark()?));
+                        Ok(())
+                    })?;
+                    end = Some(engine.gpu.mark()?);
+                    Ok(())
+                };
+                launches().map_err(gpu_error("profiling the model"))
+            })?;
+            let end = end.expect("marked after the launches");
+            if run == 0 {
+                continue;
+            }
+            // An op's launches (a packing and its convolution, say) summed.
+            let mut run_ms: Vec<Option<f64>> = vec![None; self.ops.len()];
+            for (i, (op, start)) in marks.iter().enumerate() {
+                let stop = marks.get(i + 1).map_or(&end, |(_, e)| e);
+                let ms = start
+                    .elapsed_ms(stop)
+                    .map_err(|e| Error::Train(format!("profiling the model: {e:?}")))?;
+                *run_ms[*op].get_or_insert(0.0) += ms as f64;
+            }
+            for (times, ms) in times.iter_mut().zip(run_ms) {
+                times.extend(ms);
+            }
+        }
+        // The binary convolutions the batch-1 plan runs on CUDA cores, said in their kind.
+        let mut ops = self.ops.clone();
+        let plans = self.plans.lock().expect("no panics while running");
+        let paths = &plans.get(&1).expect("profiled at batch 1").paths;
+        for (launch, path) in self.program.launches.iter().zip(paths) {
+            let op = &mut ops[launch.op];
+            if matches!(launch.kind, Kind::BinaryConv { .. }) && *path == ConvPath::Popcount {
+                op.kind = match op.kind {
+                    "lab+binary_conv" => "lab+binary_conv (CUDA cores)",
+                    _ => "binary_conv (CUDA cores)",
+                };
+            }
+        }
+        Ok(super::op_times(&ops, times))
     }
+
     fn threads(&self) -> usize {
         1
-    }
-    fn kernel(&self) -> String {
-        GpuEngine::kernel(self)
     }
 }
