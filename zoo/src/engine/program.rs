@@ -676,9 +676,27 @@ mod tests {
                 launch.op
             );
             let floats = |buffers: &[Slot], i| read(buffers, i).floats().to_vec();
-            let residual = |buffers: &[Slot], r: Option<usize>, n: usize| {
-                r.map(|r| floats(buffers, r)[n].data.clone())
+            // Each image's residual values (none without a residual).
+            let residuals = |r: Option<usize>| -> Vec<Option<Vec<f32>>> {
+                match r {
+                    Some(r) => floats(&buffers, r)
+                        .into_iter()
+                        .map(|m| Some(m.data))
+                        .collect(),
+                    None => vec![None; batch],
+                }
             };
+            // `f` on each image of the float buffer `x` with its residual.
+            let each =
+                |x: usize, r: Option<usize>, f: &dyn Fn(&FloatMap, Option<&[f32]>) -> FloatMap| {
+                    let rs = residuals(r);
+                    let out = floats(&buffers, x)
+                        .iter()
+                        .zip(&rs)
+                        .map(|(m, r)| f(m, r.as_deref()))
+                        .collect();
+                    Maps::Floats(out)
+                };
             let result = match &launch.kind {
                 Kind::Transpose { .. } => {
                     let [h, w, c] = declared.shape;
@@ -739,9 +757,8 @@ mod tests {
                     let outs: Vec<_> = read(&buffers, *x)
                         .bits()
                         .iter()
-                        .enumerate()
-                        .map(|(n, map)| {
-                            let r = residual(&buffers, *r, n);
+                        .zip(residuals(*r))
+                        .map(|(map, r)| {
                             let input = ConvInput::Packed(map);
                             binary_conv(input, &conv, epilogue, declared.bits, r.as_deref())
                         })
@@ -759,16 +776,9 @@ mod tests {
                     x,
                     residual: r,
                     ..
-                } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .iter()
-                        .enumerate()
-                        .map(|(n, m)| {
-                            let r = residual(&buffers, *r, n);
-                            float::conv(m, weight, *window, *pad_value, epilogue, r.as_deref())
-                        })
-                        .collect(),
-                ),
+                } => each(*x, *r, &|m, r| {
+                    float::conv(m, weight, *window, *pad_value, epilogue, r)
+                }),
                 Kind::Depthwise {
                     weight,
                     multiplier,
@@ -777,39 +787,19 @@ mod tests {
                     x,
                     residual: r,
                     ..
-                } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .iter()
-                        .enumerate()
-                        .map(|(n, m)| {
-                            let r = residual(&buffers, *r, n);
-                            float::depthwise(
-                                m,
-                                weight,
-                                *multiplier,
-                                *window,
-                                epilogue,
-                                r.as_deref(),
-                            )
-                        })
-                        .collect(),
-                ),
+                } => each(*x, *r, &|m, r| {
+                    float::depthwise(m, weight, *multiplier, *window, epilogue, r)
+                }),
                 Kind::Transform {
                     epilogue,
                     x,
                     residual: r,
                     ..
-                } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .into_iter()
-                        .enumerate()
-                        .map(|(n, mut m)| {
-                            let r = residual(&buffers, *r, n);
-                            epilogue.apply_map(&mut m.data, m.channels, r.as_deref());
-                            m
-                        })
-                        .collect(),
-                ),
+                } => each(*x, *r, &|m, r| {
+                    let mut m = m.clone();
+                    epilogue.apply_map(&mut m.data, m.channels, r);
+                    m
+                }),
                 Kind::MaxPoolBits { window, x, .. } => Maps::Bits(
                     read(&buffers, *x)
                         .bits()
@@ -819,21 +809,11 @@ mod tests {
                 ),
                 Kind::Pool {
                     window, mode, x, ..
-                } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .iter()
-                        .map(|m| match mode {
-                            PoolMode::Average => float::avg_pool(m, *window),
-                            _ => float::max_pool(m, *window, *mode == PoolMode::MaxOfRelu),
-                        })
-                        .collect(),
-                ),
-                Kind::GlobalAvgPool { x, .. } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .iter()
-                        .map(float::global_avg_pool)
-                        .collect(),
-                ),
+                } => each(*x, None, &|m, _| match mode {
+                    PoolMode::Average => float::avg_pool(m, *window),
+                    _ => float::max_pool(m, *window, *mode == PoolMode::MaxOfRelu),
+                }),
+                Kind::GlobalAvgPool { x, .. } => each(*x, None, &|m, _| float::global_avg_pool(m)),
                 Kind::Copy { x, .. } => Maps::Floats(
                     floats(&buffers, *x)
                         .into_iter()
@@ -864,12 +844,7 @@ mod tests {
                     epilogue,
                     x,
                     ..
-                } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .iter()
-                        .map(|m| float::dense(m, weight, epilogue))
-                        .collect(),
-                ),
+                } => each(*x, None, &|m, _| float::dense(m, weight, epilogue)),
             };
             let shapes_ok = match &result {
                 Maps::Floats(f) => {
