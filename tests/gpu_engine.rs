@@ -18,7 +18,7 @@ use zoo::engine::gpu::GpuEngine;
 use zoo::engine::{Engine, Runner, ZooModel};
 use zoo::spec::{InputShape, ModelConfig};
 use zoo_kernels::packed::cuda::float::{GpuDense, GpuDepthwise, GpuFloatConv, PoolMode};
-use zoo_kernels::packed::cuda::{self, ConvPath, Gpu, GpuEpilogue, GpuFloats};
+use zoo_kernels::packed::cuda::{ConvPath, Gpu, GpuEpilogue, GpuFloats};
 use zoo_kernels::packed::gpu::EpilogueOp;
 
 /// The first GPU, or `None` after printing why there is none.
@@ -191,14 +191,6 @@ fn upload(gpu: &Gpu, maps: &[FloatMap]) -> GpuFloats {
         .unwrap()
 }
 
-fn gpu_window(w: Window) -> cuda::Window {
-    cuda::Window {
-        kernel: w.kernel,
-        stride: w.stride,
-        pads: w.pads,
-    }
-}
-
 /// An epilogue (batch norm, then PReLU) on both sides.
 fn epilogues(gpu: &Gpu, rng: &mut rand::rngs::StdRng, c: usize) -> (Epilogue, GpuEpilogue) {
     let (mul, add, alpha) = (
@@ -269,7 +261,7 @@ fn full_precision_layers_match_the_cpu() {
                 float::conv(x, &packed, window, 0.0, &cpu_epilogue, Some(&r.data))
             })
             .collect();
-        let conv = GpuFloatConv::new(&gpu, &weight, gpu_window(window), 0.0, [c, o]).unwrap();
+        let conv = GpuFloatConv::new(&gpu, &weight, window, 0.0, [c, o]).unwrap();
         let mut out = gpu.floats(images, [oh, ow, o]).unwrap();
         let r = upload(&gpu, &residual);
         conv.run_into(&gpu, &x, &gpu_epilogue, Some(&r), &mut out)
@@ -285,7 +277,7 @@ fn full_precision_layers_match_the_cpu() {
                 .iter()
                 .map(|x| float::depthwise(x, &weight, multiplier, window, &cpu_epilogue, None))
                 .collect();
-            let dw = GpuDepthwise::new(&gpu, &weight, gpu_window(window), multiplier, co).unwrap();
+            let dw = GpuDepthwise::new(&gpu, &weight, window, multiplier, co).unwrap();
             let mut out = gpu.floats(images, [oh, ow, co]).unwrap();
             dw.run_into(&gpu, &x, &gpu_epilogue, None, &mut out)
                 .unwrap();
@@ -307,15 +299,14 @@ fn full_precision_layers_match_the_cpu() {
                 })
                 .collect();
             let mut out = gpu.floats(images, [oh, ow, c]).unwrap();
-            gpu.pool_into(&x, gpu_window(window), mode, &mut out)
-                .unwrap();
+            gpu.pool_into(&x, window, mode, &mut out).unwrap();
             assert_close(&gpu, &out, &expected, &format!("{mode:?} pool {case}"));
         }
 
         // The blur, the global average and the dense head.
         let (blur_weight, blur_window) = float::blur_kernel(h, w, c, 2);
         let (bh, bw) = blur_window.output(h, w);
-        let blur = GpuDepthwise::new(&gpu, &blur_weight, gpu_window(blur_window), 1, c).unwrap();
+        let blur = GpuDepthwise::new(&gpu, &blur_weight, blur_window, 1, c).unwrap();
         let mut out = gpu.floats(images, [bh, bw, c]).unwrap();
         let identity = GpuEpilogue::new(&gpu, c, &[]).unwrap();
         blur.run_into(&gpu, &x, &identity, None, &mut out).unwrap();

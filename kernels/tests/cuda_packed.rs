@@ -8,13 +8,11 @@
 //! `kernels/cuda/build.sh test --release --features cuda -p zoo-kernels --test cuda_packed`.
 #![cfg(feature = "cuda")]
 
-use zoo_kernels::packed::cuda::{
-    ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuLab, Window,
-};
+use zoo_kernels::packed::cuda::{ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuLab};
 use zoo_kernels::packed::gpu::EpilogueOp;
 use zoo_kernels::packed::{
     binary_conv, lab_pack, max_pool, ConvGeometry, LabKernel, PackedConvWeights, PackedMap,
-    PadValue,
+    PadValue, Window,
 };
 
 /// The first GPU, or `None` after printing why there is none.
@@ -386,16 +384,13 @@ fn max_pooling_on_bits_matches_the_cpu() {
         (1, 2, 2, 65, [2, 2], [1, 1], [3, 0, 3, 0]),
     ] {
         let (_, cpu_maps) = maps(&mut rng, images, [h, w, c]);
-        let expected: Vec<PackedMap> = cpu_maps
-            .iter()
-            .map(|m| max_pool(m, size, stride, pads))
-            .collect();
-        let input = gpu.upload_maps(&cpu_maps).unwrap();
         let window = Window {
             kernel: size,
             stride,
             pads,
         };
+        let expected: Vec<PackedMap> = cpu_maps.iter().map(|m| max_pool(m, window)).collect();
+        let input = gpu.upload_maps(&cpu_maps).unwrap();
         let pooled = gpu.max_pool(&input, window).unwrap();
         assert_eq!(
             gpu.download_maps(&pooled).unwrap(),

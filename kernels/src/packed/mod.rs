@@ -37,6 +37,7 @@ mod lab;
 mod pool;
 #[cfg(test)]
 mod tests;
+mod window;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -45,6 +46,7 @@ pub use conv::{binary_conv, BinaryConv, ConvInput};
 use lab::lab_pack_with;
 pub use lab::{lab_pack, LabKernel};
 pub use pool::max_pool;
+pub use window::Window;
 
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -337,23 +339,15 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
-    /// The output height and width for an input of `height x width` and a `kernel`:
-    /// `floor((height + top + bottom - kh) / sy) + 1`, the same for the width, and 0 where the
-    /// kernel does not fit the padded input.
+    /// The output height and width for an input of `height x width` and a `kernel`
+    /// ([`Window::output`]).
     pub fn output_size(&self, height: usize, width: usize, kernel: [usize; 2]) -> (usize, usize) {
-        let [top, bottom, left, right] = self.pads;
-        let size = |n: usize, k: usize, s: usize| {
-            assert!(s > 0, "ConvGeometry: strides must be at least 1");
-            if n < k {
-                0
-            } else {
-                (n - k) / s + 1
-            }
+        let window = Window {
+            kernel,
+            stride: self.stride,
+            pads: self.pads,
         };
-        (
-            size(height + top + bottom, kernel[0], self.stride[0]),
-            size(width + left + right, kernel[1], self.stride[1]),
-        )
+        window.output(height, width)
     }
 }
 

@@ -579,7 +579,12 @@ fn max_pool_matches_reference() {
         let stride = [1 + rng.below(2), 1 + rng.below(2)];
         let pads = [rng.below(2), rng.below(2), rng.below(2), rng.below(2)];
         let x = rng.signs(h * w * c);
-        let ours = max_pool(&PackedMap::from_signs(&x, h, w, c), size, stride, pads);
+        let window = Window {
+            kernel: size,
+            stride,
+            pads,
+        };
+        let ours = max_pool(&PackedMap::from_signs(&x, h, w, c), window);
         let out = |n: usize, k: usize, s: usize| if n < k { 0 } else { (n - k) / s + 1 };
         let oh = out(h + pads[0] + pads[1], size[0], stride[0]);
         let ow = out(w + pads[2] + pads[3], size[1], stride[1]);
@@ -717,7 +722,12 @@ fn bench_others_on(threads: usize) {
                 std::hint::black_box(lab_pack(&x, n, n, &paired));
             });
             let pool = time(&mut || {
-                std::hint::black_box(max_pool(&map, [3, 3], [2, 2], [0, 1, 0, 1]));
+                let window = Window {
+                    kernel: [3, 3],
+                    stride: [2, 2],
+                    pads: [0, 1, 0, 1],
+                };
+                std::hint::black_box(max_pool(&map, window));
             });
             println!(
                 "{c}@{n}: from_signs {signs:.1} us, lab_pack folded {lab_folded:.1} us, \

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 pub use super::gemm::PackedWeights;
 use super::gemm::{Variant, PANEL};
+pub use zoo_kernels::packed::Window;
 
 /// A float feature map of one image, NHWC.
 #[derive(Clone, Debug, PartialEq)]
@@ -320,66 +321,6 @@ enum Shortcut<'a> {
     From(&'a [f32]),
     /// The values the output overwrites.
     Values,
-}
-
-/// Geometry of a window op: kernel, stride and `[top, bottom, left, right]` padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    /// Kernel height and width.
-    pub kernel: [usize; 2],
-    /// Vertical and horizontal stride.
-    pub stride: [usize; 2],
-    /// `[top, bottom, left, right]`.
-    pub pads: [usize; 4],
-}
-
-impl Window {
-    /// Output height and width for an `h x w` input.
-    pub fn output(&self, h: usize, w: usize) -> (usize, usize) {
-        let [top, bottom, left, right] = self.pads;
-        (
-            (h + top + bottom - self.kernel[0]) / self.stride[0] + 1,
-            (w + left + right - self.kernel[1]) / self.stride[1] + 1,
-        )
-    }
-
-    /// The kernel rows and columns whose taps for output `(oy, ox)` lie inside an `h x w`
-    /// image, and the input row and column of tap `(0, 0)` (which may lie outside, as may
-    /// the taps outside the ranges).
-    #[inline]
-    fn taps_inside(
-        &self,
-        oy: usize,
-        ox: usize,
-        h: usize,
-        w: usize,
-    ) -> (Range<usize>, Range<usize>, isize, isize) {
-        let inside = |o: usize, stride: usize, pad: usize, k: usize, n: usize| {
-            let start = (o * stride) as isize - pad as isize;
-            let lo = (-start).clamp(0, k as isize) as usize;
-            let hi = (n as isize - start).clamp(lo as isize, k as isize) as usize;
-            (lo..hi, start)
-        };
-        let (rows, y0) = inside(oy, self.stride[0], self.pads[0], self.kernel[0], h);
-        let (cols, x0) = inside(ox, self.stride[1], self.pads[2], self.kernel[1], w);
-        (rows, cols, y0, x0)
-    }
-
-    /// The input row and column of tap `(ky, kx)` for output `(oy, ox)`, if inside the image.
-    #[inline]
-    fn source(
-        &self,
-        oy: usize,
-        ox: usize,
-        ky: usize,
-        kx: usize,
-        h: usize,
-        w: usize,
-    ) -> Option<(usize, usize)> {
-        let y = (oy * self.stride[0] + ky).checked_sub(self.pads[0])?;
-        let x = (ox * self.stride[1] + kx).checked_sub(self.pads[2])?;
-        (y < h && x < w).then_some((y, x))
-    }
 }
 
 /// A convolution: `weight` is the `(kh * kw * in) x out` matrix of a `kh x kw x in x out` kernel;

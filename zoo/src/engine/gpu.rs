@@ -22,11 +22,11 @@ use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice};
 use candle_core::cuda_backend::WrapErr;
 use zoo_kernels::packed::cuda::float::{GpuDense, GpuDepthwise, GpuFloatConv, PoolMode};
 use zoo_kernels::packed::cuda::{
-    ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuFloats, GpuLab, GpuMap, Window,
+    ConvPath, EpilogueIo, Gpu, GpuBinaryConv, GpuEpilogue, GpuFloats, GpuLab, GpuMap,
 };
 use zoo_kernels::packed::gpu::EpilogueOp;
 
-use super::float::{ChannelOp, Epilogue};
+use super::float::{ChannelOp, Epilogue, Window};
 use super::program::{self, Slots, Value};
 use super::{Engine, OpInfo, OpTime, ZooModel};
 use crate::spec::{ModelConfig, Spec};
@@ -553,7 +553,7 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 conv: GpuFloatConv::new(
                     gpu,
                     &weight.to_matrix(),
-                    window_of(window),
+                    *window,
                     *pad_value,
                     [channels(*x), weight.n()],
                 )?,
@@ -570,13 +570,7 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 residual,
                 ..
             } => Kind::Depthwise {
-                conv: GpuDepthwise::new(
-                    gpu,
-                    weight,
-                    window_of(window),
-                    *multiplier,
-                    channels(out),
-                )?,
+                conv: GpuDepthwise::new(gpu, weight, *window, *multiplier, channels(out))?,
                 epilogue: epilogue(channels(out), e)?,
                 x: *x,
                 residual: *residual,
@@ -592,13 +586,13 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
                 residual: *residual,
             },
             P::MaxPoolBits { window, x, .. } => Kind::MaxPoolBits {
-                window: window_of(window),
+                window: *window,
                 x: *x,
             },
             P::Pool {
                 window, mode, x, ..
             } => Kind::Pool {
-                window: window_of(window),
+                window: *window,
                 mode: match mode {
                     program::PoolMode::Max => PoolMode::Max,
                     program::PoolMode::MaxOfRelu => PoolMode::MaxOfRelu,
@@ -638,15 +632,6 @@ fn upload(gpu: &Gpu, program: program::Program) -> candle_core::Result<Program> 
         dots: program.dots,
         slots: program.slots,
     })
-}
-
-/// The engine's window as the GPU kernels' (the same fields).
-fn window_of(w: &super::float::Window) -> Window {
-    Window {
-        kernel: w.kernel,
-        stride: w.stride,
-        pads: w.pads,
-    }
 }
 
 impl super::Runner for GpuEngine {

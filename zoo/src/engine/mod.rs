@@ -661,12 +661,7 @@ impl Run<'_> {
                 self.timed(*op, || Value::Packed(signs.apply(x).into_owned()))
             }
             Step::MaxPool { op, window, relu } => self.timed(*op, || match x {
-                Value::Packed(p) => Value::Packed(packed::max_pool(
-                    p,
-                    window.kernel,
-                    window.stride,
-                    window.pads,
-                )),
+                Value::Packed(p) => Value::Packed(packed::max_pool(p, *window)),
                 Value::Float(m) => Value::Float(float::max_pool(m, *window, *relu)),
             }),
             Step::AvgPool { op, window } => self.timed(*op, || {

@@ -804,7 +804,7 @@ mod tests {
                     read(&buffers, *x)
                         .bits()
                         .iter()
-                        .map(|p| packed::max_pool(p, window.kernel, window.stride, window.pads))
+                        .map(|p| packed::max_pool(p, *window))
                         .collect(),
                 ),
                 Kind::Pool {

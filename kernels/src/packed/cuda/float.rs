@@ -11,8 +11,9 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchArg
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{bail, Result};
 
-use super::{push_or_null, Gpu, GpuEpilogue, Window};
+use super::{push_or_null, Gpu, GpuEpilogue};
 use crate::cuda::elementwise;
+use crate::packed::Window;
 
 /// A batch of float maps of one shape on the GPU, `[images][height][width][channels]`.
 pub struct GpuFloats {
@@ -86,7 +87,10 @@ impl WindowShape {
     /// `window` over `x` with `oc` output channels; also the output's `[oh, ow, oc]`.
     fn new(x: &GpuFloats, window: Window, oc: usize) -> Result<(Self, [usize; 3])> {
         check_input("window op", x)?;
-        let (oh, ow) = window.output(x.height, x.width)?;
+        if window.stride.contains(&0) {
+            bail!("a window op with a zero stride ({:?})", window.stride);
+        }
+        let (oh, ow) = window.output(x.height, x.width);
         let shape = WindowShape {
             n: x.images as i64,
             h: x.height as i32,
@@ -352,10 +356,13 @@ struct WindowWeights {
 }
 
 impl WindowWeights {
-    /// The output's `[height, width, channels]` for an input of `height x width`.
-    fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        let (oh, ow) = self.window.output(height, width)?;
-        Ok([oh, ow, self.out_channels])
+    /// `weight` uploaded for `window`.
+    fn new(gpu: &Gpu, weight: &[f32], window: Window, out_channels: usize) -> Result<Self> {
+        Ok(WindowWeights {
+            weight: gpu.upload(weight)?,
+            window,
+            out_channels,
+        })
     }
 
     /// `kernel` (named `op` in errors) with its `param` on `x`, `epilogue` applied and
@@ -423,19 +430,10 @@ impl GpuFloatConv {
             );
         }
         Ok(GpuFloatConv {
-            weights: WindowWeights {
-                weight: gpu.upload(weight)?,
-                window,
-                out_channels,
-            },
+            weights: WindowWeights::new(gpu, weight, window, out_channels)?,
             pad_value,
             in_channels,
         })
-    }
-
-    /// The output's `[height, width, channels]` for an input of `height x width`.
-    pub fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        self.weights.output(height, width)
     }
 
     /// The convolution of `x`, `epilogue` applied and `residual` added, into `out`.
@@ -485,18 +483,9 @@ impl GpuDepthwise {
             );
         }
         Ok(GpuDepthwise {
-            weights: WindowWeights {
-                weight: gpu.upload(weight)?,
-                window,
-                out_channels,
-            },
+            weights: WindowWeights::new(gpu, weight, window, out_channels)?,
             multiplier,
         })
-    }
-
-    /// The output's `[height, width, channels]` for an input of `height x width`.
-    pub fn output(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        self.weights.output(height, width)
     }
 
     /// The convolution of `x`, `epilogue` applied and `residual` added, into `out`.

@@ -34,7 +34,7 @@ use candle_core::{bail, Result};
 
 use super::gpu::{ConvLayout, EpilogueOp, EpilogueProgram, CHUNK_WORDS, FILTER_BLOCK};
 use super::lab::Form;
-use super::{ConvGeometry, LabKernel, PadValue};
+use super::{ConvGeometry, LabKernel, PadValue, Window};
 use crate::cuda::{elementwise, FLOAT_LAYERS, PACKED};
 pub use float::GpuFloats;
 
@@ -309,8 +309,11 @@ impl Gpu {
 
     /// Max pooling of ±1 maps, as [`super::max_pool`]: the AND of each window's taps inside the
     /// image (`pads` only shape the output; a window with none gives -1).
+    ///
+    /// # Panics
+    /// If a stride is 0.
     pub fn max_pool(&self, input: &GpuMap, window: Window) -> Result<GpuMap> {
-        let (oh, ow) = window.output(input.height, input.width)?;
+        let (oh, ow) = window.output(input.height, input.width);
         let mut out = self.map(input.images, [oh, ow, input.channels])?;
         self.max_pool_into(input, window, &mut out)?;
         Ok(out)
@@ -318,7 +321,7 @@ impl Gpu {
 
     /// [`Gpu::max_pool`] into `out`, a map of the output's shape.
     pub fn max_pool_into(&self, input: &GpuMap, window: Window, out: &mut GpuMap) -> Result<()> {
-        let (oh, ow) = window.output(input.height, input.width)?;
+        let (oh, ow) = window.output(input.height, input.width);
         Self::check_input("max_pool", input)?;
         Self::check_map("max_pool", out, input.images, [oh, ow, input.channels])?;
         let total = input.images * oh * ow * input.words;
@@ -346,34 +349,6 @@ impl Gpu {
             unsafe { launch.launch(elementwise(total)) }.w()?;
         }
         Ok(())
-    }
-}
-
-/// The geometry of a window op: kernel, strides and `[top, bottom, left, right]` padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Window {
-    /// Kernel height and width.
-    pub kernel: [usize; 2],
-    /// Vertical and horizontal stride.
-    pub stride: [usize; 2],
-    /// `[top, bottom, left, right]`.
-    pub pads: [usize; 4],
-}
-
-impl Window {
-    /// The output height and width for an input of `height x width`; fails on a zero stride.
-    pub fn output(&self, height: usize, width: usize) -> Result<(usize, usize)> {
-        let [top, bottom, left, right] = self.pads;
-        let size = |n: usize, k: usize, s: usize| {
-            if s == 0 {
-                bail!("a window op with a zero stride ({:?})", self.stride)
-            }
-            Ok(if n < k { 0 } else { (n - k) / s + 1 })
-        };
-        Ok((
-            size(height + top + bottom, self.kernel[0], self.stride[0])?,
-            size(width + left + right, self.kernel[1], self.stride[1])?,
-        ))
     }
 }
 
