@@ -20,6 +20,8 @@
 //! - [`adam_step`]: the fused Adam (and AdamW) update of a weight and its moments, in place.
 //! - [`binary_conv2d`]: the training-time binary convolution, bit-packed exact forward and GEMM
 //!   backward with the straight-through masks fused.
+//! - [`channel_bias`] and [`prelu`]: a learnable bias per channel and the parametric ReLU, whose
+//!   parameters' gradients sum each channel's planes contiguously (on the CPU).
 //!
 //! Every op works on `f32` and `f64` tensors in NCHW layout. With the `cuda` feature, the
 //! binarizers, LAB, the binary convolution's forward pass, the depthwise convolution, pooling,
@@ -30,6 +32,7 @@
 mod adam;
 mod batch_norm;
 mod binary_conv;
+mod channel;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod depthwise;
@@ -43,6 +46,7 @@ pub mod packed;
 pub use adam::{adam_step, AdamStep, BETA1, BETA2, EPSILON};
 pub use batch_norm::batch_norm_train;
 pub use binary_conv::{binary_conv2d, BinaryConv2d};
+pub use channel::{channel_bias, prelu};
 pub use depthwise::depthwise_conv2d;
 pub use lab::{lab, Pairing};
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};

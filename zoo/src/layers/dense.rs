@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::spec::{Dense as Config, FeatureShape, PRelu as PReluConfig};
 
-use super::{init_hint, relu};
+use super::init_hint;
 
 /// Parametric ReLU, one slope per channel shared over height and width (Keras' `PReLU` with
 /// `shared_axes=[1, 2]`): `relu(x) - alpha * relu(-x)`. Tensor: `weight` (alpha, `C`).
@@ -27,8 +27,7 @@ impl PRelu {
 
     /// Applies the layer.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let negative = relu(&xs.neg()?)?.broadcast_mul(&self.alpha.reshape((1, (), 1, 1))?)?;
-        relu(xs)?.sub(&negative)
+        zoo_kernels::prelu(xs, &self.alpha)
     }
 }
 
@@ -48,7 +47,7 @@ impl Bias {
 
     /// Applies the layer.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        xs.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)
+        zoo_kernels::channel_bias(xs, &self.bias)
     }
 }
 
