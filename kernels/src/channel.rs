@@ -23,7 +23,8 @@ pub fn channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if !crate::fused_on(x.device()) {
         return composed_bias(x, bias, c);
     }
-    x.contiguous()?.apply_op2(&bias.contiguous()?, ChannelBias)
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, PerChannel::Bias)
 }
 
 /// [`channel_bias`] as candle's broadcast ops.
@@ -40,7 +41,8 @@ pub fn prelu(x: &Tensor, alpha: &Tensor) -> Result<Tensor> {
     if !crate::fused_on(x.device()) {
         return composed_prelu(x, alpha, c);
     }
-    x.contiguous()?.apply_op2(&alpha.contiguous()?, PRelu)
+    x.contiguous()?
+        .apply_op2(&alpha.contiguous()?, PerChannel::PRelu)
 }
 
 /// [`prelu`] as candle ops (`zoo::layers::relu`'s ReLU).
@@ -122,17 +124,32 @@ fn relu<T: WithDType>(v: T) -> T {
     }
 }
 
-/// `relu(x) - alpha * relu(-x)`, the composition's operations in its order.
-fn prelu_value<T: WithDType>(x: T, alpha: T) -> T {
-    relu(x) - alpha * relu(T::zero() - x)
+/// A per-channel layer on the CPU: the value of each output from its input and its channel's
+/// parameter, and the gradients.
+#[derive(Clone, Copy)]
+enum PerChannel {
+    /// [`channel_bias`].
+    Bias,
+    /// [`prelu`]: `relu(x) - alpha * relu(-x)`, the composition's operations in its order.
+    PRelu,
 }
 
-/// [`channel_bias`] on the CPU.
-struct ChannelBias;
+impl PerChannel {
+    /// The outputs for `x` and the parameters `p`.
+    fn forward<T: WithDType>(self, x: &[T], p: &[T], dims: (usize, usize)) -> Vec<T> {
+        match self {
+            PerChannel::Bias => map_planes(x, p, dims, |v, b| v + b),
+            PerChannel::PRelu => map_planes(x, p, dims, |v, a| relu(v) - a * relu(T::zero() - v)),
+        }
+    }
+}
 
-impl CustomOp2 for ChannelBias {
+impl CustomOp2 for PerChannel {
     fn name(&self) -> &'static str {
-        "channel-bias"
+        match self {
+            PerChannel::Bias => "channel-bias",
+            PerChannel::PRelu => "prelu",
+        }
     }
 
     fn cpu_fwd(
@@ -147,22 +164,30 @@ impl CustomOp2 for ChannelBias {
             self.name(),
             (s1, l1),
             (s2, l2),
-            |x, b| map_planes(x, b, dims, |v, b| v + b),
-            |x, b| map_planes(x, b, dims, |v, b| v + b),
+            |x, p| self.forward(x, p, dims),
+            |x, p| self.forward(x, p, dims),
         )?;
         Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
-        _bias: &Tensor,
+        x: &Tensor,
+        p: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
-        let sums = grad.apply_op1_no_bwd(&ChannelSums)?;
-        Ok((Some(grad), Some(sums)))
+        if let PerChannel::Bias = self {
+            let sums = grad.apply_op1_no_bwd(&ChannelSums)?;
+            return Ok((Some(grad), Some(sums)));
+        }
+        let both = x.apply_op3_no_bwd(p, &grad, &PReluBackward)?;
+        let (nx, c) = (x.elem_count(), p.elem_count());
+        Ok((
+            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
+            Some(both.narrow(0, nx, c)?),
+        ))
     }
 }
 
@@ -186,49 +211,7 @@ impl CustomOp1 for ChannelSums {
     }
 }
 
-/// [`prelu`] on the CPU.
-struct PRelu;
-
-impl CustomOp2 for PRelu {
-    fn name(&self) -> &'static str {
-        "prelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dims = planes(l1)?;
-        let out = dispatch2(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |x, a| map_planes(x, a, dims, prelu_value),
-            |x, a| map_planes(x, a, dims, prelu_value),
-        )?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        alpha: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = x.apply_op3_no_bwd(alpha, &grad.contiguous()?, &PReluBackward)?;
-        let (nx, c) = (x.elem_count(), alpha.elem_count());
-        Ok((
-            Some(both.narrow(0, 0, nx)?.reshape(x.shape())?),
-            Some(both.narrow(0, nx, c)?),
-        ))
-    }
-}
-
-/// Both gradients of [`PRelu`], concatenated flat (input first).
+/// Both gradients of [`prelu`], concatenated flat (input first).
 struct PReluBackward;
 
 /// The input's gradient then alpha's, as the composition computes them: the ReLU's masked
