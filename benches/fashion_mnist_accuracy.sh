@@ -27,6 +27,9 @@
 #   ZOO      the binary (default target/release/zoo, built if missing)
 #   OUT      run folders (default target/accuracy-runs); `<run>.log` is each run's output,
 #            `<run>.run` how to train it again
+#   RECORDS  where each finished run's record is copied (`config.json`, `summary.json`, the
+#            per-epoch `metrics.jsonl`: what `zoo plot` draws and the table quotes), default
+#            benches/results/fashion-mnist, kept in the repository; empty for none
 #   BENCH_PROCS, BENCH_THREADS   latency of the report: processes per model (5), threads (2)
 # `report` (also printed at the end) gives a Markdown table: accuracy as mean ± half-range over
 # seeds, budget, time, cost, engine latency and the command of each row, and writes
@@ -37,6 +40,7 @@ cd "$(dirname "$0")/.."
 
 ZOO=${ZOO:-target/release/zoo}
 OUT=${OUT:-target/accuracy-runs}
+RECORDS=${RECORDS-benches/results/fashion-mnist}
 THREADS=${THREADS:-2}
 LANES=${LANES:-1}
 EPOCHS=${EPOCHS:-16}
@@ -102,6 +106,7 @@ train_one() {
     IFS=: read -r model seed kd <<<"$spec"
     dir=$(run_dir "$spec")
     if [[ -f $dir/summary.json ]]; then
+        record "$dir"
         echo "done:    $dir"
         return
     fi
@@ -135,7 +140,15 @@ train_one() {
         "$ZOO" --threads "$THREADS" train "$model" $RECIPE --epochs "$EPOCHS" --seed "$seed" \
             "${teacher_flags[@]}" $EXTRA --out "$dir" >"$dir.log" 2>&1
     fi
+    record "$dir"
     echo "finished: $dir"
+}
+
+# Copies the record of the finished run in folder $1 to $RECORDS.
+record() {
+    [[ -n $RECORDS && -f $1/summary.json ]] || return 0
+    mkdir -p "$RECORDS/$(basename "$1")"
+    cp "$1"/{config.json,summary.json,metrics.jsonl} "$RECORDS/$(basename "$1")/"
 }
 
 # The results table of the finished runs: accuracy (mean and half-range over seeds), budget,
