@@ -4,6 +4,7 @@
 //! - [`sign`]: Larq's `sign`, `+1` for `x >= 0` and `-1` otherwise (never 0);
 //! - [`lab_sign`]: LAB's strict threshold of the score difference with its `tanh` surrogate;
 //! - [`ste_sign`]: `sign` with Larq's straight-through gradient `1{|x| <= clip}`, fused;
+//! - [`approx_sign`]: `sign` with Bi-Real Net's gradient `2 - 2|x|` inside `[-1, 1]`, fused;
 //! - [`max_pool2d`] and [`avg_pool2d`]: pooling with explicit (TensorFlow SAME) padding, whose
 //!   backward passes follow TensorFlow: the max-pool gradient goes to the first maximum of each
 //!   window, the average over a SAME window counts only the pixels inside the image.
@@ -50,7 +51,7 @@ pub use channel::{channel_bias, prelu};
 pub use depthwise::depthwise_conv2d;
 pub use lab::{lab, Pairing};
 pub use pool::{avg_pool2d, max_pool2d, Pool2d};
-pub use sign::{lab_sign, sign, ste_sign};
+pub use sign::{approx_sign, lab_sign, sign, ste_sign};
 pub use unfold::{conv2d_gemm, unfold};
 
 /// Set by [`compose_on_cpu`].

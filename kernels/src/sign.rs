@@ -76,6 +76,69 @@ impl CustomOp1 for SteSign {
     }
 }
 
+/// Bi-Real Net's ApproxSign on the CPU: [`sign`] forward, gradient `2 - 2|x|` where
+/// `|x| <= 1` and 0 elsewhere (NaN included), in one op each way. (`zoo::layers::approx_sign`
+/// composes candle ops on other devices.)
+pub fn approx_sign(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ApproxSign)
+}
+
+struct ApproxSign;
+
+impl CustomOp1 for ApproxSign {
+    fn name(&self) -> &'static str {
+        "approx-sign"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Sign.cpu_fwd(storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = arg
+            .detach()
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &ApproxSignBackward)?;
+        Ok(Some(grad))
+    }
+}
+
+/// `grad * (2 - 2|x|)` where `|x| <= 1`, else 0: the slope computed as `|x| * -2 + 2`, the
+/// composition's operations.
+struct ApproxSignBackward;
+
+fn approx_slope<T: candle_core::WithDType>(x: &[T], grad: &[T]) -> Vec<T> {
+    let (zero, one) = (T::from_f64(0.0), T::from_f64(1.0));
+    let (minus_two, two) = (T::from_f64(-2.0), T::from_f64(2.0));
+    x.iter()
+        .zip(grad)
+        .map(|(&x, &g)| {
+            let abs = if x < zero { zero - x } else { x };
+            if abs <= one {
+                g * (abs * minus_two + two)
+            } else {
+                zero
+            }
+        })
+        .collect()
+}
+
+impl candle_core::CustomOp2 for ApproxSignBackward {
+    fn name(&self) -> &'static str {
+        "approx-sign-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = dispatch2(self.name(), (s1, l1), (s2, l2), approx_slope, approx_slope)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 /// `grad * 1{|x| <= clip}` (compared in f64), without gradient.
 pub(crate) fn ste_mask(x: &Tensor, grad: &Tensor, clip: f64) -> Result<Tensor> {
     x.detach()

@@ -29,8 +29,12 @@ pub fn ste_sign(xs: &Tensor, clip: f64) -> Result<Tensor> {
     zoo_kernels::ste_sign(xs, clip)
 }
 
-/// `sign(x)`, gradient `2 - 2|x|` inside `[-1, 1]` and 0 outside (Bi-Real Net's ApproxSign).
+/// `sign(x)`, gradient `2 - 2|x|` inside `[-1, 1]` and 0 outside (Bi-Real Net's ApproxSign):
+/// one op each way on the CPU, candle ops elsewhere.
 pub fn approx_sign(xs: &Tensor) -> Result<Tensor> {
+    if zoo_kernels::fused_on(xs.device()) {
+        return zoo_kernels::approx_sign(xs);
+    }
     let abs = xs.abs()?;
     let slope = abs
         .le(1.0)?
