@@ -44,15 +44,33 @@ pub fn sign(x: &Tensor) -> Result<Tensor> {
 /// Larq's `ste_sign`: [`sign`] forward, gradient passed where `|x| <= clip` and zero elsewhere,
 /// in one op each way.
 pub fn ste_sign(x: &Tensor, clip: f64) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(SteSign(clip))
+    let op = SignWithSlope {
+        name: "ste-sign",
+        slope: SteMask(clip),
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
-#[derive(Clone, Copy)]
-struct SteSign(f64);
+/// Bi-Real Net's ApproxSign on the CPU: [`sign`] forward, gradient `2 - 2|x|` where
+/// `|x| <= 1` and 0 elsewhere (NaN included), in one op each way. (`zoo::layers::approx_sign`
+/// composes candle ops on other devices.)
+pub fn approx_sign(x: &Tensor) -> Result<Tensor> {
+    let op = SignWithSlope {
+        name: "approx-sign",
+        slope: ApproxSignBackward,
+    };
+    x.contiguous()?.apply_op1(op)
+}
 
-impl CustomOp1 for SteSign {
+/// [`sign`] forward; backward, `slope` of the input and the output's gradient.
+struct SignWithSlope<S> {
+    name: &'static str,
+    slope: S,
+}
+
+impl<S: candle_core::CustomOp2 + Send + Sync> CustomOp1 for SignWithSlope<S> {
     fn name(&self) -> &'static str {
-        "ste-sign"
+        self.name
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -71,33 +89,7 @@ impl CustomOp1 for SteSign {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let grad = arg
             .detach()
-            .apply_op2_no_bwd(&grad_res.contiguous()?, &SteMask(self.0))?;
-        Ok(Some(grad))
-    }
-}
-
-/// Bi-Real Net's ApproxSign on the CPU: [`sign`] forward, gradient `2 - 2|x|` where
-/// `|x| <= 1` and 0 elsewhere (NaN included), in one op each way. (`zoo::layers::approx_sign`
-/// composes candle ops on other devices.)
-pub fn approx_sign(x: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op1(ApproxSign)
-}
-
-struct ApproxSign;
-
-impl CustomOp1 for ApproxSign {
-    fn name(&self) -> &'static str {
-        "approx-sign"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        Sign.cpu_fwd(storage, layout)
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = arg
-            .detach()
-            .apply_op2_no_bwd(&grad_res.contiguous()?, &ApproxSignBackward)?;
+            .apply_op2_no_bwd(&grad_res.contiguous()?, &self.slope)?;
         Ok(Some(grad))
     }
 }
