@@ -22,6 +22,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use crate::packed::{self, ConvGeometry, ConvInput, PackedConvWeights, PackedMap, PadValue};
 use crate::{dispatch2, dispatch3};
@@ -727,33 +728,25 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
         .collect();
     let used = slots.iter().flatten().count();
     let mut dw = vec![T::zero(); used * o * c];
-    // One pass over the kernel: sign(w) of the used taps (`[o][slot][c]`) and the
-    // straight-through mask `|w| <= clip` as bits (`[o][c * kt]`, whole words per filter).
+    // sign(w) of the used taps, `[o][slot][c]`.
     let sw_row = (used * c).max(1);
     let mut sw = vec![T::zero(); o * sw_row];
-    let mask_words = (c * kt).div_ceil(64);
-    let mut keep = vec![0u64; o * mask_words];
     let used_taps: Vec<(usize, usize)> = slots
         .iter()
         .enumerate()
         .filter_map(|(t, s)| s.map(|s| (t, s)))
         .collect();
-    let kernel_clip = T::at_most(conv.kernel_clip);
     if c * kt > 0 {
         sw.par_chunks_mut(sw_row)
-            .zip(keep.par_chunks_mut(mask_words))
             .zip(w.par_chunks(c * kt))
-            .for_each(|((sw, keep), w)| {
+            .for_each(|(sw, w)| {
                 for &(t, s) in &used_taps {
-                    for (ci, d) in sw[s * c..(s + 1) * c].iter_mut().enumerate() {
-                        *d = sign(w[ci * kt + t]);
+                    for (d, &v) in sw[s * c..(s + 1) * c]
+                        .iter_mut()
+                        .zip(w[t..].iter().step_by(kt))
+                    {
+                        *d = sign(v);
                     }
-                }
-                for (word, w) in keep.iter_mut().zip(w.chunks(64)) {
-                    *word = w.iter().enumerate().fold(0, |bits, (j, &v)| {
-                        let inside = v <= kernel_clip && T::zero() - kernel_clip <= v;
-                        bits | (inside as u64) << j
-                    });
                 }
             });
     }
@@ -839,36 +832,33 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
                 }
             });
     }
-    // The kernel gradient: each tap's product plus the padding's share, masked.
+    // The kernel gradient: each tap's product plus the padding's share, where `|w| <= clip`
+    // (the straight-through mask), tap by tap through each filter's `C x kh x kw` block.
     if c * kt > 0 {
+        let kernel_clip = T::at_most(conv.kernel_clip);
         gw.par_chunks_mut(c * kt)
-            .zip(keep.par_chunks(mask_words))
+            .zip(w.par_chunks(c * kt))
             .enumerate()
-            .for_each_init(
-                || (Vec::new(), Vec::new()),
-                |(base, products), (oo, (gw, keep))| {
-                    // Per tap: the padding's share and this filter's products (if any).
-                    base.clear();
-                    base.extend((0..kt).map(|t| padding[t * o + oo]));
-                    products.clear();
-                    products.extend(
-                        slots
-                            .iter()
-                            .map(|s| s.map(|s| &dw[(s * o + oo) * c..][..c])),
-                    );
-                    let (mut ci, mut t) = (0, 0);
-                    for (&word, gw) in keep.iter().zip(gw.chunks_mut(64)) {
-                        for (j, gw) in gw.iter_mut().enumerate() {
-                            let value = base[t] + products[t].map_or(T::zero(), |p| p[ci]);
-                            gw.write(if word >> j & 1 == 1 { value } else { T::zero() });
-                            t += 1;
-                            if t == kt {
-                                (ci, t) = (ci + 1, 0);
+            .for_each(|(oo, (gw, w))| {
+                let masked = |g: &mut MaybeUninit<T>, &w: &T, value: T| {
+                    let inside = w <= kernel_clip && T::zero() - kernel_clip <= w;
+                    g.write(if inside { value } else { T::zero() });
+                };
+                for (t, slot) in slots.iter().enumerate() {
+                    let base = padding[t * o + oo];
+                    let gw = gw[t..].iter_mut().step_by(kt);
+                    let w = w[t..].iter().step_by(kt);
+                    match slot {
+                        Some(s) => {
+                            let products = &dw[(s * o + oo) * c..][..c];
+                            for ((g, w), &p) in gw.zip(w).zip(products) {
+                                masked(g, w, base + p);
                             }
                         }
+                        None => gw.zip(w).for_each(|(g, w)| masked(g, w, base)),
                     }
-                },
-            );
+                }
+            });
     }
     // SAFETY: the two passes above wrote all `len` elements (`x.len() = n * c * hw` in
     // chunks of `c * hw`, `w.len() = o * c * kt` in chunks of `c * kt`).
