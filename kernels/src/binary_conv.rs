@@ -705,37 +705,54 @@ fn forward<T: Float>(g: &Geometry, pad_value: f64, x: &[T], w: &[T]) -> Vec<T> {
 
 /// Both gradients, flat: the input's (`N x C x H x W`) then the kernel's (`O x C x kh x kw`).
 fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &[T]) -> Vec<T> {
-    let (c, o) = (g.c, g.o);
-    let pixels = g.output_pixels();
     let taps = g.taps();
-    let kt = taps.len();
-    let xs = channels_last(x, g.n, c, g.h * g.w, sign);
-    let gys = channels_last(gy, g.n, o, pixels, |v| v);
-    let largest = taps.iter().map(|t| t.rows() * t.cols()).max().unwrap_or(0) * g.n;
-    let mut gy_rows = Vec::new();
-    let mut x_rows = Vec::new();
-    let mut dx_rows = Vec::new();
-    let mut dx = vec![T::zero(); g.n * g.h * g.w * c];
-    // The kernel gradient of each tap that reads the image somewhere (`O x C`, without the
-    // padding's share), in `dw` at the tap's slot.
-    let slots: Vec<Option<usize>> = taps
-        .iter()
+    let slots = tap_slots(g, &taps);
+    let gys = channels_last(gy, g.n, g.o, g.output_pixels(), |v| v);
+    let (dx, dw) = tap_products(g, &taps, &slots, x, w, &gys);
+    let padding = padding_shares(g, conv.pad_value, &taps, &gys);
+    // Both gradients are written whole, into the op's output.
+    let len = x.len() + w.len();
+    let mut out: Vec<T> = Vec::with_capacity(len);
+    let (gx, gw) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
+    input_gradient(g, conv.input_clip, x, &dx, gx);
+    kernel_gradient(g, conv.kernel_clip, w, (&slots, &dw), &padding, gw);
+    // SAFETY: the two calls above wrote all `len` elements (`x.len() = n * c * h * w` in
+    // chunks of `c * h * w`, `w.len() = o * c * kt` in chunks of `c * kt`).
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// For each tap, its slot among the taps that read the image somewhere (`None` for a tap that
+/// reads only padding).
+fn tap_slots(g: &Geometry, taps: &[Tap]) -> Vec<Option<usize>> {
+    taps.iter()
         .scan(0, |next, tap| {
             let used = tap.rows() * tap.cols() > 0 && g.n > 0;
             *next += used as usize;
             Some(used.then(|| *next - 1))
         })
-        .collect();
-    let used = slots.iter().flatten().count();
-    let mut dw = vec![T::zero(); used * o * c];
-    // sign(w) of the used taps, `[o][slot][c]`.
-    let sw_row = (used * c).max(1);
-    let mut sw = vec![T::zero(); o * sw_row];
+        .collect()
+}
+
+/// The GEMMs of each tap that reads the image: the input gradient before its mask (NHWC) and
+/// the kernel gradient of each such tap (`[slot][o][c]`, without the padding's share or mask).
+fn tap_products<T: Float>(
+    g: &Geometry,
+    taps: &[Tap],
+    slots: &[Option<usize>],
+    x: &[T],
+    w: &[T],
+    gys: &[T],
+) -> (Vec<T>, Vec<T>) {
+    let (c, o, kt) = (g.c, g.o, taps.len());
     let used_taps: Vec<(usize, usize)> = slots
         .iter()
         .enumerate()
         .filter_map(|(t, s)| s.map(|s| (t, s)))
         .collect();
+    // sign(w) of the used taps, `[o][slot][c]`.
+    let sw_row = (used_taps.len() * c).max(1);
+    let mut sw = vec![T::zero(); o * sw_row];
     if c * kt > 0 {
         sw.par_chunks_mut(sw_row)
             .zip(w.par_chunks(c * kt))
@@ -750,38 +767,15 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
                 }
             });
     }
-    // Per output pixel, the output gradient summed over the batch: a tap reading padding adds
-    // pad * (that sum) to the gradient of each of its weights.
-    let mut pixel_sums = vec![T::zero(); pixels * o];
-    if conv.pad_value != 0.0 {
-        for image in gys.chunks(pixels * o) {
-            for (d, &s) in pixel_sums.iter_mut().zip(image) {
-                *d += s;
-            }
-        }
-    }
-    let pad = T::from_f64(conv.pad_value);
-    let mut padding = vec![T::zero(); kt * o];
-    for (t, tap) in taps.iter().enumerate() {
-        if conv.pad_value != 0.0 {
-            let sums = &mut padding[t * o..(t + 1) * o];
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    if !tap.contains(oy, ox) {
-                        let p = (oy * g.ow + ox) * o;
-                        for (d, &s) in sums.iter_mut().zip(&pixel_sums[p..p + o]) {
-                            *d += pad * s;
-                        }
-                    }
-                }
-            }
-        }
+    let xs = channels_last(x, g.n, c, g.h * g.w, sign);
+    let largest = taps.iter().map(|t| t.rows() * t.cols()).max().unwrap_or(0) * g.n;
+    let (mut gy_rows, mut x_rows, mut dx_rows) = (Vec::new(), Vec::new(), Vec::new());
+    let mut dx = vec![T::zero(); g.n * g.h * g.w * c];
+    let mut dw = vec![T::zero(); used_taps.len() * o * c];
+    for &(t, slot) in &used_taps {
+        let tap = &taps[t];
         let m = g.n * tap.rows() * tap.cols();
-        if m == 0 {
-            continue;
-        }
         // sign(w) at this tap (O x C) and the kernel gradient's place for it.
-        let slot = slots[t].expect("a slot for a used tap");
         let sw_t = Mat {
             data: &sw[slot * c..],
             rows: o,
@@ -791,17 +785,17 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
         };
         let dw_t = &mut dw[slot * o * c..][..o * c];
         if g.is_identity(tap) {
-            let gy_t = Mat::rows(&gys, m, o);
+            let gy_t = Mat::rows(gys, m, o);
             matmul(&mut dx, true, gy_t, sw_t);
             matmul(dw_t, false, gy_t.t(), Mat::rows(&xs, m, c));
             continue;
         }
         let gy_t = if tap.rows() == g.oh && tap.cols() == g.ow {
-            Mat::rows(&gys[..], m, o)
+            Mat::rows(gys, m, o)
         } else {
             gy_rows.resize(largest * o, T::zero());
             let row = |img, oy, ox| (img * g.oh + oy) * g.ow + ox;
-            gather(&gys, o, g, tap, row, &mut gy_rows);
+            gather(gys, o, g, tap, row, &mut gy_rows);
             Mat::rows(&gy_rows[..], m, o)
         };
         x_rows.resize(largest * c, T::zero());
@@ -812,58 +806,103 @@ fn backward<T: Float>(g: &Geometry, conv: &BinaryConv2d, x: &[T], w: &[T], gy: &
         matmul(&mut dx_rows, false, gy_t, sw_t);
         scatter_add(&dx_rows, g, tap, &mut dx);
     }
-    // Both gradients are written whole below, into the op's output.
-    let len = x.len() + w.len();
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    let (gx, gw) = out.spare_capacity_mut()[..len].split_at_mut(x.len());
-    // The input gradient back to NCHW, masked.
-    let hw = g.h * g.w;
-    if hw * c > 0 {
-        let clip = conv.input_clip.map(T::at_most);
-        gx.par_chunks_mut(c * hw)
-            .zip(dx.par_chunks(c * hw))
-            .zip(x.par_chunks(c * hw))
-            .for_each(|((gx, dx), x)| {
-                for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
-                    for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
-                        let inside = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
-                        gx.write(if inside { dx[p * c + ci] } else { T::zero() });
-                    }
-                }
-            });
+    (dx, dw)
+}
+
+/// The padding's share of each tap's kernel gradient (`[tap][o]`): a tap reading padding at an
+/// output pixel adds `pad` times that pixel's output gradient, summed over the batch.
+fn padding_shares<T: Float>(g: &Geometry, pad_value: f64, taps: &[Tap], gys: &[T]) -> Vec<T> {
+    let (o, pixels) = (g.o, g.output_pixels());
+    let mut padding = vec![T::zero(); taps.len() * o];
+    if pad_value == 0.0 || pixels * o == 0 {
+        return padding;
     }
-    // The kernel gradient: each tap's product plus the padding's share, where `|w| <= clip`
-    // (the straight-through mask), tap by tap through each filter's `C x kh x kw` block.
-    if c * kt > 0 {
-        let kernel_clip = T::at_most(conv.kernel_clip);
-        gw.par_chunks_mut(c * kt)
-            .zip(w.par_chunks(c * kt))
-            .enumerate()
-            .for_each(|(oo, (gw, w))| {
-                let masked = |g: &mut MaybeUninit<T>, &w: &T, value: T| {
-                    let inside = w <= kernel_clip && T::zero() - kernel_clip <= w;
-                    g.write(if inside { value } else { T::zero() });
-                };
-                for (t, slot) in slots.iter().enumerate() {
-                    let base = padding[t * o + oo];
-                    let gw = gw[t..].iter_mut().step_by(kt);
-                    let w = w[t..].iter().step_by(kt);
-                    match slot {
-                        Some(s) => {
-                            let products = &dw[(s * o + oo) * c..][..c];
-                            for ((g, w), &p) in gw.zip(w).zip(products) {
-                                masked(g, w, base + p);
-                            }
+    let mut pixel_sums = vec![T::zero(); pixels * o];
+    for image in gys.chunks(pixels * o) {
+        for (d, &s) in pixel_sums.iter_mut().zip(image) {
+            *d += s;
+        }
+    }
+    let pad = T::from_f64(pad_value);
+    for (tap, sums) in taps.iter().zip(padding.chunks_mut(o)) {
+        for oy in 0..g.oh {
+            for ox in (0..g.ow).filter(|&ox| !tap.contains(oy, ox)) {
+                let p = (oy * g.ow + ox) * o;
+                for (d, &s) in sums.iter_mut().zip(&pixel_sums[p..p + o]) {
+                    *d += pad * s;
+                }
+            }
+        }
+    }
+    padding
+}
+
+/// Writes the input gradient: `dx` (NHWC) back to NCHW, where `|x| <= clip` (all of it
+/// without a clip).
+fn input_gradient<T: Float>(
+    g: &Geometry,
+    clip: Option<f64>,
+    x: &[T],
+    dx: &[T],
+    gx: &mut [MaybeUninit<T>],
+) {
+    let (c, hw) = (g.c, g.h * g.w);
+    if hw * c == 0 {
+        return;
+    }
+    let clip = clip.map(T::at_most);
+    gx.par_chunks_mut(c * hw)
+        .zip(dx.par_chunks(c * hw))
+        .zip(x.par_chunks(c * hw))
+        .for_each(|((gx, dx), x)| {
+            for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
+                for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
+                    let inside = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
+                    gx.write(if inside { dx[p * c + ci] } else { T::zero() });
+                }
+            }
+        });
+}
+
+/// Writes the kernel gradient: each tap's product (`dw` at the tap's slot) plus the padding's
+/// share, where `|w| <= clip` (the straight-through mask), tap by tap through each filter's
+/// `C x kh x kw` block.
+fn kernel_gradient<T: Float>(
+    g: &Geometry,
+    clip: f64,
+    w: &[T],
+    (slots, dw): (&[Option<usize>], &[T]),
+    padding: &[T],
+    gw: &mut [MaybeUninit<T>],
+) {
+    let (c, o, kt) = (g.c, g.o, slots.len());
+    if c * kt == 0 {
+        return;
+    }
+    let clip = T::at_most(clip);
+    gw.par_chunks_mut(c * kt)
+        .zip(w.par_chunks(c * kt))
+        .enumerate()
+        .for_each(|(oo, (gw, w))| {
+            let masked = |g: &mut MaybeUninit<T>, &w: &T, value: T| {
+                let inside = w <= clip && T::zero() - clip <= w;
+                g.write(if inside { value } else { T::zero() });
+            };
+            for (t, slot) in slots.iter().enumerate() {
+                let base = padding[t * o + oo];
+                let gw = gw[t..].iter_mut().step_by(kt);
+                let w = w[t..].iter().step_by(kt);
+                match slot {
+                    Some(s) => {
+                        let products = &dw[(s * o + oo) * c..][..c];
+                        for ((g, w), &p) in gw.zip(w).zip(products) {
+                            masked(g, w, base + p);
                         }
-                        None => gw.zip(w).for_each(|(g, w)| masked(g, w, base)),
                     }
+                    None => gw.zip(w).for_each(|(g, w)| masked(g, w, base)),
                 }
-            });
-    }
-    // SAFETY: the two passes above wrote all `len` elements (`x.len() = n * c * hw` in
-    // chunks of `c * hw`, `w.len() = o * c * kt` in chunks of `c * kt`).
-    unsafe { out.set_len(len) };
-    out
+            }
+        });
 }
 
 #[cfg(test)]
