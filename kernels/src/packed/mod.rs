@@ -241,17 +241,24 @@ impl PackedConvWeights {
         let mut data = vec![0u64; out_channels * taps * words];
         if words * taps > 0 {
             // One filter per task: word `k` of tap `t` gathers input channels 64k.. of the tap.
+            // The filter is laid out tap-major (`kh x kw x C`) first, so that each tap's
+            // channels pack as a pixel's do.
+            let variant = Variant::selected();
             data.par_chunks_mut(taps * words)
                 .zip(w.par_chunks(in_channels * taps))
-                .for_each(|(filter, w)| {
-                    for (t, tap) in filter.chunks_exact_mut(words).enumerate() {
-                        for (k, word) in tap.iter_mut().enumerate() {
-                            let channels = 64 * k..in_channels.min(64 * k + 64);
-                            *word = channels.fold(0, |bits, i| {
-                                bits | u64::from(w[i * taps + t] < 0.0) << (i % 64)
-                            });
+                .for_each_init(Vec::new, |by_tap, (filter, w)| {
+                    let w = if taps == 1 {
+                        w
+                    } else {
+                        by_tap.resize(w.len(), 0.0);
+                        for (i, channel) in w.chunks_exact(taps).enumerate() {
+                            for (t, &v) in channel.iter().enumerate() {
+                                by_tap[t * in_channels + i] = v;
+                            }
                         }
-                    }
+                        &by_tap[..]
+                    };
+                    pack_signs(variant, w, in_channels, filter);
                 });
         }
         PackedConvWeights {
