@@ -8,6 +8,7 @@ use candle_nn::{VarBuilder, VarMap};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn models(c: &mut Criterion) {
+    zoo::device::tune_runtime();
     let dev = Device::Cpu;
     let batch = 64;
     let config = zoo::ModelConfig {

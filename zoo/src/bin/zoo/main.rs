@@ -178,7 +178,7 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
         // pool starts.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
-    tune_runtime();
+    zoo::device::tune_runtime();
     let threads = cli.threads.unwrap_or_else(default_threads);
     match cli.command {
         Command::List => info::list(),
@@ -213,26 +213,6 @@ fn run(cli: Cli) -> Result<(), zoo::Error> {
                     mirror,
                 },
         } => data::fetch(&dataset, &size, &dest, mirror.as_deref()),
-    }
-}
-
-/// Process settings that keep small training steps fast on few cores (measured: about 1.3x
-/// the images/s of quicknet-lab on 2 cores). Both can be overridden from the environment.
-fn tune_runtime() {
-    // candle's elementwise thread pool spins 25,000 times after every op before sleeping,
-    // competing with the rayon threads that run the zoo's kernels.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "0");
-    }
-    // Keep freed activation buffers in the heap instead of returning them to the OS (and
-    // faulting fresh zeroed pages in) at every step.
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        // SAFETY: mallopt only changes allocator thresholds; called before any threads start.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-        }
     }
 }
 
