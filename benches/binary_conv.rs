@@ -11,22 +11,25 @@ use candle_core::{Device, Result, Tensor, Var};
 use criterion::{criterion_group, criterion_main, Criterion};
 use zoo_kernels::{binary_conv2d, ste_sign, BinaryConv2d};
 
+/// The straight-through clip of inputs and kernel (QuickNet's).
+const CLIP: f64 = 1.25;
+
 const CONV: BinaryConv2d = BinaryConv2d {
     stride: [1, 1],
     pads: [1; 4],
     pad_value: 1.0,
-    input_clip: Some(1.25),
-    kernel_clip: 1.25,
+    input_clip: Some(CLIP),
+    kernel_clip: CLIP,
 };
 
 /// The convolution as candle ops: signs with straight-through gradients, ones around, `conv2d`.
 fn composed(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let signs = ste_sign(x, 1.25)?;
+    let signs = ste_sign(x, CLIP)?;
     let ones = signs.ones_like()?.detach();
     let inside = ones.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
     let padded = (signs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?
         + (inside.ones_like()? - inside)?)?;
-    padded.conv2d(&ste_sign(w, 1.25)?, 0, 1, 1, 1)
+    padded.conv2d(&ste_sign(w, CLIP)?, 0, 1, 1, 1)
 }
 
 fn binary_conv(c: &mut Criterion) {
