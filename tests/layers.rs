@@ -2432,54 +2432,6 @@ fn lab_fused_op_gradients_match_finite_differences() -> Result {
     Ok(())
 }
 
-/// Forward + backward of the fused LAB against the composed ops on the QuickNet-LAB training
-/// shapes (batch 64, f32, 2 threads); prints medians and minima. Run with
-/// `cargo test -p zoo --release --test layers lab_fused_op_timing -- --ignored --nocapture`.
-#[test]
-#[ignore = "timing, not a check"]
-fn lab_fused_op_timing() -> Result {
-    use std::time::Instant;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .expect("a thread pool");
-    let mut r = rng(73);
-    let reps = 41;
-    for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
-        let d = (64, c, hw, hw);
-        let (lab, _vars) =
-            lab_of_dtype(&mut r, feature(c, hw, hw), LabPairing::Channel, DType::F32)?;
-        let x = Var::from_tensor(
-            &tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?,
-        )?;
-        let g = tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?;
-        let time = |f: &dyn Fn(&Tensor) -> Result<Tensor>| -> Result<(f64, f64)> {
-            let mut times = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                let start = Instant::now();
-                let y = f(x.as_tensor())?;
-                let grads = y.mul(&g)?.sum_all()?.backward()?;
-                assert!(grads.get(x.as_tensor()).is_some());
-                times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            times.sort_by(f64::total_cmp);
-            Ok((times[reps / 2], times[0]))
-        };
-        let (composed, fused) = pool.install(|| -> Result<((f64, f64), (f64, f64))> {
-            Ok((
-                time(&|x| lab_composed(&lab, x))?,
-                time(&|x| lab.forward(x))?,
-            ))
-        })?;
-        println!(
-            "LAB fwd+bwd 64x{c}x{hw}x{hw} f32, median (min) of {reps}: composed {:.3} ({:.3}) \
-             ms, fused {:.3} ({:.3}) ms",
-            composed.0, composed.1, fused.0, fused.1
-        );
-    }
-    Ok(())
-}
-
 // ------------------------------------------------------------------------------------------
 // QuantConv2d on the fused binary convolution (`zoo_kernels::binary_conv2d`)
 // ------------------------------------------------------------------------------------------
@@ -2570,75 +2522,6 @@ fn quant_conv_on_the_binary_conv_op_matches_the_composed_path() -> Result {
                 );
             }
         }
-    }
-    Ok(())
-}
-
-/// The binary convolutions of QuickNet on 32x32 inputs (batch 64, f32, 2 threads) through
-/// `QuantConv2d`: the fused op against the composed path, forward + backward, medians of 11.
-/// Run with `cargo test -p zoo --release --test layers binary_conv_op_timing -- --ignored
-/// --nocapture`.
-#[test]
-#[ignore = "timing, not a check"]
-fn binary_conv_op_timing() -> Result {
-    use std::time::Instant;
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .expect("a thread pool");
-    let mut r = rng(92);
-    let cfg = |c| {
-        let mut cfg = conv_config(
-            c,
-            [3, 3],
-            1,
-            Padding::Same,
-            1.0,
-            Activation::Sign { clip: 1.25 },
-            KernelQuantizer::SteSign { clip: 1.25 },
-        );
-        cfg.bias = false;
-        cfg
-    };
-    for (c, hw) in [(64, 8), (128, 4), (256, 2), (512, 1)] {
-        let d = (64, c, hw, hw);
-        let x = Var::from_tensor(
-            &tensor(&uniform(&mut r, numel(d), -2.0, 2.0), d).to_dtype(DType::F32)?,
-        )?;
-        let g = tensor(&uniform(&mut r, numel(d), -1.0, 1.0), d).to_dtype(DType::F32)?;
-        let w = Var::from_tensor(
-            &tensor(&uniform(&mut r, c * c * 9, -1.5, 1.5), (c, c, 3, 3)).to_dtype(DType::F32)?,
-        )?;
-        let varmap = VarMap::new();
-        varmap
-            .data()
-            .lock()
-            .unwrap()
-            .insert("weight".into(), w.clone());
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let layer = QuantConv2d::new(vb, feature(c, hw, hw), &cfg(c))?;
-        let b = Tensor::zeros(c, DType::F32, &Device::Cpu)?;
-        let time = |f: &dyn Fn() -> Result<Tensor>| -> Result<f64> {
-            let mut times: Vec<f64> = (0..11)
-                .map(|_| {
-                    let start = Instant::now();
-                    let grads = f()?.mul(&g)?.sum_all()?.backward()?;
-                    assert!(grads.get(w.as_tensor()).is_some());
-                    Ok(start.elapsed().as_secs_f64() * 1e3)
-                })
-                .collect::<Result<_>>()?;
-            times.sort_by(f64::total_cmp);
-            Ok(times[5])
-        };
-        let (fused, composed) = pool.install(|| -> Result<(f64, f64)> {
-            Ok((
-                time(&|| layer.forward(x.as_tensor()))?,
-                time(&|| quant_conv_composed(x.as_tensor(), w.as_tensor(), &b, &cfg(c)))?,
-            ))
-        })?;
-        println!(
-            "binary conv fwd+bwd 64x{c}x{hw}x{hw}: fused {fused:.2} ms, composed {composed:.2} ms"
-        );
     }
     Ok(())
 }
