@@ -192,19 +192,67 @@ fn lab_params(prefix: &str, channels: usize) -> Vec<Param> {
             Init::GlorotUniform,
             fans([3, 3], channels, 2),
         ),
-        param(
-            format!("{prefix}.bias"),
-            vec![2 * channels],
-            Init::Constant(0.0),
-            (0, 0),
-        ),
-        param(
-            format!("{prefix}.beta"),
-            vec![1],
-            Init::Constant(1.0),
-            (0, 0),
-        ),
+        constant(prefix, "bias", 2 * channels, 0.0),
+        constant(prefix, "beta", 1, 1.0),
     ]
+}
+
+/// A tensor of `len` values named `{layer}.{tensor}`, initialised to `value`.
+fn constant(layer: &str, tensor: &str, len: usize, value: f64) -> Param {
+    param(
+        format!("{layer}.{tensor}"),
+        vec![len],
+        Init::Constant(value),
+        (0, 0),
+    )
+}
+
+/// Batch norm's tensors: the scale and offset it learns, then its moving statistics.
+fn batch_norm_params(name: &str, channels: usize, bn: &BatchNorm) -> Vec<Param> {
+    let mut params = Vec::new();
+    if bn.scale {
+        params.push(constant(name, "weight", channels, 1.0));
+    }
+    if bn.center {
+        params.push(constant(name, "bias", channels, 0.0));
+    }
+    for (stat, value) in [("running_mean", 0.0), ("running_var", 1.0)] {
+        params.push(Param {
+            trainable: false,
+            ..constant(name, stat, channels, value)
+        });
+    }
+    params
+}
+
+/// LAB's depthwise convolution: two 3x3 kernels per channel.
+fn lab_macs(input: FeatureShape) -> u64 {
+    (9 * 2 * input.channels * input.height * input.width) as u64
+}
+
+/// What one node adds to the analysis.
+struct Layer {
+    output: FeatureShape,
+    params: Vec<Param>,
+    binary_macs: u64,
+    float_macs: u64,
+}
+
+impl Layer {
+    /// A layer without tensors or counted arithmetic.
+    fn plain(output: FeatureShape) -> Self {
+        Self::with_params(output, Vec::new())
+    }
+
+    /// A layer with tensors, its multiply-accumulates left for the caller to count.
+    fn with_params(output: FeatureShape, params: Vec<Param>) -> Self {
+        Layer {
+            output,
+            params,
+            binary_macs: 0,
+            float_macs: 0,
+        }
+    }
 }
 
 /// Works out shapes, parameters and costs of `spec` at `config`.
@@ -323,6 +371,7 @@ impl Walker<'_> {
         input: FeatureShape,
         depth: usize,
     ) -> Result<FeatureShape, SpecError> {
+        // The node's entry comes before those of the sequences it nests.
         let index = self.layers.len();
         self.layers.push(LayerInfo {
             name: node.name.clone(),
@@ -334,272 +383,21 @@ impl Walker<'_> {
             binary_macs: 0,
             float_macs: 0,
         });
-        let c = input.channels;
-        self.bounded(node, input, "its input", &[c, input.height, input.width])?;
-        let name = &node.name;
-        let mut params = Vec::new();
-        let (mut binary_macs, mut float_macs) = (0u64, 0u64);
-        let output = match &node.op {
-            Op::Conv(conv) => {
-                let kernel = [conv.filters, c, conv.kernel[0], conv.kernel[1]];
-                self.bounded(node, input, "the kernel", &kernel)?;
-                let (h, w) = self.spatial(node, input, conv.kernel, conv.stride, conv.padding)?;
-                let mut weight = param(
-                    format!("{name}.weight"),
-                    vec![conv.filters, c, conv.kernel[0], conv.kernel[1]],
-                    conv.init,
-                    fans(conv.kernel, c, conv.filters),
-                );
-                weight.binary = conv.kernel_quantizer.is_binary();
-                weight.weight_clip = conv.weight_clip;
-                params.push(weight);
-                if conv.bias {
-                    params.push(param(
-                        format!("{name}.bias"),
-                        vec![conv.filters],
-                        Init::Constant(0.0),
-                        (0, 0),
-                    ));
-                }
-                if let Activation::Lab(_) = conv.input {
-                    params.extend(lab_params(&format!("{name}.lab"), c));
-                    float_macs += (9 * 2 * c * input.height * input.width) as u64;
-                }
-                let macs = (h * w * conv.kernel[0] * conv.kernel[1] * c * conv.filters) as u64;
-                if (input.binary || conv.input.is_binary()) && conv.kernel_quantizer.is_binary() {
-                    binary_macs += macs;
-                } else {
-                    float_macs += macs;
-                }
-                FeatureShape {
-                    channels: conv.filters,
-                    height: h,
-                    width: w,
-                    binary: false,
-                }
-            }
-            Op::DepthwiseConv(dw) => {
-                let (h, w) = self.spatial(node, input, dw.kernel, dw.stride, dw.padding)?;
-                let out = c * dw.multiplier;
-                self.bounded(
-                    node,
-                    input,
-                    "the kernel",
-                    &[out, dw.kernel[0], dw.kernel[1]],
-                )?;
-                params.push(param(
-                    format!("{name}.weight"),
-                    vec![out, 1, dw.kernel[0], dw.kernel[1]],
-                    dw.init,
-                    fans(dw.kernel, c, dw.multiplier),
-                ));
-                if dw.bias {
-                    params.push(param(
-                        format!("{name}.bias"),
-                        vec![out],
-                        Init::Constant(0.0),
-                        (0, 0),
-                    ));
-                }
-                float_macs += (h * w * dw.kernel[0] * dw.kernel[1] * out) as u64;
-                FeatureShape {
-                    channels: out,
-                    height: h,
-                    width: w,
-                    binary: false,
-                }
-            }
-            Op::BatchNorm(bn) => {
-                if bn.scale {
-                    params.push(param(
-                        format!("{name}.weight"),
-                        vec![c],
-                        Init::Constant(1.0),
-                        (0, 0),
-                    ));
-                }
-                if bn.center {
-                    params.push(param(
-                        format!("{name}.bias"),
-                        vec![c],
-                        Init::Constant(0.0),
-                        (0, 0),
-                    ));
-                }
-                for (stat, value) in [("running_mean", 0.0), ("running_var", 1.0)] {
-                    let mut p = param(
-                        format!("{name}.{stat}"),
-                        vec![c],
-                        Init::Constant(value),
-                        (0, 0),
-                    );
-                    p.trainable = false;
-                    params.push(p);
-                }
-                FeatureShape {
-                    binary: false,
-                    ..input
-                }
-            }
-            Op::Relu => FeatureShape {
-                binary: false,
-                ..input
-            },
-            Op::PRelu(p) => {
-                params.push(param(
-                    format!("{name}.weight"),
-                    vec![c],
-                    Init::Constant(p.alpha),
-                    (0, 0),
-                ));
-                FeatureShape {
-                    binary: false,
-                    ..input
-                }
-            }
-            Op::Bias => {
-                params.push(param(
-                    format!("{name}.bias"),
-                    vec![c],
-                    Init::Constant(0.0),
-                    (0, 0),
-                ));
-                FeatureShape {
-                    binary: false,
-                    ..input
-                }
-            }
-            Op::Binarize(act) => {
-                if let Activation::Lab(_) = act {
-                    params.extend(lab_params(name, c));
-                    float_macs += (9 * 2 * c * input.height * input.width) as u64;
-                }
-                FeatureShape {
-                    binary: act.is_binary() || input.binary,
-                    ..input
-                }
-            }
-            Op::MaxPool(pool) | Op::AvgPool(pool) => {
-                let (h, w) = self.spatial(node, input, pool.size, pool.stride, pool.padding)?;
-                let binary = input.binary && matches!(node.op, Op::MaxPool(_));
-                FeatureShape {
-                    channels: c,
-                    height: h,
-                    width: w,
-                    binary,
-                }
-            }
-            Op::BlurPool(blur) => {
-                let (h, w) = self.spatial(
-                    node,
-                    input,
-                    [3, 3],
-                    [blur.stride, blur.stride],
-                    Padding::Same,
-                )?;
-                float_macs += (9 * c * h * w) as u64;
-                FeatureShape {
-                    channels: c,
-                    height: h,
-                    width: w,
-                    binary: false,
-                }
-            }
-            Op::GlobalAvgPool => FeatureShape {
-                channels: c,
-                height: 1,
-                width: 1,
-                binary: false,
-            },
-            Op::Flatten => FeatureShape {
-                channels: c * input.height * input.width,
-                height: 1,
-                width: 1,
-                binary: input.binary,
-            },
-            Op::Dense(dense) => {
-                if input.height != 1 || input.width != 1 {
-                    return Err(self.error(
-                        node,
-                        input,
-                        "a dense layer needs a flat input (1x1 spatial); put `flatten` or `global_avg_pool` before it".into(),
-                    ));
-                }
-                let units = dense.units.resolve(self.classes);
-                self.bounded(node, input, "the weight matrix", &[units, c])?;
-                params.push(param(
-                    format!("{name}.weight"),
-                    vec![units, c],
-                    dense.init,
-                    (c, units),
-                ));
-                if dense.bias {
-                    params.push(param(
-                        format!("{name}.bias"),
-                        vec![units],
-                        Init::Constant(0.0),
-                        (0, 0),
-                    ));
-                }
-                float_macs += (units * c) as u64;
-                FeatureShape {
-                    channels: units,
-                    height: 1,
-                    width: 1,
-                    binary: false,
-                }
-            }
-            Op::Duplicate => FeatureShape {
-                channels: 2 * c,
-                ..input
-            },
-            Op::Residual(r) => {
-                let shortcut = self.sequence(&r.shortcut, input, depth + 1)?;
-                let body = self.sequence(&r.body, input, depth + 1)?;
-                if (shortcut.channels, shortcut.height, shortcut.width)
-                    != (body.channels, body.height, body.width)
-                {
-                    return Err(self.error(
-                        node,
-                        input,
-                        format!("the residual's shortcut gives {shortcut} but its body gives {body}; they must match to be added"),
-                    ));
-                }
-                FeatureShape {
-                    binary: false,
-                    ..body
-                }
-            }
-            Op::Concat(branches) => {
-                let mut out: Option<FeatureShape> = None;
-                for branch in branches {
-                    let s = self.sequence(branch, input, depth + 1)?;
-                    out = Some(match out {
-                        None => s,
-                        Some(o) if (o.height, o.width) == (s.height, s.width) => FeatureShape {
-                            channels: o.channels + s.channels,
-                            binary: o.binary && s.binary,
-                            ..o
-                        },
-                        Some(o) => {
-                            return Err(self.error(
-                                node,
-                                input,
-                                format!("concat branches give different sizes: {o} and {s}"),
-                            ))
-                        }
-                    });
-                }
-                out.expect("decode rejects a concat without branches")
-            }
-        };
+        self.bounded(
+            node,
+            input,
+            "its input",
+            &[input.channels, input.height, input.width],
+        )?;
+        let layer = self.layer(node, input, depth)?;
+        let output = layer.output;
         self.bounded(
             node,
             input,
             "its output",
             &[output.channels, output.height, output.width],
         )?;
-        self.params += params.iter().map(|p| p.len() as u128).sum::<u128>();
+        self.params += layer.params.iter().map(|p| p.len() as u128).sum::<u128>();
         if self.params > MAX_PARAMS {
             return Err(self.error(
                 node,
@@ -612,9 +410,251 @@ impl Walker<'_> {
         }
         let info = &mut self.layers[index];
         info.output = output;
-        info.params = params;
-        info.binary_macs = binary_macs;
-        info.float_macs = float_macs;
+        info.params = layer.params;
+        info.binary_macs = layer.binary_macs;
+        info.float_macs = layer.float_macs;
         Ok(output)
+    }
+
+    /// What `node` computes from `input`: one function per kind of layer with tensors or
+    /// checks of its own, the shape rules of the others inline.
+    fn layer(
+        &mut self,
+        node: &Node,
+        input: FeatureShape,
+        depth: usize,
+    ) -> Result<Layer, SpecError> {
+        let (name, c) = (node.name.as_str(), input.channels);
+        let float = FeatureShape {
+            binary: false,
+            ..input
+        };
+        Ok(match &node.op {
+            Op::Conv(conv) => self.conv(node, input, conv)?,
+            Op::DepthwiseConv(dw) => self.depthwise_conv(node, input, dw)?,
+            Op::BatchNorm(bn) => Layer::with_params(float, batch_norm_params(name, c, bn)),
+            Op::Relu => Layer::plain(float),
+            Op::PRelu(p) => Layer::with_params(float, vec![constant(name, "weight", c, p.alpha)]),
+            Op::Bias => Layer::with_params(float, vec![constant(name, "bias", c, 0.0)]),
+            Op::Binarize(act) => {
+                let output = FeatureShape {
+                    binary: act.is_binary() || input.binary,
+                    ..input
+                };
+                match act {
+                    Activation::Lab(_) => Layer {
+                        params: lab_params(name, c),
+                        float_macs: lab_macs(input),
+                        ..Layer::plain(output)
+                    },
+                    _ => Layer::plain(output),
+                }
+            }
+            Op::MaxPool(pool) | Op::AvgPool(pool) => {
+                let (h, w) = self.spatial(node, input, pool.size, pool.stride, pool.padding)?;
+                Layer::plain(FeatureShape {
+                    channels: c,
+                    height: h,
+                    width: w,
+                    // Max pooling keeps ±1 values; averaging does not.
+                    binary: input.binary && matches!(node.op, Op::MaxPool(_)),
+                })
+            }
+            Op::BlurPool(blur) => {
+                let stride = [blur.stride, blur.stride];
+                let (h, w) = self.spatial(node, input, [3, 3], stride, Padding::Same)?;
+                Layer {
+                    float_macs: (9 * c * h * w) as u64,
+                    ..Layer::plain(FeatureShape {
+                        channels: c,
+                        height: h,
+                        width: w,
+                        binary: false,
+                    })
+                }
+            }
+            Op::GlobalAvgPool => Layer::plain(FeatureShape {
+                channels: c,
+                height: 1,
+                width: 1,
+                binary: false,
+            }),
+            Op::Flatten => Layer::plain(FeatureShape {
+                channels: c * input.height * input.width,
+                height: 1,
+                width: 1,
+                binary: input.binary,
+            }),
+            Op::Dense(dense) => self.dense(node, input, dense)?,
+            Op::Duplicate => Layer::plain(FeatureShape {
+                channels: 2 * c,
+                ..input
+            }),
+            Op::Residual(r) => self.residual(node, input, depth, r)?,
+            Op::Concat(branches) => self.concat(node, input, depth, branches)?,
+        })
+    }
+
+    fn conv(&self, node: &Node, input: FeatureShape, conv: &Conv) -> Result<Layer, SpecError> {
+        let (name, c) = (node.name.as_str(), input.channels);
+        let kernel = [conv.filters, c, conv.kernel[0], conv.kernel[1]];
+        self.bounded(node, input, "the kernel", &kernel)?;
+        let (h, w) = self.spatial(node, input, conv.kernel, conv.stride, conv.padding)?;
+        let mut weight = param(
+            format!("{name}.weight"),
+            kernel.to_vec(),
+            conv.init,
+            fans(conv.kernel, c, conv.filters),
+        );
+        weight.binary = conv.kernel_quantizer.is_binary();
+        weight.weight_clip = conv.weight_clip;
+        let mut layer = Layer::with_params(
+            FeatureShape {
+                channels: conv.filters,
+                height: h,
+                width: w,
+                binary: false,
+            },
+            vec![weight],
+        );
+        if conv.bias {
+            layer.params.push(constant(name, "bias", conv.filters, 0.0));
+        }
+        if let Activation::Lab(_) = conv.input {
+            layer.params.extend(lab_params(&format!("{name}.lab"), c));
+            layer.float_macs += lab_macs(input);
+        }
+        let macs = (h * w * conv.kernel[0] * conv.kernel[1] * c * conv.filters) as u64;
+        if (input.binary || conv.input.is_binary()) && conv.kernel_quantizer.is_binary() {
+            layer.binary_macs += macs;
+        } else {
+            layer.float_macs += macs;
+        }
+        Ok(layer)
+    }
+
+    fn depthwise_conv(
+        &self,
+        node: &Node,
+        input: FeatureShape,
+        dw: &DepthwiseConv,
+    ) -> Result<Layer, SpecError> {
+        let (name, c) = (node.name.as_str(), input.channels);
+        let (h, w) = self.spatial(node, input, dw.kernel, dw.stride, dw.padding)?;
+        let out = c * dw.multiplier;
+        let kernel = [out, 1, dw.kernel[0], dw.kernel[1]];
+        self.bounded(node, input, "the kernel", &kernel)?;
+        let mut params = vec![param(
+            format!("{name}.weight"),
+            kernel.to_vec(),
+            dw.init,
+            fans(dw.kernel, c, dw.multiplier),
+        )];
+        if dw.bias {
+            params.push(constant(name, "bias", out, 0.0));
+        }
+        Ok(Layer {
+            float_macs: (h * w * dw.kernel[0] * dw.kernel[1] * out) as u64,
+            ..Layer::with_params(
+                FeatureShape {
+                    channels: out,
+                    height: h,
+                    width: w,
+                    binary: false,
+                },
+                params,
+            )
+        })
+    }
+
+    fn dense(&self, node: &Node, input: FeatureShape, dense: &Dense) -> Result<Layer, SpecError> {
+        let (name, c) = (node.name.as_str(), input.channels);
+        if input.height != 1 || input.width != 1 {
+            return Err(self.error(
+                node,
+                input,
+                "a dense layer needs a flat input (1x1 spatial); put `flatten` or `global_avg_pool` before it".into(),
+            ));
+        }
+        let units = dense.units.resolve(self.classes);
+        self.bounded(node, input, "the weight matrix", &[units, c])?;
+        let mut params = vec![param(
+            format!("{name}.weight"),
+            vec![units, c],
+            dense.init,
+            (c, units),
+        )];
+        if dense.bias {
+            params.push(constant(name, "bias", units, 0.0));
+        }
+        Ok(Layer {
+            float_macs: (units * c) as u64,
+            ..Layer::with_params(
+                FeatureShape {
+                    channels: units,
+                    height: 1,
+                    width: 1,
+                    binary: false,
+                },
+                params,
+            )
+        })
+    }
+
+    /// A residual block: the sum of its shortcut and body, which must give the same shape.
+    fn residual(
+        &mut self,
+        node: &Node,
+        input: FeatureShape,
+        depth: usize,
+        r: &Residual,
+    ) -> Result<Layer, SpecError> {
+        let shortcut = self.sequence(&r.shortcut, input, depth + 1)?;
+        let body = self.sequence(&r.body, input, depth + 1)?;
+        if (shortcut.channels, shortcut.height, shortcut.width)
+            != (body.channels, body.height, body.width)
+        {
+            return Err(self.error(
+                node,
+                input,
+                format!("the residual's shortcut gives {shortcut} but its body gives {body}; they must match to be added"),
+            ));
+        }
+        Ok(Layer::plain(FeatureShape {
+            binary: false,
+            ..body
+        }))
+    }
+
+    /// Branches concatenated along the channels: they must give the same height and width.
+    fn concat(
+        &mut self,
+        node: &Node,
+        input: FeatureShape,
+        depth: usize,
+        branches: &[Vec<Node>],
+    ) -> Result<Layer, SpecError> {
+        let mut out: Option<FeatureShape> = None;
+        for branch in branches {
+            let s = self.sequence(branch, input, depth + 1)?;
+            out = Some(match out {
+                None => s,
+                Some(o) if (o.height, o.width) == (s.height, s.width) => FeatureShape {
+                    channels: o.channels + s.channels,
+                    binary: o.binary && s.binary,
+                    ..o
+                },
+                Some(o) => {
+                    return Err(self.error(
+                        node,
+                        input,
+                        format!("concat branches give different sizes: {o} and {s}"),
+                    ))
+                }
+            });
+        }
+        Ok(Layer::plain(
+            out.expect("decode rejects a concat without branches"),
+        ))
     }
 }
