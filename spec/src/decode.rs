@@ -371,6 +371,91 @@ fn batch_norm_settings(
     })
 }
 
+/// The short name a layer kind gives its unnamed nodes (`qconv3`), or `None` for an unknown kind.
+fn short_name(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "conv" => "conv",
+        "quant_conv" => "qconv",
+        "depthwise_conv" => "dwconv",
+        "batch_norm" => "bn",
+        "relu" => "relu",
+        "prelu" => "prelu",
+        "bias" => "bias",
+        "binarize" => "binarize",
+        "max_pool" => "maxpool",
+        "avg_pool" => "avgpool",
+        "blur_pool" => "blur",
+        "global_avg_pool" => "gap",
+        "flatten" => "flatten",
+        "dense" => "dense",
+        "duplicate" => "duplicate",
+        "residual" => "res",
+        "concat" => "concat",
+        _ => return None,
+    })
+}
+
+/// A layer's full name under `prefix`: its `name` field, else its short name numbered by
+/// `counters` (the layers of that kind so far in this list).
+fn layer_name(
+    m: &mut Map<'_>,
+    prefix: &str,
+    short: &'static str,
+    counters: &mut Vec<(&'static str, usize)>,
+) -> Result<String, SpecError> {
+    if let Some(n) = m.get("name") {
+        let s = n.str()?;
+        if s.is_empty()
+            || !s.starts_with(|c: char| c.is_ascii_lowercase())
+            || !s
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(n.error(format!(
+                "expected a layer name of lowercase letters, digits and underscores starting with a letter, found `{s}`"
+            )));
+        }
+        return Ok(format!("{prefix}.{s}"));
+    }
+    let count = match counters.iter_mut().find(|(k, _)| *k == short) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            counters.push((short, 1));
+            1
+        }
+    };
+    Ok(format!("{prefix}.{short}{count}"))
+}
+
+/// `stride` (one positive integer for both axes), else `default`.
+fn stride_or(m: &mut Map<'_>, default: [usize; 2]) -> Result<[usize; 2], SpecError> {
+    Ok(m.get("stride")
+        .map(|s| s.positive())
+        .transpose()?
+        .map_or(default, |s| [s, s]))
+}
+
+/// `padding` (`same` or `valid`), else `default`.
+fn padding_or(m: &mut Map<'_>, default: Padding) -> Result<Padding, SpecError> {
+    Ok(m.get("padding")
+        .map(|p| padding(&p))
+        .transpose()?
+        .unwrap_or(default))
+}
+
+/// A pooling window: `size`, `stride` (the size by default) and `padding` (`valid`).
+fn pool(m: &mut Map<'_>) -> Result<Pool, SpecError> {
+    let size = m.require("size", "the pooling window size")?.pair()?;
+    Ok(Pool {
+        size,
+        stride: stride_or(m, size)?,
+        padding: padding_or(m, Padding::Valid)?,
+    })
+}
+
 /// Walks the layer lists, tracking the number of channels where it is known statically.
 struct Expander {
     binary: Binary,
@@ -420,139 +505,17 @@ impl Expander {
             v,
             "a layer: a name like `relu` or a mapping like `{conv: {filters: 64, kernel: 3}}`",
         )?;
-        let short = match kind {
-            "conv" => "conv",
-            "quant_conv" => "qconv",
-            "depthwise_conv" => "dwconv",
-            "batch_norm" => "bn",
-            "relu" => "relu",
-            "prelu" => "prelu",
-            "bias" => "bias",
-            "binarize" => "binarize",
-            "max_pool" => "maxpool",
-            "avg_pool" => "avgpool",
-            "blur_pool" => "blur",
-            "global_avg_pool" => "gap",
-            "flatten" => "flatten",
-            "dense" => "dense",
-            "duplicate" => "duplicate",
-            "residual" => "res",
-            "concat" => "concat",
-            other => {
-                return Err(v.error(format!(
-                    "unknown layer `{other}`; expected one of conv, quant_conv, depthwise_conv, batch_norm, relu, prelu, bias, binarize, max_pool, avg_pool, blur_pool, global_avg_pool, flatten, dense, duplicate, residual, concat"
-                )))
-            }
+        let Some(short) = short_name(kind) else {
+            return Err(v.error(format!(
+                "unknown layer `{kind}`; expected one of conv, quant_conv, depthwise_conv, batch_norm, relu, prelu, bias, binarize, max_pool, avg_pool, blur_pool, global_avg_pool, flatten, dense, duplicate, residual, concat"
+            )));
         };
-        let name = match m.get("name") {
-            Some(n) => {
-                let s = n.str()?;
-                if s.is_empty()
-                    || !s.starts_with(|c: char| c.is_ascii_lowercase())
-                    || !s
-                        .chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                {
-                    return Err(n.error(format!(
-                        "expected a layer name of lowercase letters, digits and underscores starting with a letter, found `{s}`"
-                    )));
-                }
-                format!("{prefix}.{s}")
-            }
-            None => {
-                let count = match counters.iter_mut().find(|(k, _)| *k == short) {
-                    Some((_, n)) => {
-                        *n += 1;
-                        *n
-                    }
-                    None => {
-                        counters.push((short, 1));
-                        1
-                    }
-                };
-                format!("{prefix}.{short}{count}")
-            }
-        };
+        let name = layer_name(&mut m, prefix, short, counters)?;
         let location = v.location();
         let op = match kind {
-            "conv" | "quant_conv" => {
-                let quant = kind == "quant_conv";
-                let b = self.binary;
-                let conv = Conv {
-                    filters: m
-                        .require("filters", "the number of output channels")?
-                        .positive()?,
-                    kernel: m.require("kernel", "the kernel size")?.pair()?,
-                    stride: m
-                        .get("stride")
-                        .map(|s| s.positive())
-                        .transpose()?
-                        .map_or([1, 1], |s| [s, s]),
-                    padding: m
-                        .get("padding")
-                        .map(|p| padding(&p))
-                        .transpose()?
-                        .unwrap_or(Padding::Same),
-                    pad_value: match m.get("pad_value") {
-                        Some(p) => pad_value(&p)?,
-                        None if quant => b.pad_value,
-                        None => 0.0,
-                    },
-                    bias: bool_or(&mut m, "bias", false)?,
-                    init: match m.get("init") {
-                        Some(i) => init(&i)?,
-                        None if quant => b.init,
-                        None => Init::GlorotUniform,
-                    },
-                    input: match m.get("activation") {
-                        Some(a) => activation(&a)?,
-                        None if quant => default_activation,
-                        None => Activation::None,
-                    },
-                    kernel_quantizer: match m.get("kernel_quantizer") {
-                        Some(k) => kernel_quantizer(&k)?,
-                        None if quant => b.kernel,
-                        None => KernelQuantizer::None,
-                    },
-                    weight_clip: match m.get("weight_clip") {
-                        Some(c) => weight_clip(&c)?,
-                        None if quant => b.weight_clip,
-                        None => None,
-                    },
-                };
-                self.set_channels(conv.filters);
-                Op::Conv(conv)
-            }
-            "depthwise_conv" => {
-                let dw = DepthwiseConv {
-                    kernel: m.require("kernel", "the kernel size")?.pair()?,
-                    stride: m
-                        .get("stride")
-                        .map(|s| s.positive())
-                        .transpose()?
-                        .map_or([1, 1], |s| [s, s]),
-                    padding: m
-                        .get("padding")
-                        .map(|p| padding(&p))
-                        .transpose()?
-                        .unwrap_or(Padding::Same),
-                    multiplier: m
-                        .get("multiplier")
-                        .map(|x| x.positive())
-                        .transpose()?
-                        .unwrap_or(1),
-                    bias: bool_or(&mut m, "bias", false)?,
-                    init: m
-                        .get("init")
-                        .map(|i| init(&i))
-                        .transpose()?
-                        .unwrap_or(Init::GlorotUniform),
-                };
-                if dw.multiplier != 1 {
-                    self.channels = self.channels.map(|c| c * dw.multiplier);
-                }
-                Op::DepthwiseConv(dw)
-            }
+            "conv" => self.conv(&mut m, false, default_activation)?,
+            "quant_conv" => self.conv(&mut m, true, default_activation)?,
+            "depthwise_conv" => self.depthwise_conv(&mut m)?,
             "batch_norm" => Op::BatchNorm(batch_norm_settings(&mut m, 0.99, 1e-3)?),
             "relu" => Op::Relu,
             "prelu" => Op::PRelu(PRelu {
@@ -563,27 +526,8 @@ impl Expander {
                 Some(a) => activation(&a)?,
                 None => default_activation,
             }),
-            "max_pool" | "avg_pool" => {
-                let size = m.require("size", "the pooling window size")?.pair()?;
-                let pool = Pool {
-                    size,
-                    stride: m
-                        .get("stride")
-                        .map(|s| s.positive())
-                        .transpose()?
-                        .map_or(size, |s| [s, s]),
-                    padding: m
-                        .get("padding")
-                        .map(|p| padding(&p))
-                        .transpose()?
-                        .unwrap_or(Padding::Valid),
-                };
-                if kind == "max_pool" {
-                    Op::MaxPool(pool)
-                } else {
-                    Op::AvgPool(pool)
-                }
-            }
+            "max_pool" => Op::MaxPool(pool(&mut m)?),
+            "avg_pool" => Op::AvgPool(pool(&mut m)?),
             "blur_pool" => Op::BlurPool(BlurPool {
                 stride: m
                     .get("stride")
@@ -596,77 +540,164 @@ impl Expander {
                 self.channels = None;
                 Op::Flatten
             }
-            "dense" => {
-                let units = match m.get("units") {
-                    None => Units::Classes,
-                    Some(u) if u.as_plain_str() == Some("classes") => Units::Classes,
-                    Some(u) => Units::Fixed(
-                        u.positive()
-                            .map_err(|_| u.error("expected a positive integer or `classes`"))?,
-                    ),
-                };
-                match units {
-                    Units::Fixed(n) => self.set_channels(n),
-                    Units::Classes => self.channels = None,
-                }
-                Op::Dense(Dense {
-                    units,
-                    bias: bool_or(&mut m, "bias", true)?,
-                    init: m
-                        .get("init")
-                        .map(|i| init(&i))
-                        .transpose()?
-                        .unwrap_or(Init::GlorotUniform),
-                })
-            }
+            "dense" => self.dense(&mut m)?,
             "duplicate" => {
                 self.channels = self.channels.map(|c| 2 * c);
                 Op::Duplicate
             }
-            "residual" => {
-                let before = (self.channels, self.dynamic_channels);
-                let shortcut = match m.get("shortcut") {
-                    Some(s) => self.layers(&s, &format!("{name}.shortcut"), default_activation)?,
-                    None => Vec::new(),
-                };
-                (self.channels, self.dynamic_channels) = before;
-                let body = self.layers(
-                    &m.require("body", "the list of layers of the main path")?,
-                    &name,
-                    default_activation,
-                )?;
-                Op::Residual(Residual { body, shortcut })
-            }
-            "concat" => {
-                let before = (self.channels, self.dynamic_channels);
-                let mut total = Some(0);
-                let mut dynamic = false;
-                let mut branches = Vec::new();
-                for (i, branch) in m
-                    .require("branches", "a list of layer lists")?
-                    .seq()?
-                    .iter()
-                    .enumerate()
-                {
-                    (self.channels, self.dynamic_channels) = before;
-                    branches.push(self.layers(
-                        branch,
-                        &format!("{name}.branch{}", i + 1),
-                        default_activation,
-                    )?);
-                    total = total.zip(self.channels).map(|(a, b)| a + b);
-                    dynamic |= self.dynamic_channels;
-                }
-                if branches.is_empty() {
-                    return Err(m.value().error("`concat` needs at least one branch"));
-                }
-                (self.channels, self.dynamic_channels) = (total, dynamic);
-                Op::Concat(branches)
-            }
-            _ => unreachable!("layer kinds are matched above"),
+            "residual" => self.residual(&mut m, &name, default_activation)?,
+            "concat" => self.concat(&mut m, &name, default_activation)?,
+            _ => unreachable!("short_name knows every layer kind matched here"),
         };
         m.finish()?;
         Ok(Node { name, op, location })
+    }
+
+    /// `conv` (float by default) or `quant_conv` (the spec's `binary` defaults).
+    fn conv(
+        &mut self,
+        m: &mut Map<'_>,
+        quant: bool,
+        default_activation: Activation,
+    ) -> Result<Op, SpecError> {
+        let b = self.binary;
+        let conv = Conv {
+            filters: m
+                .require("filters", "the number of output channels")?
+                .positive()?,
+            kernel: m.require("kernel", "the kernel size")?.pair()?,
+            stride: stride_or(m, [1, 1])?,
+            padding: padding_or(m, Padding::Same)?,
+            pad_value: match m.get("pad_value") {
+                Some(p) => pad_value(&p)?,
+                None if quant => b.pad_value,
+                None => 0.0,
+            },
+            bias: bool_or(m, "bias", false)?,
+            init: match m.get("init") {
+                Some(i) => init(&i)?,
+                None if quant => b.init,
+                None => Init::GlorotUniform,
+            },
+            input: match m.get("activation") {
+                Some(a) => activation(&a)?,
+                None if quant => default_activation,
+                None => Activation::None,
+            },
+            kernel_quantizer: match m.get("kernel_quantizer") {
+                Some(k) => kernel_quantizer(&k)?,
+                None if quant => b.kernel,
+                None => KernelQuantizer::None,
+            },
+            weight_clip: match m.get("weight_clip") {
+                Some(c) => weight_clip(&c)?,
+                None if quant => b.weight_clip,
+                None => None,
+            },
+        };
+        self.set_channels(conv.filters);
+        Ok(Op::Conv(conv))
+    }
+
+    fn depthwise_conv(&mut self, m: &mut Map<'_>) -> Result<Op, SpecError> {
+        let dw = DepthwiseConv {
+            kernel: m.require("kernel", "the kernel size")?.pair()?,
+            stride: stride_or(m, [1, 1])?,
+            padding: padding_or(m, Padding::Same)?,
+            multiplier: m
+                .get("multiplier")
+                .map(|x| x.positive())
+                .transpose()?
+                .unwrap_or(1),
+            bias: bool_or(m, "bias", false)?,
+            init: m
+                .get("init")
+                .map(|i| init(&i))
+                .transpose()?
+                .unwrap_or(Init::GlorotUniform),
+        };
+        if dw.multiplier != 1 {
+            self.channels = self.channels.map(|c| c * dw.multiplier);
+        }
+        Ok(Op::DepthwiseConv(dw))
+    }
+
+    fn dense(&mut self, m: &mut Map<'_>) -> Result<Op, SpecError> {
+        let units = match m.get("units") {
+            None => Units::Classes,
+            Some(u) if u.as_plain_str() == Some("classes") => Units::Classes,
+            Some(u) => Units::Fixed(
+                u.positive()
+                    .map_err(|_| u.error("expected a positive integer or `classes`"))?,
+            ),
+        };
+        match units {
+            Units::Fixed(n) => self.set_channels(n),
+            Units::Classes => self.channels = None,
+        }
+        Ok(Op::Dense(Dense {
+            units,
+            bias: bool_or(m, "bias", true)?,
+            init: m
+                .get("init")
+                .map(|i| init(&i))
+                .transpose()?
+                .unwrap_or(Init::GlorotUniform),
+        }))
+    }
+
+    /// A body and an optional shortcut, both starting from the block's input channels.
+    fn residual(
+        &mut self,
+        m: &mut Map<'_>,
+        name: &str,
+        default_activation: Activation,
+    ) -> Result<Op, SpecError> {
+        let before = (self.channels, self.dynamic_channels);
+        let shortcut = match m.get("shortcut") {
+            Some(s) => self.layers(&s, &format!("{name}.shortcut"), default_activation)?,
+            None => Vec::new(),
+        };
+        (self.channels, self.dynamic_channels) = before;
+        let body = self.layers(
+            &m.require("body", "the list of layers of the main path")?,
+            name,
+            default_activation,
+        )?;
+        Ok(Op::Residual(Residual { body, shortcut }))
+    }
+
+    /// Branches from the same input, whose channels add up.
+    fn concat(
+        &mut self,
+        m: &mut Map<'_>,
+        name: &str,
+        default_activation: Activation,
+    ) -> Result<Op, SpecError> {
+        let before = (self.channels, self.dynamic_channels);
+        let mut total = Some(0);
+        let mut dynamic = false;
+        let mut branches = Vec::new();
+        for (i, branch) in m
+            .require("branches", "a list of layer lists")?
+            .seq()?
+            .iter()
+            .enumerate()
+        {
+            (self.channels, self.dynamic_channels) = before;
+            branches.push(self.layers(
+                branch,
+                &format!("{name}.branch{}", i + 1),
+                default_activation,
+            )?);
+            total = total.zip(self.channels).map(|(a, b)| a + b);
+            dynamic |= self.dynamic_channels;
+        }
+        if branches.is_empty() {
+            return Err(m.value().error("`concat` needs at least one branch"));
+        }
+        (self.channels, self.dynamic_channels) = (total, dynamic);
+        Ok(Op::Concat(branches))
     }
 
     fn stage(&mut self, v: &Value<'_>, prefix: &str) -> Result<Vec<Node>, SpecError> {
