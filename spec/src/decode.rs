@@ -15,6 +15,17 @@ struct Binary {
     init: Init,
 }
 
+impl Binary {
+    /// A float convolution's settings: no binarizer or quantizer, zero padding.
+    const FLOAT: Binary = Binary {
+        activation: Activation::None,
+        kernel: KernelQuantizer::None,
+        weight_clip: None,
+        pad_value: 0.0,
+        init: Init::GlorotUniform,
+    };
+}
+
 impl Default for Binary {
     fn default() -> Self {
         Binary {
@@ -438,10 +449,15 @@ fn stride_or(m: &mut Map<'_>, default: [usize; 2]) -> Result<[usize; 2], SpecErr
         .map_or(default, |s| [s, s]))
 }
 
-/// `padding` (`same` or `valid`), else `default`.
-fn padding_or(m: &mut Map<'_>, default: Padding) -> Result<Padding, SpecError> {
-    Ok(m.get("padding")
-        .map(|p| padding(&p))
+/// The field `key` read with `parse`, else `default`.
+fn field_or<T>(
+    m: &mut Map<'_>,
+    key: &'static str,
+    parse: impl Fn(&Value<'_>) -> Result<T, SpecError>,
+    default: T,
+) -> Result<T, SpecError> {
+    Ok(m.get(key)
+        .map(|v| parse(&v))
         .transpose()?
         .unwrap_or(default))
 }
@@ -452,7 +468,7 @@ fn pool(m: &mut Map<'_>) -> Result<Pool, SpecError> {
     Ok(Pool {
         size,
         stride: stride_or(m, size)?,
-        padding: padding_or(m, Padding::Valid)?,
+        padding: field_or(m, "padding", padding, Padding::Valid)?,
     })
 }
 
@@ -560,40 +576,27 @@ impl Expander {
         quant: bool,
         default_activation: Activation,
     ) -> Result<Op, SpecError> {
-        let b = self.binary;
+        // Unset fields take the spec's `binary` settings in a `quant_conv`, Keras' in a `conv`.
+        let b = match quant {
+            true => Binary {
+                activation: default_activation,
+                ..self.binary
+            },
+            false => Binary::FLOAT,
+        };
         let conv = Conv {
             filters: m
                 .require("filters", "the number of output channels")?
                 .positive()?,
             kernel: m.require("kernel", "the kernel size")?.pair()?,
             stride: stride_or(m, [1, 1])?,
-            padding: padding_or(m, Padding::Same)?,
-            pad_value: match m.get("pad_value") {
-                Some(p) => pad_value(&p)?,
-                None if quant => b.pad_value,
-                None => 0.0,
-            },
+            padding: field_or(m, "padding", padding, Padding::Same)?,
+            pad_value: field_or(m, "pad_value", pad_value, b.pad_value)?,
             bias: bool_or(m, "bias", false)?,
-            init: match m.get("init") {
-                Some(i) => init(&i)?,
-                None if quant => b.init,
-                None => Init::GlorotUniform,
-            },
-            input: match m.get("activation") {
-                Some(a) => activation(&a)?,
-                None if quant => default_activation,
-                None => Activation::None,
-            },
-            kernel_quantizer: match m.get("kernel_quantizer") {
-                Some(k) => kernel_quantizer(&k)?,
-                None if quant => b.kernel,
-                None => KernelQuantizer::None,
-            },
-            weight_clip: match m.get("weight_clip") {
-                Some(c) => weight_clip(&c)?,
-                None if quant => b.weight_clip,
-                None => None,
-            },
+            init: field_or(m, "init", init, b.init)?,
+            input: field_or(m, "activation", activation, b.activation)?,
+            kernel_quantizer: field_or(m, "kernel_quantizer", kernel_quantizer, b.kernel)?,
+            weight_clip: field_or(m, "weight_clip", weight_clip, b.weight_clip)?,
         };
         self.set_channels(conv.filters);
         Ok(Op::Conv(conv))
@@ -603,18 +606,14 @@ impl Expander {
         let dw = DepthwiseConv {
             kernel: m.require("kernel", "the kernel size")?.pair()?,
             stride: stride_or(m, [1, 1])?,
-            padding: padding_or(m, Padding::Same)?,
+            padding: field_or(m, "padding", padding, Padding::Same)?,
             multiplier: m
                 .get("multiplier")
                 .map(|x| x.positive())
                 .transpose()?
                 .unwrap_or(1),
             bias: bool_or(m, "bias", false)?,
-            init: m
-                .get("init")
-                .map(|i| init(&i))
-                .transpose()?
-                .unwrap_or(Init::GlorotUniform),
+            init: field_or(m, "init", init, Init::GlorotUniform)?,
         };
         if dw.multiplier != 1 {
             self.channels = self.channels.map(|c| c * dw.multiplier);
@@ -638,11 +637,7 @@ impl Expander {
         Ok(Op::Dense(Dense {
             units,
             bias: bool_or(m, "bias", true)?,
-            init: m
-                .get("init")
-                .map(|i| init(&i))
-                .transpose()?
-                .unwrap_or(Init::GlorotUniform),
+            init: field_or(m, "init", init, Init::GlorotUniform)?,
         }))
     }
 
