@@ -962,75 +962,7 @@ impl Compiler<'_> {
         let input = self.analysis.input_of(&node.name);
         let name = &node.name;
         let step = match &node.op {
-            Op::Conv(conv) => {
-                let window = self.window(input, conv.kernel, conv.stride, conv.padding);
-                let [kh, kw] = conv.kernel;
-                let (o, c) = (conv.filters, input.channels);
-                let mut epilogue = Epilogue::default();
-                let signs = self.signs(&format!("{name}.lab"), &conv.input, c)?;
-                if export::runs_binary(conv, input) {
-                    let signs = signs.unwrap_or(Signs::Sign);
-                    let words = c.div_ceil(64);
-                    let bits = match self.tensor(&format!("{name}.bits"), &[o, kh, kw, words])? {
-                        Stored::U64(_, d) => d.clone(),
-                        _ => return Err(self.missing(format!("`{name}.bits` must be U64"))),
-                    };
-                    let weights = PackedConvWeights::from_words(o, c, conv.kernel, bits)
-                        .map_err(|e| self.missing(format!("`{name}.bits`: {e}")))?;
-                    if matches!(
-                        conv.kernel_quantizer,
-                        spec::KernelQuantizer::MagnitudeAwareSign { .. }
-                            | spec::KernelQuantizer::XnorWeightScale
-                    ) {
-                        epilogue.push(ChannelOp::Scale(
-                            self.floats(&format!("{name}.scale"), &[o])?,
-                        ));
-                    }
-                    if conv.bias {
-                        epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
-                    }
-                    let kind = match signs {
-                        Signs::Lab(_) => "lab+binary_conv",
-                        Signs::Sign => "binary_conv",
-                    };
-                    let geometry = ConvGeometry {
-                        stride: conv.stride,
-                        pads: window.pads,
-                        pad_value: if conv.pad_value == 0.0 {
-                            PadValue::Zero
-                        } else {
-                            PadValue::One
-                        },
-                    };
-                    Step::BinaryConv {
-                        op: self.op(node, kind),
-                        signs,
-                        conv: BinaryConv::new(&weights, geometry),
-                        source: Box::new((weights, geometry)),
-                        epilogue,
-                        pack_output: false,
-                    }
-                } else {
-                    if let Some(signs) = signs {
-                        let id = self.op(node, "binarize");
-                        steps.push(Step::Binarize { op: id, signs });
-                    }
-                    if conv.bias {
-                        epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
-                    }
-                    Step::FloatConv {
-                        op: self.op(node, "conv"),
-                        weight: PackedWeights::new(
-                            &self.floats(&format!("{name}.weight"), &[kh, kw, c, o])?,
-                            kh * kw * c,
-                            o,
-                        ),
-                        window,
-                        pad_value: conv.pad_value as f32,
-                        epilogue,
-                    }
-                }
-            }
+            Op::Conv(conv) => self.conv(node, conv, input, steps)?,
             Op::DepthwiseConv(dw) => {
                 let [kh, kw] = dw.kernel;
                 let co = input.channels * dw.multiplier;
@@ -1130,5 +1062,84 @@ impl Compiler<'_> {
         };
         steps.push(step);
         Ok(())
+    }
+
+    /// A convolution: on packed bits (its input binarized by sign or LAB inside the step) where
+    /// both operands are binary, else a float convolution after an optional binarizer step.
+    fn conv(
+        &mut self,
+        node: &Node,
+        conv: &spec::Conv,
+        input: spec::FeatureShape,
+        steps: &mut Vec<Step>,
+    ) -> Result<Step, Error> {
+        let name = &node.name;
+        let window = self.window(input, conv.kernel, conv.stride, conv.padding);
+        let [kh, kw] = conv.kernel;
+        let (o, c) = (conv.filters, input.channels);
+        let mut epilogue = Epilogue::default();
+        let signs = self.signs(&format!("{name}.lab"), &conv.input, c)?;
+        if export::runs_binary(conv, input) {
+            let signs = signs.unwrap_or(Signs::Sign);
+            let words = c.div_ceil(64);
+            let bits = match self.tensor(&format!("{name}.bits"), &[o, kh, kw, words])? {
+                Stored::U64(_, d) => d.clone(),
+                _ => return Err(self.missing(format!("`{name}.bits` must be U64"))),
+            };
+            let weights = PackedConvWeights::from_words(o, c, conv.kernel, bits)
+                .map_err(|e| self.missing(format!("`{name}.bits`: {e}")))?;
+            if matches!(
+                conv.kernel_quantizer,
+                spec::KernelQuantizer::MagnitudeAwareSign { .. }
+                    | spec::KernelQuantizer::XnorWeightScale
+            ) {
+                epilogue.push(ChannelOp::Scale(
+                    self.floats(&format!("{name}.scale"), &[o])?,
+                ));
+            }
+            if conv.bias {
+                epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
+            }
+            let kind = match signs {
+                Signs::Lab(_) => "lab+binary_conv",
+                Signs::Sign => "binary_conv",
+            };
+            let geometry = ConvGeometry {
+                stride: conv.stride,
+                pads: window.pads,
+                pad_value: if conv.pad_value == 0.0 {
+                    PadValue::Zero
+                } else {
+                    PadValue::One
+                },
+            };
+            Ok(Step::BinaryConv {
+                op: self.op(node, kind),
+                signs,
+                conv: BinaryConv::new(&weights, geometry),
+                source: Box::new((weights, geometry)),
+                epilogue,
+                pack_output: false,
+            })
+        } else {
+            if let Some(signs) = signs {
+                let id = self.op(node, "binarize");
+                steps.push(Step::Binarize { op: id, signs });
+            }
+            if conv.bias {
+                epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
+            }
+            Ok(Step::FloatConv {
+                op: self.op(node, "conv"),
+                weight: PackedWeights::new(
+                    &self.floats(&format!("{name}.weight"), &[kh, kw, c, o])?,
+                    kh * kw * c,
+                    o,
+                ),
+                window,
+                pad_value: conv.pad_value as f32,
+                epilogue,
+            })
+        }
     }
 }
