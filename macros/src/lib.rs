@@ -130,6 +130,76 @@ fn pool(p: &Pool) -> Tokens {
     quote!(::zoo::spec::Pool { size: #size, stride: #stride, padding: #pad })
 }
 
+fn conv(c: &Conv) -> Tokens {
+    let (filters, kernel, stride, pad, pad_value, bias, init, input, kq) = (
+        Literal::usize_unsuffixed(c.filters),
+        pair(c.kernel),
+        pair(c.stride),
+        padding(c.padding),
+        f64_lit(c.pad_value),
+        c.bias,
+        init(c.init),
+        activation(c.input),
+        kernel_quantizer(c.kernel_quantizer),
+    );
+    let clip = match c.weight_clip {
+        Some(w) => {
+            let w = f64_lit(w);
+            quote!(Some(#w))
+        }
+        None => quote!(None),
+    };
+    quote!(::zoo::spec::Conv {
+        filters: #filters,
+        kernel: #kernel,
+        stride: #stride,
+        padding: #pad,
+        pad_value: #pad_value,
+        bias: #bias,
+        init: #init,
+        input: #input,
+        kernel_quantizer: #kq,
+        weight_clip: #clip,
+    })
+}
+
+fn depthwise_conv(d: &DepthwiseConv) -> Tokens {
+    let (kernel, stride, pad, mult, bias, init) = (
+        pair(d.kernel),
+        pair(d.stride),
+        padding(d.padding),
+        Literal::usize_unsuffixed(d.multiplier),
+        d.bias,
+        init(d.init),
+    );
+    quote!(::zoo::spec::DepthwiseConv {
+        kernel: #kernel,
+        stride: #stride,
+        padding: #pad,
+        multiplier: #mult,
+        bias: #bias,
+        init: #init,
+    })
+}
+
+fn batch_norm(b: &BatchNorm) -> Tokens {
+    let (momentum, epsilon, center, scale) =
+        (f64_lit(b.momentum), f64_lit(b.epsilon), b.center, b.scale);
+    quote!(::zoo::spec::BatchNorm { momentum: #momentum, epsilon: #epsilon, center: #center, scale: #scale })
+}
+
+fn dense(d: &Dense) -> Tokens {
+    let units = match d.units {
+        Units::Classes => quote!(::zoo::spec::Units::Classes),
+        Units::Fixed(n) => {
+            let n = Literal::usize_unsuffixed(n);
+            quote!(::zoo::spec::Units::Fixed(#n))
+        }
+    };
+    let (bias, init) = (d.bias, init(d.init));
+    quote!(::zoo::spec::Dense { units: #units, bias: #bias, init: #init })
+}
+
 /// The struct fields (name, type, constructor) and the forward statements of a model.
 #[derive(Default)]
 struct Emitter {
@@ -167,77 +237,28 @@ impl Emitter {
     fn node(&mut self, node: &Node) -> Tokens {
         match &node.op {
             Op::Conv(c) => {
-                let (filters, kernel, stride, pad, pad_value, bias, init, input, kq) = (
-                    Literal::usize_unsuffixed(c.filters),
-                    pair(c.kernel),
-                    pair(c.stride),
-                    padding(c.padding),
-                    f64_lit(c.pad_value),
-                    c.bias,
-                    init(c.init),
-                    activation(c.input),
-                    kernel_quantizer(c.kernel_quantizer),
-                );
-                let clip = match c.weight_clip {
-                    Some(w) => {
-                        let w = f64_lit(w);
-                        quote!(Some(#w))
-                    }
-                    None => quote!(None),
-                };
-                let config = quote!(::zoo::spec::Conv {
-                    filters: #filters,
-                    kernel: #kernel,
-                    stride: #stride,
-                    padding: #pad,
-                    pad_value: #pad_value,
-                    bias: #bias,
-                    init: #init,
-                    input: #input,
-                    kernel_quantizer: #kq,
-                    weight_clip: #clip,
-                });
                 let layer = self.param_layer(
                     node,
                     quote!(::zoo::layers::QuantConv2d),
-                    Some(config),
+                    Some(conv(c)),
                     quote!(),
                 );
                 quote!(let xs = #layer.forward(&xs)?;)
             }
             Op::DepthwiseConv(d) => {
-                let (kernel, stride, pad, mult, bias, init) = (
-                    pair(d.kernel),
-                    pair(d.stride),
-                    padding(d.padding),
-                    Literal::usize_unsuffixed(d.multiplier),
-                    d.bias,
-                    init(d.init),
-                );
-                let config = quote!(::zoo::spec::DepthwiseConv {
-                    kernel: #kernel,
-                    stride: #stride,
-                    padding: #pad,
-                    multiplier: #mult,
-                    bias: #bias,
-                    init: #init,
-                });
                 let layer = self.param_layer(
                     node,
                     quote!(::zoo::layers::DepthwiseConv2d),
-                    Some(config),
+                    Some(depthwise_conv(d)),
                     quote!(),
                 );
                 quote!(let xs = #layer.forward(&xs)?;)
             }
             Op::BatchNorm(b) => {
-                let (momentum, epsilon, center, scale) =
-                    (f64_lit(b.momentum), f64_lit(b.epsilon), b.center, b.scale);
-                let config = quote!(::zoo::spec::BatchNorm { momentum: #momentum, epsilon: #epsilon, center: #center, scale: #scale });
                 let layer = self.param_layer(
                     node,
                     quote!(::zoo::layers::BatchNorm),
-                    Some(config),
+                    Some(batch_norm(b)),
                     quote!(),
                 );
                 quote!(let xs = #layer.forward(&xs, train)?;)
@@ -266,19 +287,10 @@ impl Emitter {
                 quote!(let xs = #layer.forward(&xs)?;)
             }
             Op::Dense(d) => {
-                let units = match d.units {
-                    Units::Classes => quote!(::zoo::spec::Units::Classes),
-                    Units::Fixed(n) => {
-                        let n = Literal::usize_unsuffixed(n);
-                        quote!(::zoo::spec::Units::Fixed(#n))
-                    }
-                };
-                let (bias, init) = (d.bias, init(d.init));
-                let config = quote!(::zoo::spec::Dense { units: #units, bias: #bias, init: #init });
                 let layer = self.param_layer(
                     node,
                     quote!(::zoo::layers::Dense),
-                    Some(config),
+                    Some(dense(d)),
                     quote!(, config.classes),
                 );
                 quote!(let xs = #layer.forward(&xs)?;)
