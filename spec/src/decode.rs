@@ -240,11 +240,11 @@ fn activation(v: &Value<'_>) -> Result<Activation, SpecError> {
     let a = match name {
         "none" => Activation::None,
         "sign" | "ste_sign" => Activation::Sign {
-            clip: opts.get("clip").map(|c| c.positive_f64()).transpose()?.unwrap_or(1.0),
+            clip: field_or(&mut opts, "clip", |c| c.positive_f64(), 1.0)?,
         },
         "approx_sign" => Activation::ApproxSign,
         "swish_sign" => Activation::SwishSign {
-            beta: opts.get("beta").map(|c| c.positive_f64()).transpose()?.unwrap_or(5.0),
+            beta: field_or(&mut opts, "beta", |c| c.positive_f64(), 5.0)?,
         },
         "lab" => Activation::Lab(match opts.get("pairing") {
             None => LabPairing::Channel,
@@ -271,13 +271,7 @@ fn activation(v: &Value<'_>) -> Result<Activation, SpecError> {
 fn kernel_quantizer(v: &Value<'_>) -> Result<KernelQuantizer, SpecError> {
     const KINDS: &str = "one of `none`, `ste_sign`, `magnitude_aware_sign`, `xnor_weight_scale`";
     let (name, mut opts) = variant(v, &format!("a kernel quantizer: {KINDS}"))?;
-    let clip = |opts: &mut Map<'_>| -> Result<f64, SpecError> {
-        Ok(opts
-            .get("clip")
-            .map(|c| c.positive_f64())
-            .transpose()?
-            .unwrap_or(1.0))
-    };
+    let clip = |opts: &mut Map<'_>| field_or(opts, "clip", |c| c.positive_f64(), 1.0);
     let k = match name {
         "none" => KernelQuantizer::None,
         "ste_sign" | "sign" => KernelQuantizer::SteSign {
@@ -339,18 +333,25 @@ fn padding(v: &Value<'_>) -> Result<Padding, SpecError> {
     }
 }
 
+/// The field `key` read with `parse`, else `default`.
+fn field_or<T>(
+    m: &mut Map<'_>,
+    key: &'static str,
+    parse: impl Fn(&Value<'_>) -> Result<T, SpecError>,
+    default: T,
+) -> Result<T, SpecError> {
+    Ok(m.get(key)
+        .map(|v| parse(&v))
+        .transpose()?
+        .unwrap_or(default))
+}
+
 fn bool_or(m: &mut Map<'_>, key: &'static str, default: bool) -> Result<bool, SpecError> {
-    m.get(key)
-        .map(|v| v.bool())
-        .transpose()
-        .map(|b| b.unwrap_or(default))
+    field_or(m, key, |v| v.bool(), default)
 }
 
 fn f64_or(m: &mut Map<'_>, key: &'static str, default: f64) -> Result<f64, SpecError> {
-    m.get(key)
-        .map(|v| v.f64())
-        .transpose()
-        .map(|b| b.unwrap_or(default))
+    field_or(m, key, |v| v.f64(), default)
 }
 
 /// Batch-norm momentum and epsilon, with the given defaults.
@@ -372,11 +373,7 @@ fn batch_norm_settings(
     };
     Ok(BatchNorm {
         momentum,
-        epsilon: m
-            .get("epsilon")
-            .map(|v| v.positive_f64())
-            .transpose()?
-            .unwrap_or(epsilon),
+        epsilon: field_or(m, "epsilon", |v| v.positive_f64(), epsilon)?,
         center: bool_or(m, "center", true)?,
         scale: bool_or(m, "scale", true)?,
     })
@@ -447,19 +444,6 @@ fn stride_or(m: &mut Map<'_>, default: [usize; 2]) -> Result<[usize; 2], SpecErr
         .map(|s| s.positive())
         .transpose()?
         .map_or(default, |s| [s, s]))
-}
-
-/// The field `key` read with `parse`, else `default`.
-fn field_or<T>(
-    m: &mut Map<'_>,
-    key: &'static str,
-    parse: impl Fn(&Value<'_>) -> Result<T, SpecError>,
-    default: T,
-) -> Result<T, SpecError> {
-    Ok(m.get(key)
-        .map(|v| parse(&v))
-        .transpose()?
-        .unwrap_or(default))
 }
 
 /// A pooling window: `size`, `stride` (the size by default) and `padding` (`valid`).
@@ -545,11 +529,7 @@ impl Expander {
             "max_pool" => Op::MaxPool(pool(&mut m)?),
             "avg_pool" => Op::AvgPool(pool(&mut m)?),
             "blur_pool" => Op::BlurPool(BlurPool {
-                stride: m
-                    .get("stride")
-                    .map(|s| s.positive())
-                    .transpose()?
-                    .unwrap_or(2),
+                stride: field_or(&mut m, "stride", |s| s.positive(), 2)?,
             }),
             "global_avg_pool" => Op::GlobalAvgPool,
             "flatten" => {
@@ -607,11 +587,7 @@ impl Expander {
             kernel: m.require("kernel", "the kernel size")?.pair()?,
             stride: stride_or(m, [1, 1])?,
             padding: field_or(m, "padding", padding, Padding::Same)?,
-            multiplier: m
-                .get("multiplier")
-                .map(|x| x.positive())
-                .transpose()?
-                .unwrap_or(1),
+            multiplier: field_or(m, "multiplier", |x| x.positive(), 1)?,
             bias: bool_or(m, "bias", false)?,
             init: field_or(m, "init", init, Init::GlorotUniform)?,
         };
