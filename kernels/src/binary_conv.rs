@@ -499,6 +499,12 @@ impl Float for f64 {
     }
 }
 
+/// `|v| <= clip` for a `clip` rounded by [`Float::at_most`]: the straight-through estimator's
+/// mask (false for NaN).
+fn within<T: Float>(v: T, clip: T) -> bool {
+    v <= clip && T::zero() - clip <= v
+}
+
 /// `-1` where `v < 0`, `+1` elsewhere (NaN included, as in the packing).
 fn sign<T: Float>(v: T) -> T {
     if v < T::zero() {
@@ -857,7 +863,7 @@ fn input_gradient<T: Float>(
         .for_each(|((gx, dx), x)| {
             for (ci, (gx, x)) in gx.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
                 for (p, (gx, &x)) in gx.iter_mut().zip(x).enumerate() {
-                    let inside = clip.is_none_or(|clip| x <= clip && T::zero() - clip <= x);
+                    let inside = clip.is_none_or(|clip| within(x, clip));
                     gx.write(if inside { dx[p * c + ci] } else { T::zero() });
                 }
             }
@@ -885,7 +891,7 @@ fn kernel_gradient<T: Float>(
         .enumerate()
         .for_each(|(oo, (gw, w))| {
             let masked = |g: &mut MaybeUninit<T>, &w: &T, value: T| {
-                let inside = w <= clip && T::zero() - clip <= w;
+                let inside = within(w, clip);
                 g.write(if inside { value } else { T::zero() });
             };
             for (t, slot) in slots.iter().enumerate() {
