@@ -13,7 +13,7 @@
 # A run is `model:seed` (a registered name or a spec file), or `model:seed:kd=NAME` to distil
 # with Hinton's loss from this campaign's seed-0 run of the teacher spec NAME (`kd=NAME@T@W`:
 # temperature T, weight W), or `model:seed:kdd=NAME` with ReActNet's distributional loss. The
-# teacher must be in RUNS (`specs/teachers/quicknet_float.yaml:0`); a student waits for it.
+# teacher must be in RUNS (`specs/teachers/resnet_float.yaml:0`); a student waits for it.
 #
 # Environment:
 #   RUNS     the runs, in order (default: the QuickNet pair on seeds 0 and 1, its float teacher
@@ -47,8 +47,8 @@ EPOCHS=${EPOCHS:-16}
 EXTRA=${EXTRA:-}
 TAG=${TAG:-}
 RECIPE="--data fashion-mnist --batch-size 64 --lr 2.5e-3 --schedule linear --checkpoint-every 200"
-RUNS=${RUNS:-quicknet:0 quicknet-lab:0 quicknet:1 quicknet-lab:1 specs/teachers/quicknet_float.yaml:0 \
-quicknet:0:kd=quicknet-float quicknet-lab:0:kd=quicknet-float birealnet:0 birealnet-lab:0 labbnn:0 \
+RUNS=${RUNS:-quicknet:0 quicknet-lab:0 quicknet:1 quicknet-lab:1 specs/teachers/resnet_float.yaml:0 \
+quicknet:0:kd=resnet-float quicknet-lab:0:kd=resnet-float birealnet:0 birealnet-lab:0 labbnn:0 \
 reactnet:0 reactnet-lab:0 xnornet:0 xnornet-lab:0}
 
 # The name of a model: a registered name, or a spec file's name with dashes.

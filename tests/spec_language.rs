@@ -59,6 +59,7 @@ fn the_float_teachers_fit_fashion_mnist_and_have_no_binary_layer() {
     for (file, input) in [
         ("quicknet_float.yaml", "32x32x1"),
         ("reactnet_float.yaml", "32x32x1"),
+        ("resnet_float.yaml", "32x32x1"),
         ("xnornet_float.yaml", "224x224x1"),
     ] {
         let spec = spec::load_file(format!("{dir}/{file}")).unwrap_or_else(|e| panic!("{e}"));
