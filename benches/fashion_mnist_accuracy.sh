@@ -171,6 +171,13 @@ for s in sorted(out.glob("*/summary.json")):
 def figure(text, label):
     return int(re.search(label + r"\s+([\d,]+)", text)[1].replace(",", ""))
 
+def training_time(run):
+    """Seconds of training steps and images trained over every epoch of a run, whichever
+    process (session) ran it: `summary.json` times only the last."""
+    epochs = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    return (sum(e["seconds"] for e in epochs),
+            sum(e["seconds"] * e["images_per_second"] for e in epochs))
+
 rows, latency = [], {}
 for key, runs in groups.items():
     summaries = [json.load(open(d / "summary.json")) for _, d in runs]
@@ -209,7 +216,7 @@ def reproduce(dirs):
 def spread(xs):
     return f"{statistics.mean(xs):.2f} ± {(max(xs) - min(xs)) / 2:.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
-print(f"| model | epochs | seeds | test top-1 % | test top-5 % | best top-1 % (epoch) | wall h | "
+print(f"| model | epochs | seeds | test top-1 % | test top-5 % | best top-1 % (epoch) | train h | "
       f"train img/s | binary MACs | float MACs | packed MiB | latency ms ({threads} threads) | reproduce |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 points = []
@@ -217,14 +224,15 @@ for (model, epochs, rest), runs, summaries, bmacs, fmacs, packed, _ in rows:
     top1 = [s["final_val"]["top1"] for s in summaries]
     top5 = [s["final_val"]["top5"] for s in summaries]
     best = ", ".join(f"{s['best'][0]:.2f} ({s['best'][1]})" for s in summaries)
-    ips = statistics.mean(s["train_images_per_second"] for s in summaries)
-    wall = statistics.mean(s["wall_seconds"] for s in summaries) / 3600
+    times = [training_time(d) for _, d in runs]
+    ips = statistics.mean(images / seconds for seconds, images in times)
+    hours = statistics.mean(seconds for seconds, _ in times) / 3600
     seeds = ",".join(str(seed) for seed, _ in runs)
     lat = latency[(model, epochs, rest)]
     lat_text = f"{statistics.median(lat):.3f} [{min(lat):.3f}-{max(lat):.3f}]" if lat else "-"
     command = reproduce([d for _, d in runs])
     print(f"| {model}{rest} | {epochs} | {seeds} | {spread(top1)} | {spread(top5)} | {best} | "
-          f"{wall:.2f} | {ips:.0f} | {bmacs / 1e6:.1f} M | {fmacs / 1e6:.2f} M | {packed:.2f} | "
+          f"{hours:.2f} | {ips:.0f} | {bmacs / 1e6:.1f} M | {fmacs / 1e6:.2f} M | {packed:.2f} | "
           f"{lat_text} | `{command}` |")
     if lat and bmacs > 0:
         points.append({"model": f"{model}{rest}", "top1": statistics.mean(top1),
