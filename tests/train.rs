@@ -136,6 +136,10 @@ fn a_run_learns_writes_its_files_and_its_weights_evaluate_the_same() {
     // the configuration and the model summary.
     let report = std::fs::read_to_string(run.join("report.html")).unwrap();
     assert!(report.contains("Finished: 32 steps"), "{report}");
+    // Its training time is every epoch's, as `metrics.jsonl` records them.
+    let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
+    let took = format!("training steps took {seconds:.0} s");
+    assert!(report.contains(&took), "{took} missing: {report}");
     for m in &epochs {
         let top1 = format!("<td>{:.2}%</td>", m.val.unwrap().top1);
         assert!(report.contains(&top1), "{top1} missing");

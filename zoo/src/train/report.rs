@@ -61,10 +61,21 @@ pub fn write(
         escape(&config.data)
     );
     let status = match finished {
-        Some(s) => format!(
-            "Finished: {} steps ({:.2} epochs) in {:.0} s at {:.1} training images/s.",
-            s.steps, s.epochs, s.wall_seconds, s.train_images_per_second
-        ),
+        Some(s) => {
+            // Every session's steps: `s` times only the last process of a resumed run.
+            let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
+            let images: f64 = epochs.iter().map(|m| m.seconds * m.images_per_second).sum();
+            format!(
+                "Finished: {} steps ({:.2} epochs); training steps took {:.0} s at {:.1} images/s \
+                 over the run (this process: {:.0} s wall-clock, {:.1} training images/s).",
+                s.steps,
+                s.epochs,
+                seconds,
+                if seconds > 0.0 { images / seconds } else { 0.0 },
+                s.wall_seconds,
+                s.train_images_per_second
+            )
+        }
         None => format!(
             "In progress: {} of {} epochs done.",
             epochs.last().map_or(0.0, |m| m.epoch),
