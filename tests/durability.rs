@@ -132,26 +132,6 @@ fn snapshot(path: &Path) -> (Vec<u8>, SystemTime) {
     )
 }
 
-fn max_difference(a: &Path, b: &Path) -> f32 {
-    let a = candle_core::safetensors::load(a, &Device::Cpu).unwrap();
-    let b = candle_core::safetensors::load(b, &Device::Cpu).unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(name, t)| {
-            (t - &b[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .fold(0.0, f32::max)
-}
-
 fn summary_steps(run: &Path) -> u64 {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();

@@ -13,26 +13,6 @@ use fixtures::*;
 use zoo::train::optim::{Adam, Slot};
 use zoo::train::{cross_entropy, RunConfig, RunWeights, Session};
 
-fn max_difference(a: &Path, b: &Path) -> f32 {
-    let a = candle_core::safetensors::load(a, &Device::Cpu).unwrap();
-    let b = candle_core::safetensors::load(b, &Device::Cpu).unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .map(|(name, t)| {
-            (t - &b[name])
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
-        .fold(0.0, f32::max)
-}
-
 #[test]
 fn adam_follows_keras_update_rule_with_l2_decay_and_clip() -> candle_core::Result<()> {
     let dev = Device::Cpu;

@@ -82,3 +82,26 @@ pub fn zoo<S: AsRef<OsStr>>(args: &[S]) -> (bool, String, String) {
         String::from_utf8(out.stderr).unwrap(),
     )
 }
+
+/// The largest absolute difference between same-named tensors of two safetensors files (which
+/// must hold the same names).
+pub fn max_difference(a: &Path, b: &Path) -> f32 {
+    let device = &candle_core::Device::Cpu;
+    let a = candle_core::safetensors::load(a, device).unwrap();
+    let b = candle_core::safetensors::load(b, device).unwrap();
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(name, t)| {
+            (t - &b[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
