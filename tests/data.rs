@@ -757,6 +757,28 @@ fn fetch_restarts_when_the_server_ignores_the_range() {
 }
 
 #[test]
+fn fetch_starts_over_when_the_server_refuses_the_range() {
+    let fixture = fixture();
+    let server = serve("mini.tgz", fixture.tgz.clone(), Behaviour::default());
+    // Without a pinned size, a part file as long as the file on the server (here: garbage)
+    // asks for the bytes after its end; the server answers 416, and the part file goes.
+    let archive = Archive {
+        size: None,
+        ..archive_for(&server, &fixture.tgz)
+    };
+    let dest = tempdir();
+    let stale = vec![7u8; fixture.tgz.len()];
+    std::fs::write(dest.path().join("mini.tgz.part"), stale).unwrap();
+    let (root, _) = fetch(&archive, dest.path()).unwrap();
+    assert_unpacked(&root, &fixture, &archive);
+    let ranges: Vec<_> = server.seen().into_iter().map(|s| s.range).collect();
+    assert_eq!(
+        ranges,
+        [Some(format!("bytes={}-", fixture.tgz.len())), None]
+    );
+}
+
+#[test]
 fn fetch_rejects_a_wrong_checksum_and_keeps_nothing() {
     let fixture = fixture();
     let server = serve("mini.tgz", fixture.tgz.clone(), Behaviour::default());

@@ -348,38 +348,69 @@ fn download_once(
     part: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<String, Failure> {
-    let fatal = |message: &str, e: io::Error| Failure::Fatal(file_error(part, message, e));
-    let mut file = OpenOptions::new()
+    let fatal = |e| Failure::Fatal(file_error(part, "cannot read the download file", e));
+    // What earlier attempts left, unless it is longer than the file it is part of.
+    let have = match fs::metadata(part) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(fatal(e)),
+    };
+    let have = if remote.size.is_some_and(|size| have > size) {
+        0
+    } else {
+        have
+    };
+    if remote.size == Some(have) {
+        // A previous attempt received everything but stopped before verifying.
+        progress(have, remote.size);
+        return open_part(part)
+            .and_then(|mut file| hash_reader(&mut file))
+            .map_err(fatal);
+    }
+    let answer = request_from(agent, remote, part, have)?;
+    append_body(answer, remote, part, progress)
+}
+
+/// The part file, created empty if missing, open for reading and appending.
+fn open_part(part: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .read(true)
         .write(true)
         .open(part)
-        .map_err(|e| fatal("cannot open the download file", e))?;
-    let mut have = file
-        .metadata()
-        .map_err(|e| fatal("cannot read the download file", e))?
-        .len();
-    if remote.size.is_some_and(|size| have > size) {
-        have = 0;
-    }
-    if remote.size == Some(have) {
-        // A previous attempt received everything but stopped before verifying.
-        progress(have, remote.size);
-        return hash_reader(&mut file).map_err(|e| fatal("cannot read the download file", e));
-    }
+}
 
-    let net = |message: String| DataError::File {
-        path: part.to_path_buf(),
-        message,
+/// A server's answer to a download request: its body, the offset of the body's first byte in
+/// the file, and the whole file's length when known.
+struct Answer {
+    body: ureq::Body,
+    start: u64,
+    total: Option<u64>,
+}
+
+/// Asks for `remote` from byte `have` on (all of it for 0) and checks the answer against the
+/// request and the expected size. A part file the answer shows to be unusable is deleted.
+fn request_from(
+    agent: &ureq::Agent,
+    remote: &RemoteFile,
+    part: &Path,
+    have: u64,
+) -> Result<Answer, Failure> {
+    let fatal = |message: String| {
+        Failure::Fatal(DataError::File {
+            path: part.to_path_buf(),
+            message,
+        })
     };
-    let mut request = agent.get(&remote.url);
+    let url = &remote.url;
+    let mut request = agent.get(url);
     if have > 0 {
         request = request.header("Range", format!("bytes={have}-"));
     }
     let response = request
         .call()
-        .map_err(|e| Failure::Fatal(net(format!("downloading {}: {e}", remote.url))))?;
+        .map_err(|e| fatal(format!("downloading {url}: {e}")))?;
     let status = response.status().as_u16();
     let header = |name: &str| {
         response
@@ -394,62 +425,67 @@ fn download_once(
         206 => {
             let range = header("content-range").unwrap_or_default();
             let (first, total) = parse_content_range(&range).ok_or_else(|| {
-                Failure::Fatal(net(format!(
-                    "downloading {}: the server answered a range request with an unusable \
-                     Content-Range `{range}`",
-                    remote.url
-                )))
+                fatal(format!(
+                    "downloading {url}: the server answered a range request with an unusable \
+                     Content-Range `{range}`"
+                ))
             })?;
             if first != have {
-                return Err(Failure::Fatal(net(format!(
-                    "downloading {}: asked for bytes from {have}, the server sent from {first}",
-                    remote.url
-                ))));
+                return Err(fatal(format!(
+                    "downloading {url}: asked for bytes from {have}, the server sent from {first}"
+                )));
             }
             (have, total.or(length.map(|l| l + have)))
         }
         416 => {
             // The part file does not fit the file on the server: start over.
-            drop(file);
             discard(part);
-            return Err(Failure::Retry(net(format!(
-                "downloading {}: the server refused to resume at byte {have}",
-                remote.url
-            ))));
+            return Err(Failure::Retry(DataError::File {
+                path: part.to_path_buf(),
+                message: format!("downloading {url}: the server refused to resume at byte {have}"),
+            }));
         }
-        _ => {
-            return Err(Failure::Fatal(net(format!(
-                "downloading {}: HTTP status {status}",
-                remote.url
-            ))))
-        }
+        _ => return Err(fatal(format!("downloading {url}: HTTP status {status}"))),
     };
     if let (Some(size), Some(total)) = (remote.size, total) {
         if size != total {
             // Whatever the part file holds belongs to another file.
-            drop(file);
             discard(part);
-            return Err(Failure::Fatal(net(format!(
-                "the server reports {total} bytes for {}, expected {size}: the file has \
-                 changed upstream or the URL is wrong",
-                remote.url
-            ))));
+            return Err(fatal(format!(
+                "the server reports {total} bytes for {url}, expected {size}: the file has \
+                 changed upstream or the URL is wrong"
+            )));
         }
     }
-    let total = total.or(remote.size);
+    Ok(Answer {
+        body: response.into_body(),
+        start,
+        total: total.or(remote.size),
+    })
+}
 
+/// Keeps the part file's first `answer.start` bytes, appends the answer's body and returns the
+/// SHA-256 of the whole file. A body cut short after some bytes is worth another attempt.
+fn append_body(
+    answer: Answer,
+    remote: &RemoteFile,
+    part: &Path,
+    progress: &mut dyn FnMut(u64, Option<u64>),
+) -> Result<String, Failure> {
+    let fatal = |message: &str, e: io::Error| Failure::Fatal(file_error(part, message, e));
+    let Answer { body, start, total } = answer;
+    let mut file = open_part(part).map_err(|e| fatal("cannot open the download file", e))?;
     // Hash what is already there, then append the rest while hashing it.
     let mut hasher = Sha256::new();
     if start > 0 {
-        file.seek(SeekFrom::Start(0))
-            .and_then(|_| hash_into(&mut (&mut file).take(start), &mut hasher))
+        hash_into(&mut (&mut file).take(start), &mut hasher)
             .map_err(|e| fatal("cannot read the download file", e))?;
     }
     file.set_len(start)
         .and_then(|_| file.seek(SeekFrom::Start(start)))
         .map_err(|e| fatal("cannot write the download file", e))?;
 
-    let mut body = response.into_body().into_reader();
+    let mut body = body.into_reader();
     let mut buffer = vec![0u8; CHUNK];
     let mut done = start;
     progress(done, total);
