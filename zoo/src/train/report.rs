@@ -60,46 +60,69 @@ pub fn write(
         escape(&config.model),
         escape(&config.data)
     );
-    let status = match finished {
-        Some(s) => {
-            // Every session's steps: `s` times only the last process of a resumed run.
-            let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
-            let images: f64 = epochs.iter().map(|m| m.seconds * m.images_per_second).sum();
-            format!(
-                "Finished: {} steps ({:.2} epochs); training steps took {:.0} s at {:.1} images/s \
-                 over the run (this process: {:.0} s wall-clock, {:.1} training images/s).",
-                s.steps,
-                s.epochs,
-                seconds,
-                if seconds > 0.0 { images / seconds } else { 0.0 },
-                s.wall_seconds,
-                s.train_images_per_second
-            )
-        }
-        None => format!(
+    let status = status(config, epochs, finished);
+    let _ = writeln!(html, "<p id=\"status\">{}</p>", escape(&status));
+    html += &latest_metrics(epochs);
+    let _ = writeln!(html, "<h2>Curves</h2>\n<div id=\"curves\">{curves}</div>");
+    html += &epochs_table(epochs);
+    let config_json = serde_json::to_string_pretty(config).expect("a run config serialises");
+    let _ = writeln!(
+        html,
+        "<h2>Configuration</h2>\n<pre id=\"config\">{}</pre>\n<h2>Model</h2>\n<pre id=\"model\">{}</pre>\n</body>\n</html>",
+        escape(&config_json),
+        escape(model_summary)
+    );
+    crate::io::write_bytes_atomically(&dir.join(REPORT), html.as_bytes())
+}
+
+/// Where the run stands: the epochs done, or the steps and time of a finished run.
+fn status(config: &RunConfig, epochs: &[EpochMetrics], finished: Option<&RunSummary>) -> String {
+    let Some(s) = finished else {
+        return format!(
             "In progress: {} of {} epochs done.",
             epochs.last().map_or(0.0, |m| m.epoch),
             config.epochs
-        ),
-    };
-    let _ = writeln!(html, "<p id=\"status\">{}</p>", escape(&status));
-    if let Some(v) = epochs.last().and_then(|m| m.val) {
-        let best = epochs
-            .iter()
-            .filter_map(|m| m.val.map(|v| (v.top1, m.epoch)))
-            .fold((f64::MIN, 0.0), |a, b| if b.0 > a.0 { b } else { a });
-        let _ = writeln!(
-            html,
-            "<h2>Metrics</h2>\n<table id=\"metrics\"><tr><th>validation top-1</th><th>top-5</th>\
-             <th>loss</th><th>images</th><th>best top-1 (epoch)</th></tr>\n\
-             <tr><td>{:.2}%</td><td>{:.2}%</td><td>{:.4}</td><td>{}</td><td>{:.2}% ({})</td></tr></table>",
-            v.top1, v.top5, v.loss, v.images, best.0, best.1
         );
-    }
-    let _ = writeln!(html, "<h2>Curves</h2>\n<div id=\"curves\">{curves}</div>");
-    html += "<h2>Per epoch</h2>\n<table id=\"epochs\"><tr><th>epoch</th><th>step</th>\
-             <th>train loss</th><th>train top-1</th><th>val top-1</th><th>val top-5</th>\
-             <th>val loss</th><th>learning rate</th><th>images/s</th><th>seconds</th></tr>\n";
+    };
+    // Every session's steps: `s` times only the last process of a resumed run.
+    let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
+    let images: f64 = epochs.iter().map(|m| m.seconds * m.images_per_second).sum();
+    format!(
+        "Finished: {} steps ({:.2} epochs); training steps took {:.0} s at {:.1} images/s \
+         over the run (this process: {:.0} s wall-clock, {:.1} training images/s).",
+        s.steps,
+        s.epochs,
+        seconds,
+        if seconds > 0.0 { images / seconds } else { 0.0 },
+        s.wall_seconds,
+        s.train_images_per_second
+    )
+}
+
+/// The last validation and the best top-1 so far, as a table (empty before any validation).
+fn latest_metrics(epochs: &[EpochMetrics]) -> String {
+    let Some(v) = epochs.last().and_then(|m| m.val) else {
+        return String::new();
+    };
+    let best = epochs
+        .iter()
+        .filter_map(|m| m.val.map(|v| (v.top1, m.epoch)))
+        .fold((f64::MIN, 0.0), |a, b| if b.0 > a.0 { b } else { a });
+    format!(
+        "<h2>Metrics</h2>\n<table id=\"metrics\"><tr><th>validation top-1</th><th>top-5</th>\
+         <th>loss</th><th>images</th><th>best top-1 (epoch)</th></tr>\n\
+         <tr><td>{:.2}%</td><td>{:.2}%</td><td>{:.4}</td><td>{}</td><td>{:.2}% ({})</td></tr></table>\n",
+        v.top1, v.top5, v.loss, v.images, best.0, best.1
+    )
+}
+
+/// One table row per epoch.
+fn epochs_table(epochs: &[EpochMetrics]) -> String {
+    let mut html = String::from(
+        "<h2>Per epoch</h2>\n<table id=\"epochs\"><tr><th>epoch</th><th>step</th>\
+         <th>train loss</th><th>train top-1</th><th>val top-1</th><th>val top-5</th>\
+         <th>val loss</th><th>learning rate</th><th>images/s</th><th>seconds</th></tr>\n",
+    );
     for m in epochs {
         let (top1, top5, loss) = m.val.map_or(("-".into(), "-".into(), "-".into()), |v| {
             (
@@ -122,12 +145,5 @@ pub fn write(
         );
     }
     html += "</table>\n";
-    let config_json = serde_json::to_string_pretty(config).expect("a run config serialises");
-    let _ = writeln!(
-        html,
-        "<h2>Configuration</h2>\n<pre id=\"config\">{}</pre>\n<h2>Model</h2>\n<pre id=\"model\">{}</pre>\n</body>\n</html>",
-        escape(&config_json),
-        escape(model_summary)
-    );
-    crate::io::write_bytes_atomically(&dir.join(REPORT), html.as_bytes())
+    html
 }
