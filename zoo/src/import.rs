@@ -290,41 +290,8 @@ fn open(path: &Path) -> Result<hdf5_pure::File, String> {
 }
 
 fn read_layers(file: &hdf5_pure::File) -> Result<Vec<KerasLayer>, String> {
-    // HDF5 records the file's size; a shorter file lost its end (libhdf5 refuses it too).
-    let superblock = file.superblock();
-    let recorded = superblock
-        .base_address
-        .get()
-        .saturating_add(superblock.eof_address);
-    if file.file_size() < recorded {
-        return Err(format!(
-            "the file is truncated: it has {} bytes but its header records {recorded}",
-            file.file_size()
-        ));
-    }
-    let root_attrs = file
-        .root()
-        .attrs()
-        .map_err(|e| damaged("cannot read the root attributes".into(), e))?;
-    let (prefix, names) = match string_list(&root_attrs, "layer_names", "the root")? {
-        Some(names) => (String::new(), names),
-        // A whole model saved with `model.save("x.h5")` keeps its weights in `model_weights`.
-        None => {
-            let nested = file
-                .group("model_weights")
-                .and_then(|g| g.attrs())
-                .ok()
-                .map(|attrs| string_list(&attrs, "layer_names", "`model_weights`"))
-                .transpose()?
-                .flatten();
-            match nested {
-                Some(names) => ("model_weights/".to_string(), names),
-                None => {
-                    return Err("not a Keras weights file: there is no `layer_names` attribute at the root (write the file with tf-keras `model.save_weights(\"weights.h5\")`; the Keras 3 `.weights.h5` layout is not supported)".into())
-                }
-            }
-        }
-    };
+    check_complete(file)?;
+    let (prefix, names) = layer_names(file)?;
     let mut layers = Vec::with_capacity(names.len());
     for name in names {
         let group_path = format!("{prefix}{name}");
@@ -341,87 +308,145 @@ fn read_layers(file: &hdf5_pure::File) -> Result<Vec<KerasLayer>, String> {
         let weight_names = string_list(&attrs, "weight_names", &owner)?.ok_or_else(|| {
             format!("not a Keras weights file: layer `{name}` has no `weight_names` attribute")
         })?;
-        let mut weights = Vec::with_capacity(weight_names.len());
-        for weight_name in weight_names {
-            let ds_path = format!("{group_path}/{weight_name}");
-            let ds = file.dataset(&ds_path).map_err(|e| {
-                damaged(
-                    format!("the weight `{weight_name}` of layer `{name}` cannot be opened"),
-                    e,
-                )
-            })?;
-            let shape: Vec<usize> = ds
-                .shape()
-                .map_err(|e| {
-                    damaged(
-                        format!("the weight `{weight_name}` has no readable shape"),
-                        e,
-                    )
-                })?
-                .into_iter()
-                .map(|d| d as usize)
-                .collect();
-            // Values a file cannot hold are refused before anything is read or allocated:
-            // Keras stores weights uncompressed, at least 4 bytes a value.
-            let len = shape
-                .iter()
-                .try_fold(1usize, |n, &d| n.checked_mul(d))
-                .filter(|&n| n <= MAX_VALUES && n.saturating_mul(4) <= file.file_size() as usize)
-                .ok_or_else(|| {
-                    format!(
-                        "the weight `{weight_name}` has the shape {shape:?}, more values than the file's {} bytes can hold",
-                        file.file_size()
-                    )
-                })?;
-            match ds.dtype() {
-                Ok(hdf5_pure::DType::F32 | hdf5_pure::DType::F64) => {}
-                Ok(other) => {
-                    return Err(format!(
-                        "the weight `{weight_name}` is stored as {other:?}, not as floats"
-                    ))
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "the weight `{weight_name}` has no readable type: {e}"
-                    ))
-                }
-            }
-            let data = ds
-                .read_f32()
-                .map_err(|e| damaged(format!("the weight `{weight_name}` cannot be read"), e))?;
-            if data.len() != len {
-                return Err(format!(
-                    "the weight `{weight_name}` has {} values for its shape {shape:?}",
-                    data.len()
-                ));
-            }
-            weights.push(Weight {
-                name: weight_name
-                    .strip_suffix(":0")
-                    .unwrap_or(&weight_name)
-                    .to_string(),
-                shape,
-                data,
-            });
-        }
+        let weights = weight_names
+            .into_iter()
+            .map(|weight_name| read_weight(file, &group_path, &name, weight_name))
+            .collect::<Result<_, _>>()?;
         layers.push(KerasLayer { name, weights });
     }
-    // tf-keras also saves weights that belong to the model itself (not to a layer) here.
-    if let Ok(group) = file.group(&format!("{prefix}top_level_model_weights")) {
-        if let Ok(Some(names)) = group
-            .attrs()
-            .map_err(|e| e.to_string())
-            .and_then(|a| string_list(&a, "weight_names", "`top_level_model_weights`"))
-        {
-            if !names.is_empty() {
-                return Err(format!(
-                    "the model has weights of its own (`top_level_model_weights`: {}), which no layer of a spec can hold",
-                    names.join(", ")
-                ));
-            }
+    refuse_model_weights(file, &prefix)?;
+    Ok(layers)
+}
+
+/// HDF5 records the file's size; a shorter file lost its end (libhdf5 refuses it too).
+fn check_complete(file: &hdf5_pure::File) -> Result<(), String> {
+    let superblock = file.superblock();
+    let recorded = superblock
+        .base_address
+        .get()
+        .saturating_add(superblock.eof_address);
+    if file.file_size() < recorded {
+        return Err(format!(
+            "the file is truncated: it has {} bytes but its header records {recorded}",
+            file.file_size()
+        ));
+    }
+    Ok(())
+}
+
+/// The layers a Keras weights file lists, with the path prefix of their groups.
+fn layer_names(file: &hdf5_pure::File) -> Result<(String, Vec<String>), String> {
+    let root_attrs = file
+        .root()
+        .attrs()
+        .map_err(|e| damaged("cannot read the root attributes".into(), e))?;
+    if let Some(names) = string_list(&root_attrs, "layer_names", "the root")? {
+        return Ok((String::new(), names));
+    }
+    // A whole model saved with `model.save("x.h5")` keeps its weights in `model_weights`.
+    let nested = file
+        .group("model_weights")
+        .and_then(|g| g.attrs())
+        .ok()
+        .map(|attrs| string_list(&attrs, "layer_names", "`model_weights`"))
+        .transpose()?
+        .flatten();
+    match nested {
+        Some(names) => Ok(("model_weights/".to_string(), names)),
+        None => Err("not a Keras weights file: there is no `layer_names` attribute at the root (write the file with tf-keras `model.save_weights(\"weights.h5\")`; the Keras 3 `.weights.h5` layout is not supported)".into()),
+    }
+}
+
+/// The weight `weight_name` of layer `layer` (group `group_path`): its shape checked against
+/// what the file can hold before anything is read, stored as floats.
+fn read_weight(
+    file: &hdf5_pure::File,
+    group_path: &str,
+    layer: &str,
+    weight_name: String,
+) -> Result<Weight, String> {
+    let ds = file
+        .dataset(&format!("{group_path}/{weight_name}"))
+        .map_err(|e| {
+            damaged(
+                format!("the weight `{weight_name}` of layer `{layer}` cannot be opened"),
+                e,
+            )
+        })?;
+    let shape: Vec<usize> = ds
+        .shape()
+        .map_err(|e| {
+            damaged(
+                format!("the weight `{weight_name}` has no readable shape"),
+                e,
+            )
+        })?
+        .into_iter()
+        .map(|d| d as usize)
+        .collect();
+    // Values a file cannot hold are refused before anything is read or allocated: Keras stores
+    // weights uncompressed, at least 4 bytes a value.
+    let len = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX_VALUES && n.saturating_mul(4) <= file.file_size() as usize)
+        .ok_or_else(|| {
+            format!(
+                "the weight `{weight_name}` has the shape {shape:?}, more values than the file's {} bytes can hold",
+                file.file_size()
+            )
+        })?;
+    match ds.dtype() {
+        Ok(hdf5_pure::DType::F32 | hdf5_pure::DType::F64) => {}
+        Ok(other) => {
+            return Err(format!(
+                "the weight `{weight_name}` is stored as {other:?}, not as floats"
+            ))
+        }
+        Err(e) => {
+            return Err(format!(
+                "the weight `{weight_name}` has no readable type: {e}"
+            ))
         }
     }
-    Ok(layers)
+    let data = ds
+        .read_f32()
+        .map_err(|e| damaged(format!("the weight `{weight_name}` cannot be read"), e))?;
+    if data.len() != len {
+        return Err(format!(
+            "the weight `{weight_name}` has {} values for its shape {shape:?}",
+            data.len()
+        ));
+    }
+    Ok(Weight {
+        name: weight_name
+            .strip_suffix(":0")
+            .unwrap_or(&weight_name)
+            .to_string(),
+        shape,
+        data,
+    })
+}
+
+/// tf-keras also saves weights that belong to the model itself (not to a layer); no layer of a
+/// spec can hold them.
+fn refuse_model_weights(file: &hdf5_pure::File, prefix: &str) -> Result<(), String> {
+    let Ok(group) = file.group(&format!("{prefix}top_level_model_weights")) else {
+        return Ok(());
+    };
+    if let Ok(Some(names)) = group
+        .attrs()
+        .map_err(|e| e.to_string())
+        .and_then(|a| string_list(&a, "weight_names", "`top_level_model_weights`"))
+    {
+        if !names.is_empty() {
+            return Err(format!(
+                "the model has weights of its own (`top_level_model_weights`: {}), which no layer of a spec can hold",
+                names.join(", ")
+            ));
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
