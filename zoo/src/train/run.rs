@@ -556,6 +556,38 @@ impl<'a> Run<'a> {
     /// Trains to the end of the current epoch (or of the step budget), then validates, logs
     /// the epoch, keeps the best weights and checkpoints. Returns the validation figures.
     fn epoch(&mut self, clock: &mut Clock) -> Result<Option<Accuracy>, Error> {
+        let (images, seconds) = self.train_to_epoch_end(clock)?;
+        let val = self.validate()?;
+        let p = &self.progress;
+        let metrics = EpochMetrics {
+            epoch: p.step as f64 / self.rate.steps_per_epoch as f64,
+            step: p.step,
+            train_loss: p.epoch_loss_sum / p.epoch_steps.max(1) as f64,
+            train_top1: 100.0 * p.epoch_correct as f64 / p.epoch_images.max(1) as f64,
+            val,
+            learning_rate: self.last_lr,
+            images_per_second: Clock::images_per_second(images, seconds),
+            seconds,
+            skipped: p.skipped,
+        };
+        self.log_epoch(&metrics)?;
+        if let Some(acc) = val {
+            self.keep_if_best(acc, metrics.epoch.ceil() as u64)?;
+        }
+        let p = &mut self.progress;
+        p.epoch += 1;
+        p.epoch_loss_sum = 0.0;
+        p.epoch_correct = 0;
+        p.epoch_images = 0;
+        p.epoch_steps = 0;
+        self.save_checkpoint()?;
+        Ok(val)
+    }
+
+    /// The steps from where the run stands to the end of its epoch (or of the step budget),
+    /// checkpointing every `checkpoint_every` steps. Returns the images and seconds of the
+    /// timed steps.
+    fn train_to_epoch_end(&mut self, clock: &mut Clock) -> Result<(u64, f64), Error> {
         let steps_per_epoch = self.rate.steps_per_epoch;
         let epoch = self.progress.epoch;
         let first_batch = (self.progress.step - epoch * steps_per_epoch) as usize;
@@ -616,23 +648,16 @@ impl<'a> Run<'a> {
         }
         drop(loader);
         bar.finish_and_clear();
-        let val = self.validate()?;
-        let p = &self.progress;
-        let metrics = EpochMetrics {
-            epoch: p.step as f64 / steps_per_epoch as f64,
-            step: p.step,
-            train_loss: p.epoch_loss_sum / p.epoch_steps.max(1) as f64,
-            train_top1: 100.0 * p.epoch_correct as f64 / p.epoch_images.max(1) as f64,
-            val,
-            learning_rate: self.last_lr,
-            images_per_second: Clock::images_per_second(epoch_images, epoch_seconds),
-            seconds: epoch_seconds,
-            skipped: p.skipped,
-        };
-        println!("{}", describe_epoch(&metrics));
+        Ok((epoch_images, epoch_seconds))
+    }
+
+    /// An epoch's figures on standard output, in `metrics.jsonl`, the report and the
+    /// TensorBoard events.
+    fn log_epoch(&mut self, metrics: &EpochMetrics) -> Result<(), Error> {
+        println!("{}", describe_epoch(metrics));
         append_line(
             &self.dir.join("metrics.jsonl"),
-            &serde_json::to_string(&metrics).expect("metrics serialise"),
+            &serde_json::to_string(metrics).expect("metrics serialise"),
         )?;
         self.write_report(None);
         if let Some(events) = &mut self.events {
@@ -652,25 +677,20 @@ impl<'a> Run<'a> {
             events.scalars(metrics.step, &scalars)?;
             events.flush()?;
         }
-        if let Some(acc) = val {
-            let epoch_number = metrics.epoch.ceil() as u64;
-            if self.progress.best.is_none_or(|(best, _)| acc.top1 > best) {
-                self.progress.best = Some((acc.top1, epoch_number));
-                crate::io::save_safetensors(
-                    &self.checked_model()?,
-                    Some(checkpoint::metadata(&self.config, &self.progress)),
-                    &self.dir.join("best.safetensors"),
-                )?;
-            }
+        Ok(())
+    }
+
+    /// Writes `best.safetensors` when validation top-1 `acc` beats the best so far.
+    fn keep_if_best(&mut self, acc: Accuracy, epoch: u64) -> Result<(), Error> {
+        if !self.progress.best.is_none_or(|(best, _)| acc.top1 > best) {
+            return Ok(());
         }
-        let p = &mut self.progress;
-        p.epoch = epoch + 1;
-        p.epoch_loss_sum = 0.0;
-        p.epoch_correct = 0;
-        p.epoch_images = 0;
-        p.epoch_steps = 0;
-        self.save_checkpoint()?;
-        Ok(val)
+        self.progress.best = Some((acc.top1, epoch));
+        crate::io::save_safetensors(
+            &self.checked_model()?,
+            Some(checkpoint::metadata(&self.config, &self.progress)),
+            &self.dir.join("best.safetensors"),
+        )
     }
 
     /// The validation figures of the current weights, when the run evaluates.
