@@ -252,6 +252,28 @@ fn hub_dataset(dataset: &str) -> Option<&'static str> {
 /// The model card: YAML metadata (library, tags, pipeline, dataset, licence, metrics in
 /// model-index form) and a page with the results table and how to use the model.
 pub fn model_card(title: &str, config: &RepoConfig, spec: Option<&crate::Spec>) -> String {
+    let mut card = card_metadata(title, config);
+    card += &format!(
+        "# {title}\n\nA binary neural network (`{}`) of the [zoo](https://github.com/zoo-bnn/zoo), \
+         for {} images of {} ({} classes).\n\n",
+        config.architecture, config.input, config.dataset, config.classes
+    );
+    card += &card_results(config);
+    card += &card_use(title, config);
+    card += &card_training(config);
+    card += &card_cost(config, spec);
+    if let Some(source) = &config.source {
+        card += &format!("## Source\n\nConverted from {source}.\n\n");
+    }
+    card += "## Files\n\n- `model.safetensors`: latent weights (zoo tensor names)\n\
+             - `spec.yaml`: the architecture\n- `config.json`: input, classes, normalisation, \
+             recipe, metrics\n- `model.zoo`: packed model for the zoo's inference engine\n";
+    card
+}
+
+/// The card's YAML front matter: library, licence, tags, dataset and the metrics in the
+/// hub's model-index form.
+fn card_metadata(title: &str, config: &RepoConfig) -> String {
     let uses_lab = config
         .recipe
         .as_ref()
@@ -286,85 +308,92 @@ pub fn model_card(title: &str, config: &RepoConfig, spec: Option<&crate::Spec>) 
             m.top5
         );
     }
-    yaml += "---\n\n";
+    yaml + "---\n\n"
+}
 
-    let mut page = format!(
-        "# {title}\n\nA binary neural network (`{}`) of the [zoo](https://github.com/zoo-bnn/zoo), \
-         for {} images of {} ({} classes).\n\n",
-        config.architecture, config.input, config.dataset, config.classes
-    );
-    page +=
-        "## Results\n\n| dataset | split | top-1 | top-5 | measured by |\n|---|---|---|---|---|\n";
-    match &config.metrics {
-        Some(m) => {
-            page += &format!(
-                "| {} | {} | {:.2}% | {:.2}% | {} |\n\n",
-                config.dataset,
-                m.split,
-                m.top1,
-                m.top5,
-                m.measured_by.as_deref().unwrap_or("`zoo train`")
-            )
-        }
-        None => page += &format!("| {} | - | not measured | - | - |\n\n", config.dataset),
-    }
-    page += &format!(
+/// The results table: top-1 and top-5 on the recorded split, or "not measured".
+fn card_results(config: &RepoConfig) -> String {
+    let row = match &config.metrics {
+        Some(m) => format!(
+            "| {} | {} | {:.2}% | {:.2}% | {} |",
+            config.dataset,
+            m.split,
+            m.top1,
+            m.top5,
+            m.measured_by.as_deref().unwrap_or("`zoo train`")
+        ),
+        None => format!("| {} | - | not measured | - | - |", config.dataset),
+    };
+    format!(
+        "## Results\n\n| dataset | split | top-1 | top-5 | measured by |\n|---|---|---|---|---|\n{row}\n\n"
+    )
+}
+
+/// How to load and run the model, and what its input must be.
+fn card_use(title: &str, config: &RepoConfig) -> String {
+    let input = config.model_config().map(|c| c.input);
+    let p = &config.preprocessing;
+    format!(
         "## Use\n\n```rust\nlet pretrained = zoo::load(\"{title}\")?;\nlet logits = \
          pretrained.model.forward(&images, false)?; // N x {} x {} x {} images\n```\n\n\
-         ```sh\nzoo predict {title} image.png\nzoo bench {title} --threads 2\n```\n\n",
-        config.model_config().map_or(0, |c| c.input.channels),
-        config.model_config().map_or(0, |c| c.input.height),
-        config.model_config().map_or(0, |c| c.input.width),
+         ```sh\nzoo predict {title} image.png\nzoo bench {title} --threads 2\n```\n\n\
+         Input: {}; then `(pixel / 255 - mean) / std` with mean {:?} and std {:?}.\n\n",
+        input.as_ref().map_or(0, |i| i.channels),
+        input.as_ref().map_or(0, |i| i.height),
+        input.as_ref().map_or(0, |i| i.width),
+        p.resize,
+        p.mean,
+        p.std
+    )
+}
+
+/// The command that trained the weights and the teacher they were distilled from (empty for
+/// weights without a recipe).
+fn card_training(config: &RepoConfig) -> String {
+    let Some(r) = &config.recipe else {
+        return String::new();
+    };
+    let mut text = format!(
+        "## Training\n\n`zoo train {} --data {} --epochs {} --batch-size {} --lr {} \
+         --schedule {} --optimizer {} --seed {}{}`\n\n",
+        r.model,
+        r.data,
+        r.epochs,
+        r.batch_size,
+        r.learning_rate,
+        r.schedule,
+        r.optimizer,
+        r.seed,
+        r.max_steps
+            .map(|s| format!(" --max-steps {s}"))
+            .unwrap_or_default()
     );
-    let p = &config.preprocessing;
-    page += &format!(
-        "Input: {}; then `(pixel / 255 - mean) / std` with mean {:?} and std {:?}.\n\n",
-        p.resize, p.mean, p.std
-    );
-    if let Some(r) = &config.recipe {
-        page += &format!(
-            "## Training\n\n`zoo train {} --data {} --epochs {} --batch-size {} --lr {} \
-             --schedule {} --optimizer {} --seed {}{}`\n\n",
-            r.model,
-            r.data,
-            r.epochs,
-            r.batch_size,
-            r.learning_rate,
-            r.schedule,
-            r.optimizer,
-            r.seed,
-            r.max_steps
-                .map(|s| format!(" --max-steps {s}"))
-                .unwrap_or_default()
+    if let Some(d) = &r.distill {
+        text += &format!(
+            "Distilled with {} from the teacher `{}` (weights SHA-256 `{}`).\n\n",
+            d.loss, d.teacher, d.teacher_sha256
         );
-        if let Some(d) = &r.distill {
-            page += &format!(
-                "Distilled with {} from the teacher `{}` (weights SHA-256 `{}`).\n\n",
-                d.loss, d.teacher, d.teacher_sha256
-            );
-        }
     }
-    if let Some(totals) = spec
+    text
+}
+
+/// The cost at the model's input, from its spec (empty without one).
+fn card_cost(config: &RepoConfig, spec: Option<&crate::Spec>) -> String {
+    let Some(totals) = spec
         .zip(config.model_config().ok())
         .and_then(|(spec, c)| crate::spec::analyze(spec, &c).ok())
         .map(|a| a.totals())
-    {
-        page += &format!(
-            "## Cost\n\n| input | binary MACs | float MACs | packed size |\n|---|---|---|---|\n\
-             | {} | {:.1} M | {:.1} M | {:.2} MiB |\n\n",
-            config.input,
-            totals.binary_macs as f64 / 1e6,
-            totals.float_macs as f64 / 1e6,
-            totals.model_size_bytes() / (1024.0 * 1024.0)
-        );
-    }
-    if let Some(source) = &config.source {
-        page += &format!("## Source\n\nConverted from {source}.\n\n");
-    }
-    page += "## Files\n\n- `model.safetensors`: latent weights (zoo tensor names)\n\
-             - `spec.yaml`: the architecture\n- `config.json`: input, classes, normalisation, \
-             recipe, metrics\n- `model.zoo`: packed model for the zoo's inference engine\n";
-    yaml + &page
+    else {
+        return String::new();
+    };
+    format!(
+        "## Cost\n\n| input | binary MACs | float MACs | packed size |\n|---|---|---|---|\n\
+         | {} | {:.1} M | {:.1} M | {:.2} MiB |\n\n",
+        config.input,
+        totals.binary_macs as f64 / 1e6,
+        totals.float_macs as f64 / 1e6,
+        totals.model_size_bytes() / (1024.0 * 1024.0)
+    )
 }
 
 /// A YAML scalar, quoted when plain style could misread it.
