@@ -108,10 +108,13 @@ pub struct FolderOptions {
 /// A decoded sample in the cache: the image, or why it cannot be decoded.
 type Cached = Result<Arc<RgbImage>, String>;
 
+/// An image file and its label.
+type Sample = (PathBuf, u32);
+
 /// One split of an image folder dataset.
 pub struct ImageFolder {
     split_dir: PathBuf,
-    samples: Vec<(PathBuf, u32)>,
+    samples: Vec<Sample>,
     classes: Vec<String>,
     size: usize,
     ignored: Vec<PathBuf>,
@@ -158,72 +161,12 @@ impl ImageFolder {
                     .to_string(),
             });
         }
-        let train_dir = root.join("train");
-        let classes = class_folders(&train_dir, "training")?;
-        if classes.is_empty() {
-            return Err(DataError::File {
-                path: train_dir,
-                message: "has no class folders: expected one subfolder of images per class"
-                    .to_string(),
-            });
-        }
-        let split_dir = match split {
-            Split::Train => train_dir,
-            Split::Validation => root.join("val"),
+        let classes = training_classes(root)?;
+        let (split_dir, folders) = match split {
+            Split::Train => (root.join("train"), classes.clone()),
+            Split::Validation => (root.join("val"), validation_folders(root, &classes)?),
         };
-        let folders = match split {
-            Split::Train => classes.clone(),
-            Split::Validation => {
-                let folders = class_folders(&split_dir, "validation")?;
-                if let Some(unknown) = folders.iter().find(|f| classes.binary_search(f).is_err()) {
-                    return Err(DataError::File {
-                        path: split_dir.join(unknown),
-                        message: format!(
-                            "class `{unknown}` is not among the {} classes of `{}`",
-                            classes.len(),
-                            root.join("train").display()
-                        ),
-                    });
-                }
-                if folders.is_empty() {
-                    return Err(DataError::File {
-                        path: split_dir,
-                        message: "has no class folders: expected one subfolder of images per \
-                                  class, named as in `train/`"
-                            .to_string(),
-                    });
-                }
-                folders
-            }
-        };
-
-        let mut samples = Vec::new();
-        let mut ignored = Vec::new();
-        // Loose files next to the class folders.
-        for entry in read_dir(&split_dir)? {
-            if !entry.is_dir() {
-                ignored.push(entry);
-            }
-        }
-        for folder in &folders {
-            let label = classes.binary_search(folder).expect("class list checked") as u32;
-            let dir = split_dir.join(folder);
-            let mut images = Vec::new();
-            collect_images(&dir, &mut images, &mut ignored)?;
-            if images.is_empty() {
-                return Err(DataError::File {
-                    path: dir,
-                    message: format!(
-                        "class folder has no images (expected files ending in .{})",
-                        EXTENSIONS.join(", .")
-                    ),
-                });
-            }
-            images.sort();
-            samples.extend(images.into_iter().map(|path| (path, label)));
-        }
-        ignored.sort();
-
+        let (samples, ignored) = list_samples(&split_dir, &folders, &classes)?;
         let mut lut = Box::new([[0f32; 256]; 3]);
         for (channel, table) in lut.iter_mut().enumerate() {
             for (value, slot) in table.iter_mut().enumerate() {
@@ -495,6 +438,80 @@ pub fn random_resized_crop(width: u32, height: u32, rng: &mut Rng) -> (u32, u32,
         (width, height)
     };
     ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+/// The class names: the sorted subfolders of `root/train`, at least one.
+fn training_classes(root: &Path) -> Result<Vec<String>, DataError> {
+    let train_dir = root.join("train");
+    let classes = class_folders(&train_dir, "training")?;
+    if classes.is_empty() {
+        return Err(DataError::File {
+            path: train_dir,
+            message: "has no class folders: expected one subfolder of images per class".to_string(),
+        });
+    }
+    Ok(classes)
+}
+
+/// The class folders of `root/val`: at least one, each a class of `train/`.
+fn validation_folders(root: &Path, classes: &[String]) -> Result<Vec<String>, DataError> {
+    let split_dir = root.join("val");
+    let folders = class_folders(&split_dir, "validation")?;
+    if let Some(unknown) = folders.iter().find(|f| classes.binary_search(f).is_err()) {
+        return Err(DataError::File {
+            path: split_dir.join(unknown),
+            message: format!(
+                "class `{unknown}` is not among the {} classes of `{}`",
+                classes.len(),
+                root.join("train").display()
+            ),
+        });
+    }
+    if folders.is_empty() {
+        return Err(DataError::File {
+            path: split_dir,
+            message: "has no class folders: expected one subfolder of images per class, \
+                      named as in `train/`"
+                .to_string(),
+        });
+    }
+    Ok(folders)
+}
+
+/// Every image of the class `folders` of `split_dir` with its label (the class's index in
+/// `classes`), sorted within each class, and the sorted files that are not images (loose files
+/// next to the class folders included). A class folder without images is an error.
+fn list_samples(
+    split_dir: &Path,
+    folders: &[String],
+    classes: &[String],
+) -> Result<(Vec<Sample>, Vec<PathBuf>), DataError> {
+    let mut samples = Vec::new();
+    let mut ignored = Vec::new();
+    for entry in read_dir(split_dir)? {
+        if !entry.is_dir() {
+            ignored.push(entry);
+        }
+    }
+    for folder in folders {
+        let label = classes.binary_search(folder).expect("class list checked") as u32;
+        let dir = split_dir.join(folder);
+        let mut images = Vec::new();
+        collect_images(&dir, &mut images, &mut ignored)?;
+        if images.is_empty() {
+            return Err(DataError::File {
+                path: dir,
+                message: format!(
+                    "class folder has no images (expected files ending in .{})",
+                    EXTENSIONS.join(", .")
+                ),
+            });
+        }
+        images.sort();
+        samples.extend(images.into_iter().map(|path| (path, label)));
+    }
+    ignored.sort();
+    Ok((samples, ignored))
 }
 
 /// The class folders of `dir` (sorted names), with an error naming `dir` when it is missing.
