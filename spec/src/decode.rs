@@ -690,101 +690,132 @@ impl Expander {
                 self.layers(&layers, prefix, activation)?
             }
             (Some(block), None) => {
-                let kind = block.str()?;
-                let filters = m.require("filters", "the stage's number of channels")?.positive()?;
-                let blocks_value = m.require("blocks", "the number of blocks")?;
-                let blocks = blocks_value.positive()?;
-                if blocks > MAX_BLOCKS {
-                    return Err(blocks_value.error(format!(
-                        "expected at most {MAX_BLOCKS} blocks in a stage, found {blocks}"
-                    )));
-                }
-                let acts = match &activations {
-                    None => vec![self.binary.activation; blocks],
-                    Some(a) => {
-                        let items = a.seq_or_one()?;
-                        if items.len() == 1 {
-                            vec![activation(&items[0])?; blocks]
-                        } else if items.len() == blocks {
-                            items.iter().map(activation).collect::<Result<_, _>>()?
-                        } else {
-                            return Err(a.error(format!(
-                                "expected one activation binarizer or a list of {blocks} (one per block), found a list of {}",
-                                items.len()
-                            )));
-                        }
-                    }
-                };
-                let location = v.location();
-                let incoming = self.static_channels(&block, &format!("a `{kind}` stage"))?;
-                let nodes = match kind {
-                    "quicknet" => {
-                        let mut bn_map = bn_override(&mut m)?;
-                        let bn = batch_norm_settings(&mut bn_map, 0.9, 1e-5)?;
-                        bn_map.finish()?;
-                        templates::quicknet(self.binary, prefix, location, incoming, filters, &acts, bn)
-                    }
-                    "bireal" => {
-                        let mut bn_map = bn_override(&mut m)?;
-                        let bn = batch_norm_settings(&mut bn_map, 0.8, 1e-3)?;
-                        bn_map.finish()?;
-                        let prelu = match m.get("post_activation") {
-                            None => None,
-                            Some(p) => match variant(&p, "`none` or `prelu`")? {
-                                ("none", opts) => {
-                                    opts.finish()?;
-                                    None
-                                }
-                                ("prelu", mut opts) => {
-                                    let alpha = f64_or(&mut opts, "alpha", 0.0)?;
-                                    opts.finish()?;
-                                    Some(PRelu { alpha })
-                                }
-                                (other, _) => {
-                                    return Err(p.error(format!(
-                                        "expected `none` or `prelu`, found `{other}`"
-                                    )))
-                                }
-                            },
-                        };
-                        templates::bireal(self.binary, prefix, location, incoming, filters, &acts, bn, prelu)
-                    }
-                    "reactnet" => {
-                        let mut bn_map = bn_override(&mut m)?;
-                        let bn = batch_norm_settings(&mut bn_map, 0.8, 1e-3)?;
-                        bn_map.finish()?;
-                        let stride_value = m.get("stride");
-                        let stride = match &stride_value {
-                            Some(s) => s.positive()?,
-                            None if filters != incoming => 2,
-                            None => 1,
-                        };
-                        if filters != incoming && filters != 2 * incoming {
-                            return Err(m.value().error(format!(
-                                "a `reactnet` stage keeps or doubles its {incoming} input channels, so `filters` must be {incoming} or {}, found {filters}",
-                                2 * incoming
-                            )));
-                        }
-                        if stride > 2 {
-                            let s = stride_value.expect("a stride above 2 was written");
-                            return Err(s.error(format!("expected 1 or 2, found {stride}")));
-                        }
-                        let alpha = f64_or(&mut m, "prelu_alpha", 0.25)?;
-                        templates::reactnet(self.binary, prefix, location, incoming, filters, stride, &acts, bn, PRelu { alpha })
-                    }
-                    other => {
-                        return Err(block.error(format!(
-                            "unknown block template `{other}`; expected `quicknet`, `bireal` or `reactnet` (or write the stage as `layers`)"
-                        )))
-                    }
-                };
-                self.set_channels(filters);
-                nodes
+                self.block_stage(&mut m, &block, activations.as_ref(), prefix, v.location())?
             }
         };
         m.finish()?;
         Ok(nodes)
     }
+
+    /// A stage written as a block template (`block`, `filters`, `blocks` and the template's
+    /// settings in `m`): the template's nodes, one activation binarizer per block.
+    fn block_stage(
+        &mut self,
+        m: &mut Map<'_>,
+        block: &Value<'_>,
+        activations: Option<&Value<'_>>,
+        prefix: &str,
+        location: Location,
+    ) -> Result<Vec<Node>, SpecError> {
+        let kind = block.str()?;
+        let filters = m
+            .require("filters", "the stage's number of channels")?
+            .positive()?;
+        let blocks_value = m.require("blocks", "the number of blocks")?;
+        let blocks = blocks_value.positive()?;
+        if blocks > MAX_BLOCKS {
+            return Err(blocks_value.error(format!(
+                "expected at most {MAX_BLOCKS} blocks in a stage, found {blocks}"
+            )));
+        }
+        let acts = match activations {
+            None => vec![self.binary.activation; blocks],
+            Some(a) => per_block_activations(a, blocks)?,
+        };
+        let incoming = self.static_channels(block, &format!("a `{kind}` stage"))?;
+        let nodes = match kind {
+            "quicknet" => {
+                let bn = template_batch_norm(m, 0.9, 1e-5)?;
+                templates::quicknet(self.binary, prefix, location, incoming, filters, &acts, bn)
+            }
+            "bireal" => {
+                let bn = template_batch_norm(m, 0.8, 1e-3)?;
+                let prelu = post_activation(m)?;
+                templates::bireal(self.binary, prefix, location, incoming, filters, &acts, bn, prelu)
+            }
+            "reactnet" => {
+                let bn = template_batch_norm(m, 0.8, 1e-3)?;
+                let stride = reactnet_stride(m, incoming, filters)?;
+                let alpha = f64_or(m, "prelu_alpha", 0.25)?;
+                templates::reactnet(self.binary, prefix, location, incoming, filters, stride, &acts, bn, PRelu { alpha })
+            }
+            other => {
+                return Err(block.error(format!(
+                    "unknown block template `{other}`; expected `quicknet`, `bireal` or `reactnet` (or write the stage as `layers`)"
+                )))
+            }
+        };
+        self.set_channels(filters);
+        Ok(nodes)
+    }
+}
+
+/// A block stage's `activation`: one binarizer for every block, or a list of one per block.
+fn per_block_activations(a: &Value<'_>, blocks: usize) -> Result<Vec<Activation>, SpecError> {
+    let items = a.seq_or_one()?;
+    if items.len() == 1 {
+        Ok(vec![activation(&items[0])?; blocks])
+    } else if items.len() == blocks {
+        items.iter().map(activation).collect()
+    } else {
+        Err(a.error(format!(
+            "expected one activation binarizer or a list of {blocks} (one per block), found a list of {}",
+            items.len()
+        )))
+    }
+}
+
+/// A template's batch norm: its defaults, overridden by the stage's `batch_norm` mapping.
+fn template_batch_norm(
+    m: &mut Map<'_>,
+    momentum: f64,
+    epsilon: f64,
+) -> Result<BatchNorm, SpecError> {
+    let mut bn_map = bn_override(m)?;
+    let bn = batch_norm_settings(&mut bn_map, momentum, epsilon)?;
+    bn_map.finish()?;
+    Ok(bn)
+}
+
+/// A `bireal` stage's `post_activation`: `none` (the default) or `prelu` with its `alpha`.
+fn post_activation(m: &mut Map<'_>) -> Result<Option<PRelu>, SpecError> {
+    let Some(p) = m.get("post_activation") else {
+        return Ok(None);
+    };
+    match variant(&p, "`none` or `prelu`")? {
+        ("none", opts) => {
+            opts.finish()?;
+            Ok(None)
+        }
+        ("prelu", mut opts) => {
+            let alpha = f64_or(&mut opts, "alpha", 0.0)?;
+            opts.finish()?;
+            Ok(Some(PRelu { alpha }))
+        }
+        (other, _) => Err(p.error(format!("expected `none` or `prelu`, found `{other}`"))),
+    }
+}
+
+/// A `reactnet` stage's stride (2 by default where the width doubles, else 1), with the
+/// width it may have: `incoming` kept or doubled.
+fn reactnet_stride(m: &mut Map<'_>, incoming: usize, filters: usize) -> Result<usize, SpecError> {
+    let stride_value = m.get("stride");
+    let stride = match &stride_value {
+        Some(s) => s.positive()?,
+        None if filters != incoming => 2,
+        None => 1,
+    };
+    if filters != incoming && filters != 2 * incoming {
+        return Err(m.value().error(format!(
+            "a `reactnet` stage keeps or doubles its {incoming} input channels, so `filters` must be {incoming} or {}, found {filters}",
+            2 * incoming
+        )));
+    }
+    if stride > 2 {
+        let s = stride_value.expect("a stride above 2 was written");
+        return Err(s.error(format!("expected 1 or 2, found {stride}")));
+    }
+    Ok(stride)
 }
 
 fn bn_override<'a>(m: &mut Map<'a>) -> Result<Map<'a>, SpecError> {
