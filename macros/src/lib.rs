@@ -234,66 +234,25 @@ impl Emitter {
         nodes.iter().map(|n| self.node(n)).collect()
     }
 
+    /// The statement of one node: a call of its layer field for the layers with weights, of a
+    /// function for the others.
     fn node(&mut self, node: &Node) -> Tokens {
+        let no_args = quote!();
         match &node.op {
-            Op::Conv(c) => {
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::QuantConv2d),
-                    Some(conv(c)),
-                    quote!(),
-                );
-                quote!(let xs = #layer.forward(&xs)?;)
-            }
+            Op::Conv(c) => self.layer_call(node, "QuantConv2d", Some(conv(c)), no_args),
             Op::DepthwiseConv(d) => {
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::DepthwiseConv2d),
-                    Some(depthwise_conv(d)),
-                    quote!(),
-                );
-                quote!(let xs = #layer.forward(&xs)?;)
+                self.layer_call(node, "DepthwiseConv2d", Some(depthwise_conv(d)), no_args)
             }
-            Op::BatchNorm(b) => {
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::BatchNorm),
-                    Some(batch_norm(b)),
-                    quote!(),
-                );
-                quote!(let xs = #layer.forward(&xs, train)?;)
-            }
+            Op::BatchNorm(b) => self.layer_call(node, "BatchNorm", Some(batch_norm(b)), no_args),
             Op::PRelu(p) => {
                 let alpha = f64_lit(p.alpha);
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::PRelu),
-                    Some(quote!(::zoo::spec::PRelu { alpha: #alpha })),
-                    quote!(),
-                );
-                quote!(let xs = #layer.forward(&xs)?;)
+                let config = quote!(::zoo::spec::PRelu { alpha: #alpha });
+                self.layer_call(node, "PRelu", Some(config), no_args)
             }
-            Op::Bias => {
-                let layer = self.param_layer(node, quote!(::zoo::layers::Bias), None, quote!());
-                quote!(let xs = #layer.forward(&xs)?;)
-            }
-            Op::Binarize(a) => {
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::Binarizer),
-                    Some(activation(*a)),
-                    quote!(),
-                );
-                quote!(let xs = #layer.forward(&xs)?;)
-            }
+            Op::Bias => self.layer_call(node, "Bias", None, no_args),
+            Op::Binarize(a) => self.layer_call(node, "Binarizer", Some(activation(*a)), no_args),
             Op::Dense(d) => {
-                let layer = self.param_layer(
-                    node,
-                    quote!(::zoo::layers::Dense),
-                    Some(dense(d)),
-                    quote!(, config.classes),
-                );
-                quote!(let xs = #layer.forward(&xs)?;)
+                self.layer_call(node, "Dense", Some(dense(d)), quote!(, config.classes))
             }
             Op::Relu => quote!(let xs = ::zoo::layers::relu(&xs)?;),
             Op::MaxPool(p) => {
@@ -336,6 +295,21 @@ impl Emitter {
                 };)
             }
         }
+    }
+
+    /// `xs` through the layer field of `node`, of type `zoo::layers::<layer_type>` (see
+    /// `param_layer`); batch norm also reads whether it trains.
+    fn layer_call(
+        &mut self,
+        node: &Node,
+        layer_type: &str,
+        config: Option<Tokens>,
+        extra_args: Tokens,
+    ) -> Tokens {
+        let layer_type = format_ident!("{layer_type}");
+        let layer = self.param_layer(node, quote!(::zoo::layers::#layer_type), config, extra_args);
+        let train = matches!(node.op, Op::BatchNorm(_)).then(|| quote!(, train));
+        quote!(let xs = #layer.forward(&xs #train)?;)
     }
 }
 
