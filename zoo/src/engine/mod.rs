@@ -963,53 +963,21 @@ impl Compiler<'_> {
         let name = &node.name;
         let step = match &node.op {
             Op::Conv(conv) => self.conv(node, conv, input, steps)?,
-            Op::DepthwiseConv(dw) => {
-                let [kh, kw] = dw.kernel;
-                let co = input.channels * dw.multiplier;
-                let mut epilogue = Epilogue::default();
-                if dw.bias {
-                    epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[co])?));
+            Op::DepthwiseConv(dw) => self.depthwise(node, dw, input)?,
+            Op::Binarize(act) => match self.signs(name, act, input.channels)? {
+                Some(signs) => {
+                    let kind = match signs {
+                        Signs::Lab(_) => "lab",
+                        Signs::Sign => "sign",
+                    };
+                    Step::Binarize {
+                        op: self.op(node, kind),
+                        signs,
+                    }
                 }
-                Step::Depthwise {
-                    op: self.op(node, "depthwise_conv"),
-                    weight: self.floats(&format!("{name}.weight"), &[kh, kw, co])?,
-                    multiplier: dw.multiplier,
-                    window: self.window(input, dw.kernel, dw.stride, dw.padding),
-                    epilogue,
-                }
-            }
-            Op::Binarize(act) => {
-                let Some(signs) = self.signs(name, act, input.channels)? else {
-                    return Ok(());
-                };
-                let kind = match signs {
-                    Signs::Lab(_) => "lab",
-                    Signs::Sign => "sign",
-                };
-                Step::Binarize {
-                    op: self.op(node, kind),
-                    signs,
-                }
-            }
-            Op::MaxPool(p) => {
-                // A ReLU just before a float max pool runs inside it.
-                let relu = !input.binary
-                    && matches!(steps.last(), Some(Step::Channel { epilogue, .. })
-                        if epilogue.ops == [ChannelOp::Relu]);
-                if relu {
-                    steps.pop();
-                }
-                let kind = match (input.binary, relu) {
-                    (true, _) => "max_pool (bits)",
-                    (false, true) => "relu+max_pool",
-                    (false, false) => "max_pool",
-                };
-                Step::MaxPool {
-                    op: self.op(node, kind),
-                    window: self.window(input, p.size, p.stride, p.padding),
-                    relu,
-                }
-            }
+                None => return Ok(()),
+            },
+            Op::MaxPool(p) => self.max_pool(node, p, input, steps),
             Op::AvgPool(p) => Step::AvgPool {
                 op: self.op(node, "avg_pool"),
                 window: self.window(input, p.size, p.stride, p.padding),
@@ -1024,25 +992,7 @@ impl Compiler<'_> {
             Op::Flatten => Step::Flatten {
                 op: self.op(node, "flatten"),
             },
-            Op::Dense(d) => {
-                let units = d.units.resolve(self.model.config.classes);
-                let features = input.channels * input.height * input.width;
-                let mut epilogue = Epilogue::default();
-                if d.bias {
-                    epilogue.push(ChannelOp::Add(
-                        self.floats(&format!("{name}.bias"), &[units])?,
-                    ));
-                }
-                Step::Dense {
-                    op: self.op(node, "dense"),
-                    weight: PackedWeights::new(
-                        &self.floats(&format!("{name}.weight"), &[features, units])?,
-                        features,
-                        units,
-                    ),
-                    epilogue,
-                }
-            }
+            Op::Dense(d) => self.dense(node, d, input)?,
             Op::Duplicate => Step::Duplicate {
                 op: self.op(node, "duplicate"),
             },
@@ -1062,6 +1012,83 @@ impl Compiler<'_> {
         };
         steps.push(step);
         Ok(())
+    }
+
+    /// A float depthwise convolution, its bias in the epilogue.
+    fn depthwise(
+        &mut self,
+        node: &Node,
+        dw: &spec::DepthwiseConv,
+        input: spec::FeatureShape,
+    ) -> Result<Step, Error> {
+        let name = &node.name;
+        let [kh, kw] = dw.kernel;
+        let co = input.channels * dw.multiplier;
+        let mut epilogue = Epilogue::default();
+        if dw.bias {
+            epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[co])?));
+        }
+        Ok(Step::Depthwise {
+            op: self.op(node, "depthwise_conv"),
+            weight: self.floats(&format!("{name}.weight"), &[kh, kw, co])?,
+            multiplier: dw.multiplier,
+            window: self.window(input, dw.kernel, dw.stride, dw.padding),
+            epilogue,
+        })
+    }
+
+    /// Max pooling: on bits for a binary input; on floats, with the ReLU step just before it
+    /// (taken off `steps`) run inside it.
+    fn max_pool(
+        &mut self,
+        node: &Node,
+        p: &spec::Pool,
+        input: spec::FeatureShape,
+        steps: &mut Vec<Step>,
+    ) -> Step {
+        let relu = !input.binary
+            && matches!(steps.last(), Some(Step::Channel { epilogue, .. })
+                if epilogue.ops == [ChannelOp::Relu]);
+        if relu {
+            steps.pop();
+        }
+        let kind = match (input.binary, relu) {
+            (true, _) => "max_pool (bits)",
+            (false, true) => "relu+max_pool",
+            (false, false) => "max_pool",
+        };
+        Step::MaxPool {
+            op: self.op(node, kind),
+            window: self.window(input, p.size, p.stride, p.padding),
+            relu,
+        }
+    }
+
+    /// A dense layer on the flattened input, its bias in the epilogue.
+    fn dense(
+        &mut self,
+        node: &Node,
+        d: &spec::Dense,
+        input: spec::FeatureShape,
+    ) -> Result<Step, Error> {
+        let name = &node.name;
+        let units = d.units.resolve(self.model.config.classes);
+        let features = input.channels * input.height * input.width;
+        let mut epilogue = Epilogue::default();
+        if d.bias {
+            epilogue.push(ChannelOp::Add(
+                self.floats(&format!("{name}.bias"), &[units])?,
+            ));
+        }
+        Ok(Step::Dense {
+            op: self.op(node, "dense"),
+            weight: PackedWeights::new(
+                &self.floats(&format!("{name}.weight"), &[features, units])?,
+                features,
+                units,
+            ),
+            epilogue,
+        })
     }
 
     /// A convolution: on packed bits (its input binarized by sign or LAB inside the step) where
