@@ -1014,6 +1014,22 @@ impl Compiler<'_> {
         Ok(())
     }
 
+    /// Adds layer `name`'s bias (`len` values) to `epilogue` when the layer has one.
+    fn add_bias(
+        &self,
+        epilogue: &mut Epilogue,
+        name: &str,
+        bias: bool,
+        len: usize,
+    ) -> Result<(), Error> {
+        if bias {
+            epilogue.push(ChannelOp::Add(
+                self.floats(&format!("{name}.bias"), &[len])?,
+            ));
+        }
+        Ok(())
+    }
+
     /// A float depthwise convolution, its bias in the epilogue.
     fn depthwise(
         &mut self,
@@ -1025,9 +1041,7 @@ impl Compiler<'_> {
         let [kh, kw] = dw.kernel;
         let co = input.channels * dw.multiplier;
         let mut epilogue = Epilogue::default();
-        if dw.bias {
-            epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[co])?));
-        }
+        self.add_bias(&mut epilogue, name, dw.bias, co)?;
         Ok(Step::Depthwise {
             op: self.op(node, "depthwise_conv"),
             weight: self.floats(&format!("{name}.weight"), &[kh, kw, co])?,
@@ -1075,11 +1089,7 @@ impl Compiler<'_> {
         let units = d.units.resolve(self.model.config.classes);
         let features = input.channels * input.height * input.width;
         let mut epilogue = Epilogue::default();
-        if d.bias {
-            epilogue.push(ChannelOp::Add(
-                self.floats(&format!("{name}.bias"), &[units])?,
-            ));
-        }
+        self.add_bias(&mut epilogue, name, d.bias, units)?;
         Ok(Step::Dense {
             op: self.op(node, "dense"),
             weight: PackedWeights::new(
@@ -1124,9 +1134,7 @@ impl Compiler<'_> {
                     self.floats(&format!("{name}.scale"), &[o])?,
                 ));
             }
-            if conv.bias {
-                epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
-            }
+            self.add_bias(&mut epilogue, name, conv.bias, o)?;
             let kind = match signs {
                 Signs::Lab(_) => "lab+binary_conv",
                 Signs::Sign => "binary_conv",
@@ -1153,9 +1161,7 @@ impl Compiler<'_> {
                 let id = self.op(node, "binarize");
                 steps.push(Step::Binarize { op: id, signs });
             }
-            if conv.bias {
-                epilogue.push(ChannelOp::Add(self.floats(&format!("{name}.bias"), &[o])?));
-            }
+            self.add_bias(&mut epilogue, name, conv.bias, o)?;
             Ok(Step::FloatConv {
                 op: self.op(node, "conv"),
                 weight: PackedWeights::new(
