@@ -173,7 +173,8 @@ def figure(text, label):
 
 def training_time(run):
     """Seconds of training steps and images trained over every epoch of a run, whichever
-    process (session) ran it: `summary.json` times only the last."""
+    process (session) ran it (`summary.json` times only the last); each process leaves its
+    first two steps (its warm-up) untimed."""
     epochs = [json.loads(line) for line in open(run / "metrics.jsonl")]
     return (sum(e["seconds"] for e in epochs),
             sum(e["seconds"] * e["images_per_second"] for e in epochs))
@@ -225,7 +226,7 @@ for (model, epochs, rest), runs, summaries, bmacs, fmacs, packed, _ in rows:
     top5 = [s["final_val"]["top5"] for s in summaries]
     best = ", ".join(f"{s['best'][0]:.2f} ({s['best'][1]})" for s in summaries)
     times = [training_time(d) for _, d in runs]
-    ips = statistics.mean(images / seconds for seconds, images in times)
+    ips = statistics.mean(images / seconds if seconds else 0.0 for seconds, images in times)
     hours = statistics.mean(seconds for seconds, _ in times) / 3600
     seeds = ",".join(str(seed) for seed, _ in runs)
     lat = latency[(model, epochs, rest)]

@@ -348,13 +348,13 @@ fn download_once(
     part: &Path,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<String, Failure> {
-    let fatal = |e| Failure::Fatal(file_error(part, "cannot read the download file", e));
+    let fatal = |message: &str, e: io::Error| Failure::Fatal(file_error(part, message, e));
+    let mut file = open_part(part).map_err(|e| fatal("cannot open the download file", e))?;
+    let have = file
+        .metadata()
+        .map_err(|e| fatal("cannot read the download file", e))?
+        .len();
     // What earlier attempts left, unless it is longer than the file it is part of.
-    let have = match fs::metadata(part) {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(fatal(e)),
-    };
     let have = if remote.size.is_some_and(|size| have > size) {
         0
     } else {
@@ -363,10 +363,10 @@ fn download_once(
     if remote.size == Some(have) {
         // A previous attempt received everything but stopped before verifying.
         progress(have, remote.size);
-        return open_part(part)
-            .and_then(|mut file| hash_reader(&mut file))
-            .map_err(fatal);
+        return hash_reader(&mut file).map_err(|e| fatal("cannot read the download file", e));
     }
+    // Closed before asking: an answer that shows the part file unusable deletes it.
+    drop(file);
     let answer = request_from(agent, remote, part, have)?;
     append_body(answer, remote, part, progress)
 }
