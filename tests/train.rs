@@ -762,7 +762,7 @@ fn inspect_reports_what_each_binarizer_gives() {
     ]);
     assert!(ok, "{err}");
     assert!(
-        out.contains("stage1.block2.conv") && out.contains("sign"),
+        out.contains("stage1.block2.conv") && out.contains("sign") && out.contains(" 16x16 "),
         "{out}"
     );
     let stats: Vec<serde_json::Value> =
@@ -770,6 +770,7 @@ fn inspect_reports_what_each_binarizer_gives() {
     for ((name, plus), s) in seen.iter().zip(&stats) {
         assert_eq!(s["layer"], name.as_str());
         assert_eq!(s["channels"], 8);
+        assert_eq!(s["map"], serde_json::json!([16, 16]), "{s}");
         assert!((s["plus"].as_f64().unwrap() - plus).abs() < 1e-9, "{s}");
     }
     assert_eq!(stats[0]["binarizer"], "lab");

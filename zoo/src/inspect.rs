@@ -22,6 +22,9 @@ pub struct BinarizerStats {
     pub binarizer: &'static str,
     /// Channels.
     pub channels: usize,
+    /// Height and width of the binarized map: LAB's 3x3 window sees a neighbourhood only
+    /// where they exceed 1.
+    pub map: [usize; 2],
     /// Share of +1 over all images, channels and pixels.
     pub plus: f64,
     /// The smallest, median and largest share of +1 of a channel.
@@ -35,6 +38,7 @@ pub struct BinarizerStats {
 /// Per-channel counts of +1 and of values, for one layer.
 struct Counts {
     binarizer: &'static str,
+    map: [usize; 2],
     beta: Option<f64>,
     plus: Vec<f64>,
     total: f64,
@@ -71,6 +75,7 @@ pub fn binarizer_statistics(
                 order.push(layer.to_string());
                 Counts {
                     binarizer: binarizer.name(),
+                    map: [h, w],
                     beta: match binarizer {
                         Binarizer::Lab(lab) => lab
                             .beta()
@@ -103,6 +108,7 @@ pub fn binarizer_statistics(
             BinarizerStats {
                 binarizer: c.binarizer,
                 channels: shares.len(),
+                map: c.map,
                 plus,
                 channel_plus: [
                     shares[0],

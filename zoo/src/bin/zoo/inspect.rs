@@ -29,16 +29,24 @@ pub fn inspect(args: InspectArgs) -> Result<(), zoo::Error> {
         judged.data
     );
     println!(
-        "{:<32} {:<11} {:>8} {:>7}  {:<23} {:>9} {:>8}",
-        "layer", "binarizer", "channels", "+1 %", "channel +1 % min/med/max", "constant", "beta"
+        "{:<32} {:<11} {:>8} {:>7} {:>7}  {:<23} {:>9} {:>8}",
+        "layer",
+        "binarizer",
+        "channels",
+        "map",
+        "+1 %",
+        "channel +1 % min/med/max",
+        "constant",
+        "beta"
     );
     for s in &stats {
         let [lo, mid, hi] = s.channel_plus.map(|x| 100.0 * x);
         println!(
-            "{:<32} {:<11} {:>8} {:>7.2}  {:>6.2} / {:>6.2} / {:>6.2} {:>9} {:>8}",
+            "{:<32} {:<11} {:>8} {:>7} {:>7.2}  {:>6.2} / {:>6.2} / {:>6.2} {:>9} {:>8}",
             s.layer,
             s.binarizer,
             s.channels,
+            format!("{}x{}", s.map[0], s.map[1]),
             100.0 * s.plus,
             lo,
             mid,
