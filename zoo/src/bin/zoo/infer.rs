@@ -70,32 +70,64 @@ pub struct PredictArgs {
 pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::Error> {
     let model = model_for(&args.model, args.input, args.classes)?;
     let gpu = zoo::device::gpu_ordinal(device)?;
-    let report = if args.floor {
-        if gpu.is_some() {
+    let report = measure(&model, &args, device, threads, gpu.is_some())?;
+    print_report(&report, gpu);
+    if let Some(ops) = &report.profile {
+        print!("{}", zoo::engine::bench::render_profile(ops));
+        let prefix = args.profile_out.unwrap_or_else(|| {
+            let on = match gpu {
+                Some(gpu) => format!("cuda{gpu}"),
+                None => format!("{}t", report.threads),
+            };
+            PathBuf::from("runs/profiles").join(format!("{}-{}-{on}", report.model, report.input))
+        });
+        write_profile(ops, &prefix)?;
+    }
+    if let Some(path) = args.json {
+        let body = serde_json::to_string_pretty(&report).expect("report serialises");
+        zoo::io::write_bytes_atomically(&path, body.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The timings of `model` that `args` ask for: the CPU kernels' floor, or its latency (beside another
+/// model's, with its throughput at a batch and its per-layer profile when asked).
+fn measure(
+    model: &zoo::engine::ZooModel,
+    args: &BenchArgs,
+    device: &str,
+    threads: usize,
+    on_gpu: bool,
+) -> Result<zoo::engine::bench::Report, zoo::Error> {
+    if args.floor {
+        if on_gpu {
             return Err(zoo::Error::Train(
                 "--floor times the CPU kernels' arithmetic floor; drop --device".into(),
             ));
         }
-        let engine = zoo::engine::Engine::new(&model, threads)?;
-        zoo::engine::bench::floor(&engine, args.runs, args.warmup)?
-    } else {
-        let engine = zoo::engine::runner(&model, device, threads)?;
-        let against = match &args.against {
-            Some(other) => {
-                let other = model_for(other, args.input, args.classes)?;
-                Some(zoo::engine::runner(&other, device, threads)?)
-            }
-            None => None,
-        };
-        zoo::engine::bench::bench(
-            &*engine,
-            args.runs,
-            args.warmup,
-            args.batch,
-            args.profile,
-            against.as_deref(),
-        )?
+        let engine = zoo::engine::Engine::new(model, threads)?;
+        return zoo::engine::bench::floor(&engine, args.runs, args.warmup);
+    }
+    let engine = zoo::engine::runner(model, device, threads)?;
+    let against = match &args.against {
+        Some(other) => {
+            let other = model_for(other, args.input, args.classes)?;
+            Some(zoo::engine::runner(&other, device, threads)?)
+        }
+        None => None,
     };
+    zoo::engine::bench::bench(
+        &*engine,
+        args.runs,
+        args.warmup,
+        args.batch,
+        args.profile,
+        against.as_deref(),
+    )
+}
+
+/// The report's figures on standard output.
+fn print_report(report: &zoo::engine::bench::Report, gpu: Option<usize>) {
     let floor = report.measure == zoo::engine::bench::Measure::Floor;
     let what = match floor {
         true => format!(
@@ -133,36 +165,26 @@ pub fn bench(args: BenchArgs, device: &str, threads: usize) -> Result<(), zoo::E
     if let Some(t) = &report.throughput {
         println!("batch {}: {:.1} images/s", t.batch, t.images_per_s);
     }
-    if let Some(ops) = &report.profile {
-        print!("{}", zoo::engine::bench::render_profile(ops));
-        let prefix = args.profile_out.unwrap_or_else(|| {
-            let on = match gpu {
-                Some(gpu) => format!("cuda{gpu}"),
-                None => format!("{}t", report.threads),
-            };
-            PathBuf::from("runs/profiles").join(format!("{}-{}-{on}", report.model, report.input))
-        });
-        if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| zoo::Error::Write {
-                path: dir.display().to_string(),
-                message: e.to_string(),
-            })?;
-        }
-        let csv = prefix.with_extension("csv");
-        let json_path = prefix.with_extension("json");
-        zoo::io::write_bytes_atomically(&csv, zoo::engine::bench::profile_csv(ops).as_bytes())?;
-        let body = serde_json::to_string_pretty(ops).expect("profile serialises");
-        zoo::io::write_bytes_atomically(&json_path, body.as_bytes())?;
-        println!(
-            "profile written to {} and {}",
-            csv.display(),
-            json_path.display()
-        );
+}
+
+/// The per-layer profile as `<prefix>.csv` and `<prefix>.json`.
+fn write_profile(ops: &[zoo::engine::OpTime], prefix: &Path) -> Result<(), zoo::Error> {
+    if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| zoo::Error::Write {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        })?;
     }
-    if let Some(path) = args.json {
-        let body = serde_json::to_string_pretty(&report).expect("report serialises");
-        zoo::io::write_bytes_atomically(&path, body.as_bytes())?;
-    }
+    let csv = prefix.with_extension("csv");
+    let json_path = prefix.with_extension("json");
+    zoo::io::write_bytes_atomically(&csv, zoo::engine::bench::profile_csv(ops).as_bytes())?;
+    let body = serde_json::to_string_pretty(ops).expect("profile serialises");
+    zoo::io::write_bytes_atomically(&json_path, body.as_bytes())?;
+    println!(
+        "profile written to {} and {}",
+        csv.display(),
+        json_path.display()
+    );
     Ok(())
 }
 
