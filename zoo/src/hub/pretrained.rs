@@ -149,8 +149,13 @@ pub fn variant(name: &str) -> Result<&'static Variant, Error> {
     };
     let of_model: Vec<&Variant> = PRETRAINED.iter().filter(|v| v.model == model).collect();
     if of_model.is_empty() {
-        let mut models: Vec<&str> = PRETRAINED.iter().map(|v| v.model).collect();
-        models.dedup();
+        // Each model once, in table order (a model's tags need not be neighbours).
+        let mut models: Vec<&str> = Vec::new();
+        for v in PRETRAINED {
+            if !models.contains(&v.model) {
+                models.push(v.model);
+            }
+        }
         return Err(Error::Hub(format!(
             "no pretrained model `{model}`: known models are {}; a hub repo is `org/name`, a \
              local one a directory",
@@ -201,6 +206,8 @@ mod tests {
         assert_eq!(variant("reactnet-lab").unwrap().tag, "fmnist");
         let e = variant("resnet50").unwrap_err().to_string();
         assert!(e.contains("resnet50") && e.contains("reactnet-lab"), "{e}");
+        assert_eq!(e.matches("quicknet-lab").count(), 1, "each model once: {e}");
+        assert_eq!(e.matches(" quicknet,").count(), 1, "each model once: {e}");
         let e = variant("reactnet-lab.in1k").unwrap_err().to_string();
         assert!(
             e.contains("`in1k`") && e.contains("reactnet-lab.fmnist"),
