@@ -17,7 +17,8 @@
 #
 # Environment:
 #   RUNS     the runs, in order (default: the QuickNet pair on seeds 0 and 1, its float teacher
-#            and both distilled, then one seed of every other pair; XNOR-Net's 224x224 pair last)
+#            and both distilled, then one seed of every other pair, two of Bi-Real Net's, whose
+#            seed-0 gap was under 0.5 points; XNOR-Net's 224x224 pair last)
 #   EPOCHS   budget of every run (default 16); runs of another budget go to other folders
 #   EXTRA    more `zoo train` flags; give a TAG with them (suffix of the run folders)
 #   LANES    runs at a time (default 1); a free lane takes the first run of RUNS not taken yet
@@ -48,7 +49,8 @@ EXTRA=${EXTRA:-}
 TAG=${TAG:-}
 RECIPE="--data fashion-mnist --batch-size 64 --lr 2.5e-3 --schedule linear --checkpoint-every 200"
 RUNS=${RUNS:-quicknet:0 quicknet-lab:0 quicknet:1 quicknet-lab:1 specs/teachers/resnet_float.yaml:0 \
-quicknet:0:kd=resnet-float quicknet-lab:0:kd=resnet-float birealnet:0 birealnet-lab:0 labbnn:0 \
+quicknet:0:kd=resnet-float quicknet-lab:0:kd=resnet-float birealnet:0 birealnet-lab:0 birealnet:1 \
+birealnet-lab:1 labbnn:0 \
 reactnet:0 reactnet-lab:0 xnornet:0 xnornet-lab:0}
 
 # The name of a model: a registered name, or a spec file's name with dashes.
