@@ -1,5 +1,5 @@
 //! The engine on an NVIDIA GPU (feature `cuda`): the same compiled steps as the CPU
-//! [`Engine`], run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
+//! [`Engine`](super::Engine), run on batches with the GPU kernels of `zoo_kernels::packed::cuda`.
 //!
 //! [`GpuEngine::new`] takes the flat program of the CPU engine's steps (`engine::program`:
 //! launches between numbered buffers, with the shapes of one image, and the slots of memory the
@@ -28,7 +28,7 @@ use zoo_kernels::packed::gpu::EpilogueOp;
 
 use super::float::{ChannelOp, Epilogue, Window};
 use super::program::{self, Slots, Value};
-use super::{Engine, OpInfo, OpTime, ZooModel};
+use super::{OpInfo, OpTime, ZooModel};
 use crate::spec::{ModelConfig, Spec};
 use crate::Error;
 
@@ -200,23 +200,20 @@ impl GpuEngine {
     pub fn new(model: &ZooModel, ordinal: usize) -> Result<GpuEngine, Error> {
         let gpu =
             Gpu::new(ordinal).map_err(|e| Error::Train(format!("device `cuda:{ordinal}`: {e}")))?;
-        let engine = Engine::new(model, 1)?;
+        let (steps, ops) = super::compile(model)?;
         let path = match std::env::var("ZOO_GPU_CONV").as_deref() {
             Ok("popcount") => Some(ConvPath::Popcount),
             Ok("tensor") => Some(gpu.conv_path()),
             _ => None,
         };
-        let input = engine.config.input;
-        let program = program::Program::new(
-            &engine.steps,
-            &engine.ops,
-            [input.height, input.width, input.channels],
-        );
+        let input = model.config.input;
+        let program =
+            program::Program::new(&steps, &ops, [input.height, input.width, input.channels]);
         let ops = program.ops.clone();
         let program = upload(&gpu, program).map_err(gpu_error("uploading the model"))?;
         Ok(GpuEngine {
-            spec: engine.spec,
-            config: engine.config,
+            spec: model.spec.clone(),
+            config: model.config,
             gpu,
             path,
             program,

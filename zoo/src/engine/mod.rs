@@ -265,6 +265,18 @@ impl Step {
     }
 }
 
+/// The steps of `model` with what each profiled layer is: the compiled program both engines run.
+fn compile(model: &ZooModel) -> Result<(Vec<Step>, Vec<OpInfo>), Error> {
+    let analysis = spec::analyze(&model.spec, &model.config)?;
+    let mut compiler = Compiler {
+        model,
+        analysis: &analysis,
+        ops: Vec::new(),
+    };
+    let steps = compiler.sequence(&model.spec.nodes)?;
+    Ok((steps, compiler.ops))
+}
+
 impl Engine {
     /// Reads a `.zoo` file and compiles it for `threads` threads.
     pub fn load(path: &Path, threads: usize) -> Result<Engine, Error> {
@@ -280,13 +292,7 @@ impl Engine {
 
     /// Compiles `model` for `threads` threads (at least 1).
     pub fn new(model: &ZooModel, threads: usize) -> Result<Engine, Error> {
-        let analysis = spec::analyze(&model.spec, &model.config)?;
-        let mut compiler = Compiler {
-            model,
-            analysis: &analysis,
-            ops: Vec::new(),
-        };
-        let steps = compiler.sequence(&model.spec.nodes)?;
+        let (steps, ops) = compile(model)?;
         let threads = threads.max(1);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -296,7 +302,7 @@ impl Engine {
         Ok(Engine {
             spec: model.spec.clone(),
             config: model.config,
-            ops: compiler.ops,
+            ops,
             steps,
             pool,
             threads,
