@@ -423,33 +423,7 @@ impl<'s> Builder<'s> {
                     out,
                 })
             }
-            Step::BinaryConv {
-                op,
-                signs,
-                conv,
-                source,
-                epilogue,
-                pack_output,
-            } => {
-                let input = self.signs(*op, signs, x);
-                let (oh, ow) = conv.output_size(h, w);
-                let co = conv.out_channels();
-                self.dots = self.dots.max(oh * ow * co);
-                let out = self.buffer(*pack_output, [oh, ow, co]);
-                let (weights, geometry) = &**source;
-                self.push(
-                    *op,
-                    Kind::BinaryConv {
-                        weights,
-                        geometry: *geometry,
-                        epilogue,
-                        x: input.buf,
-                        residual,
-                        out: out.buf,
-                    },
-                );
-                out
-            }
+            Step::BinaryConv { .. } => self.binary_conv(step, x, residual),
             Step::Depthwise {
                 op,
                 weight,
@@ -479,29 +453,7 @@ impl<'s> Builder<'s> {
                 })
             }
             Step::Binarize { op, signs } => self.signs(*op, signs, x),
-            Step::MaxPool { op, window, relu } => {
-                let (oh, ow) = window.output(h, w);
-                let out = self.buffer(x.bits, [oh, ow, c]);
-                let kind = match (x.bits, relu) {
-                    (true, _) => Kind::MaxPoolBits {
-                        window: *window,
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                    (false, relu) => Kind::Pool {
-                        window: *window,
-                        mode: if *relu {
-                            PoolMode::MaxOfRelu
-                        } else {
-                            PoolMode::Max
-                        },
-                        x: x.buf,
-                        out: out.buf,
-                    },
-                };
-                self.push(*op, kind);
-                out
-            }
+            Step::MaxPool { op, window, relu } => self.max_pool(*op, window, *relu, x),
             Step::AvgPool { op, window } => {
                 let x = self.floats_of(*op, x);
                 let (oh, ow) = window.output(h, w);
@@ -570,6 +522,67 @@ impl<'s> Builder<'s> {
                 self.concat(op, &outs)
             }
         }
+    }
+
+    /// A binary convolution (`step`) of `x`'s signs, its output packed where the next layer
+    /// reads only signs.
+    fn binary_conv(&mut self, step: &'s Step, x: Value, residual: Option<usize>) -> Value {
+        let Step::BinaryConv {
+            op,
+            signs,
+            conv,
+            source,
+            epilogue,
+            pack_output,
+        } = step
+        else {
+            unreachable!("binary_conv is called with binary convolutions only")
+        };
+        let [h, w, _] = x.shape;
+        let input = self.signs(*op, signs, x);
+        let (oh, ow) = conv.output_size(h, w);
+        let co = conv.out_channels();
+        self.dots = self.dots.max(oh * ow * co);
+        let out = self.buffer(*pack_output, [oh, ow, co]);
+        let (weights, geometry) = &**source;
+        self.push(
+            *op,
+            Kind::BinaryConv {
+                weights,
+                geometry: *geometry,
+                epilogue,
+                x: input.buf,
+                residual,
+                out: out.buf,
+            },
+        );
+        out
+    }
+
+    /// Max pooling of `x`: on its bits where it is packed, else on floats (after a ReLU where
+    /// `relu`).
+    fn max_pool(&mut self, op: usize, window: &Window, relu: bool, x: Value) -> Value {
+        let [h, w, c] = x.shape;
+        let (oh, ow) = window.output(h, w);
+        let out = self.buffer(x.bits, [oh, ow, c]);
+        let kind = match x.bits {
+            true => Kind::MaxPoolBits {
+                window: *window,
+                x: x.buf,
+                out: out.buf,
+            },
+            false => Kind::Pool {
+                window: *window,
+                mode: match relu {
+                    true => PoolMode::MaxOfRelu,
+                    false => PoolMode::Max,
+                },
+                x: x.buf,
+                out: out.buf,
+            },
+        };
+        self.push(op, kind);
+        out
     }
 
     /// The float maps `parts` (of one height and width) concatenated along channels.
