@@ -67,7 +67,7 @@ fn published() -> &'static Published {
             .arg("scripts/publish_fmnist.sh")
             .env("ZOO", env!("CARGO_BIN_EXE_zoo"))
             .env("MODELS", "quicknet-lab")
-            .env("BUDGET", "--max-steps 2 --batch-size 8")
+            .env("BUDGET", "--max-steps 3 --batch-size 8")
             .env("TRAIN", "--no-eval")
             .env("RUNS", &runs);
         let (ok, out, err) = run(script);
@@ -131,7 +131,7 @@ fn published_weights_load_by_name_with_the_same_logits_and_cache_layout() {
     assert_eq!((config.input.as_str(), config.classes), ("32x32x1", 10));
     assert_eq!(config.class_names.as_ref().unwrap()[9], "Ankle boot");
     assert_eq!(config.dataset, "fashion-mnist");
-    assert_eq!(config.recipe.as_ref().unwrap().max_steps, Some(2));
+    assert_eq!(config.recipe.as_ref().unwrap().max_steps, Some(3));
 
     let x = images();
     assert_eq!(logits(&*pretrained.model, &x), run_logits(&p.run, &x));
@@ -205,7 +205,17 @@ fn the_model_card_and_config_describe_the_run() {
     }
     assert!(page.contains(&format!("# {REPO}")), "{page}");
     assert!(page.contains(&format!("zoo::load(\"{REPO}\")")), "{page}");
-    assert!(page.contains("--max-steps 2"), "{page}");
+    assert!(page.contains("--max-steps 3"), "{page}");
+    // The run's training time, summed from its `metrics.jsonl` (its third step is timed).
+    let run = zoo::plot::RunCurves::open(&p.run).unwrap();
+    let time = zoo::train::TrainingTime::of_epochs(&run.epochs).expect("a timed step");
+    assert_eq!(repo.config.training, Some(time));
+    let hours = format!(
+        "Its training steps took {:.2} h at {:.0} images/s",
+        time.seconds / 3600.0,
+        time.images_per_second
+    );
+    assert!(page.contains(&hours), "{hours} in\n{page}");
     // A run evaluated on the test set carries its metrics into model-index form.
     let mut config = repo.config.clone();
     config.metrics = Some(zoo::hub::Metrics {

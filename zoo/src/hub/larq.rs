@@ -96,6 +96,7 @@ fn convert(variant: &Variant, h5: &Path, url: &str, dest: &Path) -> Result<(), E
             images: Some(50_000),
             measured_by: Some(variant.measured.to_string()),
         }),
+        training: None,
         source: Some(url.to_string()),
         zoo_version: env!("CARGO_PKG_VERSION").to_string(),
     };

@@ -8,7 +8,7 @@ use hf_hub::{HFError, RepoTypeModel};
 use super::repo::{self, Metrics, Preprocessing, RepoConfig};
 use super::Hub;
 use crate::engine::ZooModel;
-use crate::train::{RunConfig, RunSummary, RunWeights};
+use crate::train::{RunConfig, RunSummary, RunWeights, TrainingTime};
 use crate::Error;
 
 /// `zoo push` options.
@@ -165,6 +165,11 @@ fn stage_weights(
             images: Some(a.images),
             measured_by: None,
         }),
+        training: source
+            .is_dir()
+            .then(|| crate::plot::RunCurves::open(source).ok())
+            .flatten()
+            .and_then(|run| TrainingTime::of_epochs(&run.epochs)),
         source: None,
         zoo_version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -195,6 +200,7 @@ fn packed_config(model: &ZooModel) -> RepoConfig {
         dataset: "unknown".into(),
         recipe: None,
         metrics: None,
+        training: None,
         source: None,
         zoo_version: env!("CARGO_PKG_VERSION").to_string(),
     }
@@ -347,8 +353,8 @@ fn card_use(title: &str, config: &RepoConfig) -> String {
     )
 }
 
-/// The command that trained the weights and the teacher they were distilled from (empty for
-/// weights without a recipe).
+/// The command that trained the weights, the teacher they were distilled from and how long
+/// their training steps took (empty for weights without a recipe).
 fn card_training(config: &RepoConfig) -> String {
     let Some(r) = &config.recipe else {
         return String::new();
@@ -372,6 +378,14 @@ fn card_training(config: &RepoConfig) -> String {
         text += &format!(
             "Distilled with {} from the teacher `{}` (weights SHA-256 `{}`).\n\n",
             d.loss, d.teacher, d.teacher_sha256
+        );
+    }
+    if let Some(t) = &config.training {
+        text += &format!(
+            "Its training steps took {:.2} h at {:.0} images/s over the whole run (every \
+             session's steps; evaluation excluded), on the machine that trained it.\n\n",
+            t.seconds / 3600.0,
+            t.images_per_second
         );
     }
     text

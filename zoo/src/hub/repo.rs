@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::ZooModel;
 use crate::spec::InputShape;
-use crate::train::RunConfig;
+use crate::train::{RunConfig, TrainingTime};
 use crate::{Error, Model, ModelConfig, Spec};
 
 /// The latent weights.
@@ -56,6 +56,9 @@ pub struct RepoConfig {
     /// Accuracy of these weights, when measured.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// How long the run's training steps took, for weights of a `zoo train` run directory.
+    #[serde(default)]
+    pub training: Option<TrainingTime>,
     /// Where the weights come from, when not trained by the zoo (a URL).
     #[serde(default)]
     pub source: Option<String>,

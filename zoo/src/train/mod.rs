@@ -327,6 +327,28 @@ pub struct Accuracy {
     pub skipped: u64,
 }
 
+/// How long a run's training steps took, over every session of the run (evaluation, checkpoint
+/// writes and each process's warm-up steps excluded).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingTime {
+    /// Seconds of timed training steps.
+    pub seconds: f64,
+    /// Training images per second over those seconds.
+    pub images_per_second: f64,
+}
+
+impl TrainingTime {
+    /// The sum over `epochs` (a run's `metrics.jsonl`); `None` when no step was timed.
+    pub fn of_epochs(epochs: &[EpochMetrics]) -> Option<TrainingTime> {
+        let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
+        let images: f64 = epochs.iter().map(|m| m.seconds * m.images_per_second).sum();
+        (seconds > 0.0).then(|| TrainingTime {
+            seconds,
+            images_per_second: images / seconds,
+        })
+    }
+}
+
 /// What a finished run reports (`summary.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSummary {

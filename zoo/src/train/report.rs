@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::{EpochMetrics, RunConfig, RunSummary};
+use super::{EpochMetrics, RunConfig, RunSummary, TrainingTime};
 use crate::plot::{Curves, RunCurves, XAxis};
 use crate::Error;
 
@@ -85,15 +85,17 @@ fn status(config: &RunConfig, epochs: &[EpochMetrics], finished: Option<&RunSumm
         );
     };
     // Every session's steps: `s` times only the last process of a resumed run.
-    let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
-    let images: f64 = epochs.iter().map(|m| m.seconds * m.images_per_second).sum();
+    let run = TrainingTime::of_epochs(epochs).unwrap_or(TrainingTime {
+        seconds: 0.0,
+        images_per_second: 0.0,
+    });
     format!(
         "Finished: {} steps ({:.2} epochs); training steps took {:.0} s at {:.1} images/s \
          over the run (this process: {:.0} s wall-clock, {:.1} training images/s).",
         s.steps,
         s.epochs,
-        seconds,
-        if seconds > 0.0 { images / seconds } else { 0.0 },
+        run.seconds,
+        run.images_per_second,
         s.wall_seconds,
         s.train_images_per_second
     )
