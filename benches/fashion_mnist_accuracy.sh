@@ -29,7 +29,8 @@
 #   OUT      run folders (default target/accuracy-runs); `<run>.log` is each run's output,
 #            `<run>.run` how to train it again
 #   RECORDS  where each finished run's record is copied (`config.json`, `summary.json`, the
-#            per-epoch `metrics.jsonl`: what `zoo plot` draws and the table quotes), default
+#            per-epoch `metrics.jsonl`: what `zoo plot` draws and the table quotes; and
+#            `inspect/<run>.json`, its binarizers per layer), default
 #            benches/results/fashion-mnist, kept in the repository; empty for none
 #   BENCH_PROCS, BENCH_THREADS   latency of the report: processes per model (5), threads (2)
 # `report` (also printed at the end) gives a Markdown table: accuracy as mean ± half-range over
@@ -147,10 +148,19 @@ train_one() {
 }
 
 # Copies the record of the finished run in folder $1 to $RECORDS.
+# With it, once, what its binarizers do on 1,000 test images (`zoo inspect --json`, kept as
+# `inspect/<run>.json` unless the model binarizes nothing), which `zoo plot` draws for a pair.
 record() {
     [[ -n $RECORDS && -f $1/summary.json ]] || return 0
-    mkdir -p "$RECORDS/$(basename "$1")"
-    cp "$1"/{config.json,summary.json,metrics.jsonl} "$RECORDS/$(basename "$1")/"
+    local name inspection
+    name=$(basename "$1")
+    mkdir -p "$RECORDS/$name" "$RECORDS/inspect"
+    cp "$1"/{config.json,summary.json,metrics.jsonl} "$RECORDS/$name/"
+    inspection=$RECORDS/inspect/$name.json
+    if [[ ! -f $inspection ]]; then
+        "$ZOO" --threads "$THREADS" inspect "$1" --images 1000 --json "$inspection" >/dev/null
+        [[ $(tr -d '[:space:]' <"$inspection") != "[]" ]] || rm "$inspection"
+    fi
 }
 
 # The results table of the finished runs: accuracy (mean and half-range over seeds), budget,

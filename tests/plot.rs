@@ -10,7 +10,6 @@ use fixtures::zoo;
 use image::GenericImageView;
 use zoo::train::{Accuracy, EpochMetrics};
 
-/// A run directory with `epochs` epochs of made-up metrics, validation top-1 from `top1`.
 /// An SVG file's text and the trimmed text of its elements; panics unless it parses as an
 /// `<svg>` document.
 fn svg_texts(path: &Path) -> (String, Vec<String>) {
@@ -25,6 +24,7 @@ fn svg_texts(path: &Path) -> (String, Vec<String>) {
     (text, texts)
 }
 
+/// A run directory with `epochs` epochs of made-up metrics, validation top-1 from `top1`.
 fn fake_run(dir: &Path, epochs: usize, top1: f64) {
     std::fs::create_dir_all(dir).unwrap();
     let lines: Vec<String> = (1..=epochs)
@@ -251,4 +251,78 @@ fn accuracy_against_latency_joins_lab_to_sign() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(image::open(&png).unwrap().dimensions(), (1000, 700));
+}
+
+/// A `zoo inspect --json` file: one layer per `(map side, constant channels)`, 64 channels each.
+fn fake_inspection(path: &Path, binarizer: &str, layers: &[(usize, usize)]) {
+    let layers: Vec<serde_json::Value> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, &(side, constant))| {
+            serde_json::json!({"layer": format!("stage{i}.conv"), "binarizer": binarizer,
+                               "channels": 64, "map": [side, side], "plus": 0.4,
+                               "channel_plus": [0.0, 0.4, 1.0], "constant_channels": constant,
+                               "beta": null})
+        })
+        .collect();
+    std::fs::write(path, serde_json::to_string(&layers).unwrap()).unwrap();
+}
+
+#[test]
+fn binarizers_of_a_sign_model_beside_its_lab_twin() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sign, lab) = (dir.path().join("sign.json"), dir.path().join("lab.json"));
+    fake_inspection(&sign, "sign", &[(8, 0), (2, 0), (1, 3)]);
+    fake_inspection(&lab, "lab", &[(8, 0), (2, 7), (1, 29)]);
+    let svg = dir.path().join("binarizers.svg");
+    let (ok, out, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        lab.to_str().unwrap(),
+        "-o",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("2 input(s): sign, lab"), "{out}");
+    let (_, texts) = svg_texts(&svg);
+    // Each model in the legend with its binarizer, each layer by its map, and the count of
+    // stuck channels above each bar that has some (none for the layers without).
+    for label in [
+        "sign (sign)",
+        "lab (lab)",
+        "1: 8x8",
+        "2: 2x2",
+        "3: 1x1",
+        "3",
+        "7",
+        "29",
+    ] {
+        assert!(
+            texts.iter().any(|t| t == label),
+            "`{label}` missing from {texts:?}"
+        );
+    }
+    assert!(!texts.iter().any(|t| t == "0"), "{texts:?}");
+
+    // One file alone is drawn too; a PNG has the chart's size.
+    let png = dir.path().join("one.png");
+    let (ok, _, err) = zoo(&["plot", lab.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(image::open(&png).unwrap().dimensions(), (1280, 900));
+
+    // An inspection beside a file that is not one names that file.
+    let broken = dir.path().join("broken.json");
+    std::fs::write(&broken, r#"[{"layer": "x", "binarizer": "lab"}]"#).unwrap();
+    let (ok, _, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        broken.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("broken.json") && err.contains("zoo inspect --json"),
+        "{err}"
+    );
 }

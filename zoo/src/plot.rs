@@ -581,3 +581,207 @@ impl Chart for Tradeoff<'_> {
 pub fn tradeoff(points: &[ResultPoint], out: &Path) -> Result<(), Error> {
     save(&Tradeoff { points }, out, (1000, 700))
 }
+
+/// One binarized activation of a `zoo inspect --json` file.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct InspectedLayer {
+    /// The layer whose input it is.
+    pub layer: String,
+    /// `sign`, `approx_sign`, `swish_sign` or `lab`.
+    pub binarizer: String,
+    /// Channels.
+    pub channels: usize,
+    /// Height and width of the binarized map.
+    pub map: [usize; 2],
+    /// Share of +1 over all images, channels and pixels (0 to 1).
+    pub plus: f64,
+    /// Channels that gave one sign at every pixel of every image.
+    pub constant_channels: usize,
+}
+
+/// What the binarizers of one model do, layer by layer, with the name its series carries.
+#[derive(Clone, Debug)]
+pub struct Inspection {
+    /// The legend's name (the file's name).
+    pub name: String,
+    /// The binarized activations, in network order.
+    pub layers: Vec<InspectedLayer>,
+}
+
+impl Inspection {
+    /// Reads a file written by `zoo inspect --json`.
+    pub fn open(path: &Path) -> Result<Inspection, Error> {
+        let layers = read_json_list(
+            path,
+            "a `zoo inspect --json` file (a list of binarized layers with layer, binarizer, \
+             channels, map, plus and constant_channels)",
+            "binarized layer",
+        )?;
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        Ok(Inspection { name, layers })
+    }
+}
+
+/// Per binarized layer, one colour per model: above, the share of channels stuck at one sign
+/// (grouped bars); below, the share of +1. Each layer is labelled by its map size, where LAB's
+/// 3x3 window has a neighbourhood only above 1x1.
+pub struct Binarizers<'a> {
+    /// The models (a sign model beside its LAB twin).
+    pub inspections: &'a [Inspection],
+}
+
+impl Binarizers<'_> {
+    /// The label of layer `i`: its position and map size, from the first model that has it.
+    fn label(&self, i: usize) -> String {
+        self.inspections
+            .iter()
+            .find_map(|m| m.layers.get(i))
+            .map_or_else(String::new, |l| {
+                format!("{}: {}x{}", i + 1, l.map[0], l.map[1])
+            })
+    }
+
+    fn legend(model: &Inspection) -> String {
+        let kind = model.layers.first().map_or("", |l| l.binarizer.as_str());
+        format!("{} ({kind})", model.name)
+    }
+}
+
+impl Chart for Binarizers<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let n = self
+            .inspections
+            .iter()
+            .map(|m| m.layers.len())
+            .max()
+            .unwrap_or(1);
+        let k = self.inspections.len().max(1);
+        let share =
+            |l: &InspectedLayer| 100.0 * l.constant_channels as f64 / l.channels.max(1) as f64;
+        let most = self
+            .inspections
+            .iter()
+            .flat_map(|m| m.layers.iter().map(share))
+            .fold(0.0, f64::max);
+        let (top, bottom) = area.split_vertically(area.dim_in_pixel().1 / 2);
+        let labels = |y: &SegmentValue<usize>| match y {
+            SegmentValue::CenterOf(i) if *i < n => self.label(*i),
+            _ => String::new(),
+        };
+
+        let mut stuck = ChartBuilder::on(&top)
+            .caption(
+                "Channels at one sign on every image (% of the layer's channels)",
+                (FONT, 20),
+            )
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            .build_cartesian_2d(
+                (0..n - 1).into_segmented(),
+                0.0..(most * 1.2).clamp(10.0, 100.0),
+            )
+            .map_err(|e| e.to_string())?;
+        stuck
+            .configure_mesh()
+            .x_labels(n)
+            .x_label_formatter(&labels)
+            .y_desc("% of channels")
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 15))
+            .disable_x_mesh()
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        // Model j's bar takes the j-th of k slices of its layer's segment.
+        let segment = stuck.plotting_area().dim_in_pixel().0 as i32 / n as i32;
+        let slice = (segment - 8).max(k as i32) / k as i32;
+        for (j, model) in self.inspections.iter().enumerate() {
+            let c = colour(j);
+            stuck
+                .draw_series(model.layers.iter().enumerate().map(|(i, l)| {
+                    let mut bar = Rectangle::new(
+                        [
+                            (SegmentValue::Exact(i), share(l)),
+                            (SegmentValue::Exact(i + 1), 0.0),
+                        ],
+                        c.filled(),
+                    );
+                    let left = 4 + j as i32 * slice;
+                    bar.set_margin(0, 0, left as u32, (segment - left - slice).max(0) as u32);
+                    bar
+                }))
+                .map_err(|e| e.to_string())?
+                .label(Self::legend(model))
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+            // The count above each bar that has one.
+            stuck
+                .draw_series(
+                    model
+                        .layers
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| l.constant_channels > 0)
+                        .map(|(i, l)| {
+                            EmptyElement::at((SegmentValue::Exact(i), share(l)))
+                                + Text::new(
+                                    l.constant_channels.to_string(),
+                                    (4 + j as i32 * slice, -16),
+                                    (FONT, 12),
+                                )
+                        }),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+        stuck
+            .configure_series_labels()
+            .label_font((FONT, 14))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.4))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| e.to_string())?;
+
+        let mut plus = ChartBuilder::on(&bottom)
+            .caption("Share of +1 over every value of the layer", (FONT, 20))
+            .margin(12)
+            .x_label_area_size(44)
+            .y_label_area_size(60)
+            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..100.0)
+            .map_err(|e| e.to_string())?;
+        plus.configure_mesh()
+            .x_labels(n)
+            .x_label_formatter(&labels)
+            .x_desc("binarized layer, in network order: its map's height x width")
+            .y_desc("+1 (%)")
+            .label_style((FONT, 12))
+            .axis_desc_style((FONT, 15))
+            .disable_x_mesh()
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| e.to_string())?;
+        for (j, model) in self.inspections.iter().enumerate() {
+            let c = colour(j);
+            let points: Vec<_> = model
+                .layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (SegmentValue::CenterOf(i), 100.0 * l.plus))
+                .collect();
+            plus.draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+                .map_err(|e| e.to_string())?;
+            plus.draw_series(points.into_iter().map(|p| Circle::new(p, 4, c.filled())))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+/// Draws what the binarizers of `inspections` do, layer by layer, into `out` (`.png` or
+/// `.svg`).
+pub fn binarizers(inspections: &[Inspection], out: &Path) -> Result<(), Error> {
+    save(&Binarizers { inspections }, out, (1280, 900))
+}

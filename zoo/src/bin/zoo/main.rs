@@ -79,7 +79,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Draw the training curves of one or more runs (loss, validation and training top-1,
     /// learning rate; one colour per run), per-layer latency bars of `zoo bench --profile`
-    /// files side by side, or accuracy against latency from a results file, as PNG or SVG.
+    /// files side by side, what the binarizers of models do layer by layer from `zoo inspect
+    /// --json` files, or accuracy against latency from a results file, as PNG or SVG.
     Plot(plot::PlotArgs),
     /// Draw, for chosen layers of one or more models side by side (a sign model beside its LAB
     /// twin), each binarizer's real-valued input and the binary map it gives on one image, and

@@ -1,20 +1,22 @@
-//! `zoo plot`: pictures of runs and profiles.
+//! `zoo plot`: pictures of runs, results, binarizers and profiles.
 
 use std::path::PathBuf;
 
-use zoo::plot::{Profile, RunCurves, XAxis};
+use zoo::plot::{Inspection, Profile, RunCurves, XAxis};
 
 /// `zoo plot`.
 #[derive(clap::Args)]
 pub struct PlotArgs {
     /// Run directories of `zoo train` (their training curves, one colour per run), profiles of
-    /// `zoo bench --profile` (`<prefix>.json`: per-layer latency bars, side by side), or one
-    /// results file (a JSON list of `{model, top1, latency_ms}`, as the accuracy campaign's
-    /// `results.json`: accuracy against latency, LAB joined to sign).
+    /// `zoo bench --profile` (`<prefix>.json`: per-layer latency bars, side by side), files of
+    /// `zoo inspect --json` (per binarized layer: the channels stuck at one sign and the share
+    /// of +1, one colour per model), or one results file (a JSON list of `{model, top1,
+    /// latency_ms}`, as the accuracy campaign's `results.json`: accuracy against latency, LAB
+    /// joined to sign).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
-    /// The picture to write: `.png` or `.svg` (default: `curves.png`, `profile.png` or
-    /// `tradeoff.png`).
+    /// The picture to write: `.png` or `.svg` (default: `curves.png`, `profile.png`,
+    /// `binarizers.png` or `tradeoff.png`).
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// The horizontal axis of curves: `epoch` or `step`.
@@ -22,7 +24,8 @@ pub struct PlotArgs {
     by: String,
 }
 
-/// Draws curves of runs or latency bars of profiles, whichever the inputs are.
+/// Draws curves of runs, the accuracy/latency trade-off of a results file, binarizer
+/// statistics or latency bars of profiles, whichever the inputs are.
 pub fn plot(args: PlotArgs) -> Result<(), zoo::Error> {
     let (output, names) = if args.inputs.iter().all(|p| p.is_dir()) {
         let runs = args
@@ -38,26 +41,8 @@ pub fn plot(args: PlotArgs) -> Result<(), zoo::Error> {
         let output = args.output.unwrap_or_else(|| "curves.png".into());
         zoo::plot::curves(&runs, x, &output)?;
         (output, runs.into_iter().map(|r| r.name).collect::<Vec<_>>())
-    } else if let [file] = args.inputs.as_slice() {
-        if let Ok(points) = zoo::plot::open_results(file) {
-            let output = args.output.unwrap_or_else(|| "tradeoff.png".into());
-            zoo::plot::tradeoff(&points, &output)?;
-            (output, points.into_iter().map(|p| p.model).collect())
-        } else {
-            let profile = Profile::open(file)?;
-            let output = args.output.unwrap_or_else(|| "profile.png".into());
-            zoo::plot::latency(std::slice::from_ref(&profile), &output)?;
-            (output, vec![profile.name])
-        }
     } else if args.inputs.iter().all(|p| p.is_file()) {
-        let profiles = args
-            .inputs
-            .iter()
-            .map(|file| Profile::open(file))
-            .collect::<Result<Vec<_>, _>>()?;
-        let output = args.output.unwrap_or_else(|| "profile.png".into());
-        zoo::plot::latency(&profiles, &output)?;
-        (output, profiles.into_iter().map(|p| p.name).collect())
+        plot_files(&args.inputs, args.output)?
     } else {
         let missing = args.inputs.iter().find(|p| !p.exists());
         return Err(zoo::Error::Train(match missing {
@@ -72,4 +57,37 @@ pub fn plot(args: PlotArgs) -> Result<(), zoo::Error> {
         names.join(", ")
     );
     Ok(())
+}
+
+/// Draws files: one results file (accuracy against latency), `zoo inspect --json` files (the
+/// binarizers layer by layer) or `zoo bench --profile` files (latency bars); returns the
+/// picture and the names drawn.
+fn plot_files(
+    files: &[PathBuf],
+    output: Option<PathBuf>,
+) -> Result<(PathBuf, Vec<String>), zoo::Error> {
+    let output = |default: &str| output.clone().unwrap_or_else(|| default.into());
+    if let [file] = files {
+        if let Ok(points) = zoo::plot::open_results(file) {
+            let output = output("tradeoff.png");
+            zoo::plot::tradeoff(&points, &output)?;
+            return Ok((output, points.into_iter().map(|p| p.model).collect()));
+        }
+    }
+    if Inspection::open(&files[0]).is_ok() {
+        let inspections = files
+            .iter()
+            .map(|file| Inspection::open(file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = output("binarizers.png");
+        zoo::plot::binarizers(&inspections, &output)?;
+        return Ok((output, inspections.into_iter().map(|i| i.name).collect()));
+    }
+    let profiles = files
+        .iter()
+        .map(|file| Profile::open(file))
+        .collect::<Result<Vec<_>, _>>()?;
+    let output = output("profile.png");
+    zoo::plot::latency(&profiles, &output)?;
+    Ok((output, profiles.into_iter().map(|p| p.name).collect()))
 }
