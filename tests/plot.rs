@@ -253,7 +253,8 @@ fn accuracy_against_latency_joins_lab_to_sign() {
     assert_eq!(image::open(&png).unwrap().dimensions(), (1000, 700));
 }
 
-/// A `zoo inspect --json` file: one layer per `(map side, constant channels)`, 64 channels each.
+/// A `zoo inspect --json` file: one layer per `(map side, constant channels)`, 64 channels each,
+/// with a `beta` for LAB.
 fn fake_inspection(path: &Path, binarizer: &str, layers: &[(usize, usize)]) {
     let layers: Vec<serde_json::Value> = layers
         .iter()
@@ -262,7 +263,7 @@ fn fake_inspection(path: &Path, binarizer: &str, layers: &[(usize, usize)]) {
             serde_json::json!({"layer": format!("stage{i}.conv"), "binarizer": binarizer,
                                "channels": 64, "map": [side, side], "plus": 0.4,
                                "channel_plus": [0.0, 0.4, 1.0], "constant_channels": constant,
-                               "beta": null})
+                               "beta": (binarizer == "lab").then_some(0.003 * 10f64.powi(i as i32))})
         })
         .collect();
     std::fs::write(path, serde_json::to_string(&layers).unwrap()).unwrap();
@@ -285,9 +286,10 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     assert!(ok, "{err}");
     assert!(out.contains("2 input(s): sign, lab"), "{out}");
     let (_, texts) = svg_texts(&svg);
-    // Each model in the legend with its binarizer, each layer by its map, and the count of
-    // stuck channels above each bar that has some (none for the layers without).
+    // Each model in the legend with its binarizer, each layer by its map, the count of stuck
+    // channels above each bar that has some (none for the layers without), and LAB's beta.
     for label in [
+        "LAB's beta (the sharpness of its choice; log scale, absolute value)",
         "sign (sign)",
         "lab (lab)",
         "1: 8x8",
@@ -304,11 +306,13 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     }
     assert!(!texts.iter().any(|t| t == "0"), "{texts:?}");
 
-    // One file alone is drawn too; a PNG has the chart's size.
+    // One file alone is drawn too, with a beta panel only for LAB.
     let png = dir.path().join("one.png");
-    let (ok, _, err) = zoo(&["plot", lab.to_str().unwrap(), "-o", png.to_str().unwrap()]);
-    assert!(ok, "{err}");
-    assert_eq!(image::open(&png).unwrap().dimensions(), (1280, 900));
+    for (file, height) in [(&lab, 1250), (&sign, 900)] {
+        let (ok, _, err) = zoo(&["plot", file.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        assert_eq!(image::open(&png).unwrap().dimensions(), (1280, height));
+    }
 
     // An inspection beside a file that is not one names that file.
     let broken = dir.path().join("broken.json");

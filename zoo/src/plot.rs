@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
+use plotters::coord::ranged1d::{AsRangedCoord, SegmentedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordusize;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -597,6 +599,9 @@ pub struct InspectedLayer {
     pub plus: f64,
     /// Channels that gave one sign at every pixel of every image.
     pub constant_channels: usize,
+    /// LAB's learnt `beta` (none for other binarizers).
+    #[serde(default)]
+    pub beta: Option<f64>,
 }
 
 /// What the binarizers of one model do, layer by layer, with the name its series carries.
@@ -625,15 +630,40 @@ impl Inspection {
     }
 }
 
-/// Per binarized layer, one colour per model: above, the share of channels stuck at one sign
-/// (grouped bars); below, the share of +1. Each layer is labelled by its map size, where LAB's
-/// 3x3 window has a neighbourhood only above 1x1.
+/// Per binarized layer, one colour per model: the share of channels stuck at one sign (grouped
+/// bars with their counts), the share of +1, and LAB's `beta` where a model has LAB. Each layer
+/// is labelled by its map size, where LAB's 3x3 window has a neighbourhood only above 1x1.
 pub struct Binarizers<'a> {
     /// The models (a sign model beside its LAB twin).
     pub inspections: &'a [Inspection],
 }
 
+/// A chart with the layers on segments across and `Y` upwards.
+type Panel<'a, DB, Y> = ChartContext<'a, DB, Cartesian2d<SegmentedCoord<RangedCoordusize>, Y>>;
+
+/// The share of a layer's channels stuck at one sign, in %.
+fn stuck_share(l: &InspectedLayer) -> f64 {
+    100.0 * l.constant_channels as f64 / l.channels.max(1) as f64
+}
+
 impl Binarizers<'_> {
+    /// Layers on the horizontal axis: the longest model's.
+    fn layers(&self) -> usize {
+        self.inspections
+            .iter()
+            .map(|m| m.layers.len())
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// Whether any model has LAB (a `beta` panel).
+    fn has_beta(&self) -> bool {
+        self.inspections
+            .iter()
+            .any(|m| m.layers.iter().any(|l| l.beta.is_some()))
+    }
+
     /// The label of layer `i`: its position and map size, from the first model that has it.
     fn label(&self, i: usize) -> String {
         self.inspections
@@ -648,77 +678,80 @@ impl Binarizers<'_> {
         let kind = model.layers.first().map_or("", |l| l.binarizer.as_str());
         format!("{} ({kind})", model.name)
     }
-}
 
-impl Chart for Binarizers<'_> {
-    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
-        let n = self
-            .inspections
-            .iter()
-            .map(|m| m.layers.len())
-            .max()
-            .unwrap_or(1);
-        let k = self.inspections.len().max(1);
-        let share =
-            |l: &InspectedLayer| 100.0 * l.constant_channels as f64 / l.channels.max(1) as f64;
-        let most = self
-            .inspections
-            .iter()
-            .flat_map(|m| m.layers.iter().map(share))
-            .fold(0.0, f64::max);
-        let (top, bottom) = area.split_vertically(area.dim_in_pixel().1 / 2);
-        let labels = |y: &SegmentValue<usize>| match y {
-            SegmentValue::CenterOf(i) if *i < n => self.label(*i),
-            _ => String::new(),
-        };
-
-        let mut stuck = ChartBuilder::on(&top)
-            .caption(
-                "Channels at one sign on every image (% of the layer's channels)",
-                (FONT, 20),
-            )
+    /// A panel with the layers on segments and `y` upwards, its mesh drawn.
+    fn panel<'b, DB, Y>(
+        &self,
+        area: &'b DrawingArea<DB, Shift>,
+        caption: &str,
+        y: Y,
+        y_desc: &str,
+    ) -> Result<Panel<'b, DB, Y::CoordDescType>, String>
+    where
+        DB: DrawingBackend,
+        Y: AsRangedCoord<Value = f64>,
+        Y::CoordDescType: ValueFormatter<f64>,
+    {
+        let n = self.layers();
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, (FONT, 20))
             .margin(12)
             .x_label_area_size(30)
             .y_label_area_size(60)
-            .build_cartesian_2d(
-                (0..n - 1).into_segmented(),
-                0.0..(most * 1.2).clamp(10.0, 100.0),
-            )
+            .build_cartesian_2d((0..n - 1).into_segmented(), y)
             .map_err(|e| e.to_string())?;
-        stuck
+        let labels = |x: &SegmentValue<usize>| match x {
+            SegmentValue::CenterOf(i) if *i < n => self.label(*i),
+            _ => String::new(),
+        };
+        chart
             .configure_mesh()
             .x_labels(n)
             .x_label_formatter(&labels)
-            .y_desc("% of channels")
+            .y_desc(y_desc)
             .label_style((FONT, 12))
             .axis_desc_style((FONT, 15))
             .disable_x_mesh()
             .light_line_style(WHITE.mix(0.0))
             .draw()
             .map_err(|e| e.to_string())?;
-        // Model j's bar takes the j-th of k slices of its layer's segment.
-        let segment = stuck.plotting_area().dim_in_pixel().0 as i32 / n as i32;
-        let slice = (segment - 8).max(k as i32) / k as i32;
+        Ok(chart)
+    }
+
+    /// Grouped bars: model j's bar takes the j-th slice of its layer's segment, its count above.
+    fn draw_stuck<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let most = self
+            .inspections
+            .iter()
+            .flat_map(|m| m.layers.iter().map(stuck_share))
+            .fold(0.0, f64::max);
+        let mut chart = self.panel(
+            area,
+            "Channels at one sign on every image (% of the layer's channels)",
+            0.0..(most * 1.2).clamp(10.0, 100.0),
+            "% of channels",
+        )?;
+        let k = self.inspections.len().max(1) as i32;
+        let segment = chart.plotting_area().dim_in_pixel().0 as i32 / self.layers() as i32;
+        let slice = (segment - 8).max(k) / k;
         for (j, model) in self.inspections.iter().enumerate() {
-            let c = colour(j);
-            stuck
+            let (c, left) = (colour(j), 4 + j as i32 * slice);
+            chart
                 .draw_series(model.layers.iter().enumerate().map(|(i, l)| {
                     let mut bar = Rectangle::new(
                         [
-                            (SegmentValue::Exact(i), share(l)),
+                            (SegmentValue::Exact(i), stuck_share(l)),
                             (SegmentValue::Exact(i + 1), 0.0),
                         ],
                         c.filled(),
                     );
-                    let left = 4 + j as i32 * slice;
                     bar.set_margin(0, 0, left as u32, (segment - left - slice).max(0) as u32);
                     bar
                 }))
                 .map_err(|e| e.to_string())?
                 .label(Self::legend(model))
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
-            // The count above each bar that has one.
-            stuck
+            chart
                 .draw_series(
                     model
                         .layers
@@ -726,55 +759,78 @@ impl Chart for Binarizers<'_> {
                         .enumerate()
                         .filter(|(_, l)| l.constant_channels > 0)
                         .map(|(i, l)| {
-                            EmptyElement::at((SegmentValue::Exact(i), share(l)))
+                            EmptyElement::at((SegmentValue::Exact(i), stuck_share(l)))
                                 + Text::new(
                                     l.constant_channels.to_string(),
-                                    (4 + j as i32 * slice, -16),
+                                    (left, -16),
                                     (FONT, 12),
                                 )
                         }),
                 )
                 .map_err(|e| e.to_string())?;
         }
-        stuck
+        chart
             .configure_series_labels()
             .label_font((FONT, 14))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.4))
             .position(SeriesLabelPosition::UpperLeft)
             .draw()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
 
-        let mut plus = ChartBuilder::on(&bottom)
-            .caption("Share of +1 over every value of the layer", (FONT, 20))
-            .margin(12)
-            .x_label_area_size(44)
-            .y_label_area_size(60)
-            .build_cartesian_2d((0..n - 1).into_segmented(), 0.0..100.0)
-            .map_err(|e| e.to_string())?;
-        plus.configure_mesh()
-            .x_labels(n)
-            .x_label_formatter(&labels)
-            .x_desc("binarized layer, in network order: its map's height x width")
-            .y_desc("+1 (%)")
-            .label_style((FONT, 12))
-            .axis_desc_style((FONT, 15))
-            .disable_x_mesh()
-            .light_line_style(WHITE.mix(0.0))
-            .draw()
-            .map_err(|e| e.to_string())?;
+    /// One line with markers per model through `value` of each layer that has one.
+    fn draw_lines<DB: DrawingBackend, Y: Ranged<ValueType = f64>>(
+        &self,
+        chart: &mut Panel<'_, DB, Y>,
+        value: impl Fn(&InspectedLayer) -> Option<f64>,
+    ) -> Result<(), String> {
         for (j, model) in self.inspections.iter().enumerate() {
             let c = colour(j);
             let points: Vec<_> = model
                 .layers
                 .iter()
                 .enumerate()
-                .map(|(i, l)| (SegmentValue::CenterOf(i), 100.0 * l.plus))
+                .filter_map(|(i, l)| value(l).map(|v| (SegmentValue::CenterOf(i), v)))
                 .collect();
-            plus.draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
+            chart
+                .draw_series(LineSeries::new(points.clone(), c.stroke_width(2)))
                 .map_err(|e| e.to_string())?;
-            plus.draw_series(points.into_iter().map(|p| Circle::new(p, 4, c.filled())))
+            chart
+                .draw_series(points.into_iter().map(|p| Circle::new(p, 4, c.filled())))
                 .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl Chart for Binarizers<'_> {
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        let panels = area.split_evenly((if self.has_beta() { 3 } else { 2 }, 1));
+        self.draw_stuck(&panels[0])?;
+        let mut plus = self.panel(
+            &panels[1],
+            "Share of +1 over every value of the layer",
+            0.0..100.0,
+            "+1 (%)",
+        )?;
+        self.draw_lines(&mut plus, |l| Some(100.0 * l.plus))?;
+        if let Some(area) = panels.get(2) {
+            // Positive `beta`s over decades: 0.003 is a collapsed LAB, 1 to 5 a working one.
+            let (lo, hi) = self
+                .inspections
+                .iter()
+                .flat_map(|m| m.layers.iter().filter_map(|l| l.beta))
+                .map(f64::abs)
+                .filter(|b| *b > 0.0)
+                .fold((f64::MAX, 0.0f64), |(lo, hi), b| (lo.min(b), hi.max(b)));
+            let mut beta = self.panel(
+                area,
+                "LAB's beta (the sharpness of its choice; log scale, absolute value)",
+                (lo.min(1.0) / 2.0..hi.max(1.0) * 2.0).log_scale(),
+                "|beta|",
+            )?;
+            self.draw_lines(&mut beta, |l| l.beta.map(f64::abs).filter(|b| *b > 0.0))?;
         }
         Ok(())
     }
@@ -783,5 +839,7 @@ impl Chart for Binarizers<'_> {
 /// Draws what the binarizers of `inspections` do, layer by layer, into `out` (`.png` or
 /// `.svg`).
 pub fn binarizers(inspections: &[Inspection], out: &Path) -> Result<(), Error> {
-    save(&Binarizers { inspections }, out, (1280, 900))
+    let chart = Binarizers { inspections };
+    let height = if chart.has_beta() { 1250 } else { 900 };
+    save(&chart, out, (1280, height))
 }
