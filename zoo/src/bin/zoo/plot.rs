@@ -9,10 +9,10 @@ use zoo::plot::{Inspection, Profile, RunCurves, XAxis};
 pub struct PlotArgs {
     /// Run directories of `zoo train` (their training curves, one colour per run), profiles of
     /// `zoo bench --profile` (`<prefix>.json`: per-layer latency bars, side by side), files of
-    /// `zoo inspect --json` (per binarized layer: the channels stuck at one sign and the share
-    /// of +1, one colour per model), or one results file (a JSON list of `{model, top1,
-    /// latency_ms}`, as the accuracy campaign's `results.json`: accuracy against latency, LAB
-    /// joined to sign).
+    /// `zoo inspect --json` (per binarized layer: the channels stuck at one sign, the share of
+    /// +1 and LAB's beta, one colour per model), or one results file (a JSON list of `{model,
+    /// top1, latency_ms}`, as the accuracy campaign's `results.json`: accuracy against latency,
+    /// LAB joined to sign).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
     /// The picture to write: `.png` or `.svg` (default: `curves.png`, `profile.png`,
