@@ -148,8 +148,9 @@ train_one() {
 }
 
 # Copies the record of the finished run in folder $1 to $RECORDS.
-# With it, once, what its binarizers do on 1,000 test images (`zoo inspect --json`, kept as
-# `inspect/<run>.json` unless the model binarizes nothing), which `zoo plot` draws for a pair.
+# With it, once, what its binarizers do on 1,000 test images (`zoo inspect --json` as
+# `inspect/<run>.json`, an empty list for a float model), which `zoo plot` draws for a pair; a
+# failed inspection is reported and tried again at the next start, the run still recorded.
 record() {
     [[ -n $RECORDS && -f $1/summary.json ]] || return 0
     local name inspection
@@ -157,9 +158,9 @@ record() {
     mkdir -p "$RECORDS/$name" "$RECORDS/inspect"
     cp "$1"/{config.json,summary.json,metrics.jsonl} "$RECORDS/$name/"
     inspection=$RECORDS/inspect/$name.json
-    if [[ ! -f $inspection ]]; then
-        "$ZOO" --threads "$THREADS" inspect "$1" --images 1000 --json "$inspection" >/dev/null
-        [[ $(tr -d '[:space:]' <"$inspection") != "[]" ]] || rm "$inspection"
+    if [[ ! -f $inspection ]] &&
+        ! "$ZOO" --threads "$THREADS" inspect "$1" --images 1000 --json "$inspection" >/dev/null; then
+        echo "$1: zoo inspect failed; its inspection is left for the next start" >&2
     fi
 }
 

@@ -209,7 +209,14 @@ fn the_model_card_and_config_describe_the_run() {
     // The run's training time, summed from its `metrics.jsonl` (its third step is timed).
     let run = zoo::plot::RunCurves::open(&p.run).unwrap();
     let time = zoo::train::TrainingTime::of_epochs(&run.epochs).expect("a timed step");
-    assert_eq!(repo.config.training, Some(time));
+    // Through config.json, to serde_json's float parsing (within an ulp or two).
+    let read = repo.config.training.expect("the run's training time");
+    for (a, b) in [
+        (read.seconds, time.seconds),
+        (read.images_per_second, time.images_per_second),
+    ] {
+        assert!((a - b).abs() <= 1e-12 * b, "{read:?} against {time:?}");
+    }
     let hours = format!(
         "Its training steps took {:.2} h at {:.0} images/s",
         time.seconds / 3600.0,

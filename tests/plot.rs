@@ -253,18 +253,24 @@ fn accuracy_against_latency_joins_lab_to_sign() {
     assert_eq!(image::open(&png).unwrap().dimensions(), (1000, 700));
 }
 
-/// A `zoo inspect --json` file: one layer per `(map side, constant channels)`, 64 channels each,
-/// with a `beta` for LAB.
-fn fake_inspection(path: &Path, binarizer: &str, layers: &[(usize, usize)]) {
-    let layers: Vec<serde_json::Value> = layers
+/// A `zoo inspect --json` file, written as `zoo inspect` writes it: one layer per
+/// `(binarizer, map side, constant channels)`, 64 channels each, with a `beta` for LAB.
+fn fake_inspection(path: &Path, layers: &[(&'static str, usize, usize)]) {
+    let layers: Vec<zoo::inspect::BinarizerStats> = layers
         .iter()
         .enumerate()
-        .map(|(i, &(side, constant))| {
-            serde_json::json!({"layer": format!("stage{i}.conv"), "binarizer": binarizer,
-                               "channels": 64, "map": [side, side], "plus": 0.4,
-                               "channel_plus": [0.0, 0.4, 1.0], "constant_channels": constant,
-                               "beta": (binarizer == "lab").then_some(0.003 * 10f64.powi(i as i32))})
-        })
+        .map(
+            |(i, &(binarizer, side, constant))| zoo::inspect::BinarizerStats {
+                layer: format!("stage{i}.conv"),
+                binarizer,
+                channels: 64,
+                map: [side, side],
+                plus: 0.4,
+                channel_plus: [0.0, 0.4, 1.0],
+                constant_channels: constant,
+                beta: (binarizer == "lab").then_some(0.003 * 10f64.powi(i as i32)),
+            },
+        )
         .collect();
     std::fs::write(path, serde_json::to_string(&layers).unwrap()).unwrap();
 }
@@ -273,8 +279,8 @@ fn fake_inspection(path: &Path, binarizer: &str, layers: &[(usize, usize)]) {
 fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     let dir = tempfile::tempdir().unwrap();
     let (sign, lab) = (dir.path().join("sign.json"), dir.path().join("lab.json"));
-    fake_inspection(&sign, "sign", &[(8, 0), (2, 0), (1, 3)]);
-    fake_inspection(&lab, "lab", &[(8, 0), (2, 7), (1, 29)]);
+    fake_inspection(&sign, &[("sign", 8, 0), ("sign", 2, 0), ("sign", 1, 3)]);
+    fake_inspection(&lab, &[("lab", 8, 0), ("lab", 2, 7), ("sign", 1, 29)]);
     let svg = dir.path().join("binarizers.svg");
     let (ok, out, err) = zoo(&[
         "plot",
@@ -291,7 +297,7 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     for label in [
         "LAB's beta (the sharpness of its choice; log scale, absolute value)",
         "sign (sign)",
-        "lab (lab)",
+        "lab (lab, sign)",
         "1: 8x8",
         "2: 2x2",
         "3: 1x1",
@@ -327,6 +333,21 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     assert!(!ok);
     assert!(
         err.contains("broken.json") && err.contains("zoo inspect --json"),
+        "{err}"
+    );
+    // A broken first file is named with both formats it is not.
+    let (ok, _, err) = zoo(&[
+        "plot",
+        broken.to_str().unwrap(),
+        sign.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("broken.json")
+            && err.contains("zoo inspect --json")
+            && err.contains("zoo bench --profile"),
         "{err}"
     );
 }

@@ -647,14 +647,12 @@ fn stuck_share(l: &InspectedLayer) -> f64 {
 }
 
 impl Binarizers<'_> {
-    /// Layers on the horizontal axis: the longest model's.
+    /// Layers on the horizontal axis: the longest model's (at least one).
     fn layers(&self) -> usize {
         self.inspections
             .iter()
             .map(|m| m.layers.len())
-            .max()
-            .unwrap_or(1)
-            .max(1)
+            .fold(1, usize::max)
     }
 
     /// Whether any model has LAB (a `beta` panel).
@@ -674,9 +672,16 @@ impl Binarizers<'_> {
             })
     }
 
+    /// A model's name with its binarizers, in network order (`lab, sign` for LAB in the
+    /// first stages only).
     fn legend(model: &Inspection) -> String {
-        let kind = model.layers.first().map_or("", |l| l.binarizer.as_str());
-        format!("{} ({kind})", model.name)
+        let mut kinds: Vec<&str> = Vec::new();
+        for l in &model.layers {
+            if !kinds.contains(&l.binarizer.as_str()) {
+                kinds.push(&l.binarizer);
+            }
+        }
+        format!("{} ({})", model.name, kinds.join(", "))
     }
 
     /// A panel with the layers on segments and `y` upwards, its mesh drawn.
@@ -698,7 +703,9 @@ impl Binarizers<'_> {
             .margin(12)
             .x_label_area_size(30)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n - 1).into_segmented(), y)
+            // `0..n - 1` gives the n segments 0..=n-1; a single layer takes `0..1` (an empty
+            // second segment), since plotters maps a range of one value to its middle.
+            .build_cartesian_2d((0..n.max(2) - 1).into_segmented(), y)
             .map_err(|e| e.to_string())?;
         let labels = |x: &SegmentValue<usize>| match x {
             SegmentValue::CenterOf(i) if *i < n => self.label(*i),

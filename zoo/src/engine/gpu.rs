@@ -655,7 +655,7 @@ impl super::Runner for GpuEngine {
     }
 
     /// Logits (`batch x classes`, row-major) for `batch` images in NCHW layout, as
-    /// [`Engine::run`].
+    /// [`Engine::run`](super::Engine::run).
     fn run(&self, images: &[f32], batch: usize) -> Result<Vec<f32>, Error> {
         self.with_plan(images, batch, |engine, plan| {
             if plan.graph.is_none() && engine.graphs && plan.runs > 0 {

@@ -74,7 +74,8 @@ fn plot_files(
             return Ok((output, points.into_iter().map(|p| p.model).collect()));
         }
     }
-    if Inspection::open(&files[0]).is_ok() {
+    let inspection = Inspection::open(&files[0]);
+    if inspection.is_ok() {
         let inspections = files
             .iter()
             .map(|file| Inspection::open(file))
@@ -86,7 +87,19 @@ fn plot_files(
     let profiles = files
         .iter()
         .map(|file| Profile::open(file))
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| match (e, inspection) {
+            // The first file is neither: say both what it is not.
+            (zoo::Error::Run { path, message }, Err(zoo::Error::Run { message: other, .. }))
+                if path == files[0].display().to_string() =>
+            {
+                zoo::Error::Run {
+                    path,
+                    message: format!("{message}; {other}"),
+                }
+            }
+            (e, _) => e,
+        })?;
     let output = output("profile.png");
     zoo::plot::latency(&profiles, &output)?;
     Ok((output, profiles.into_iter().map(|p| p.name).collect()))
