@@ -207,8 +207,7 @@ fn the_model_card_and_config_describe_the_run() {
     assert!(page.contains(&format!("zoo::load(\"{REPO}\")")), "{page}");
     assert!(page.contains("--max-steps 3"), "{page}");
     // The run's training time, summed from its `metrics.jsonl` (its third step is timed).
-    let run = zoo::plot::RunCurves::open(&p.run).unwrap();
-    let time = zoo::train::TrainingTime::of_epochs(&run.epochs).expect("a timed step");
+    let time = zoo::train::TrainingTime::of_run(&p.run).expect("a timed step");
     // Through config.json, to serde_json's float parsing (within an ulp or two).
     let read = repo.config.training.expect("the run's training time");
     for (a, b) in [

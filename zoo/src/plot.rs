@@ -4,7 +4,7 @@
 //! `epaint_default_fonts`), so a PNG looks the same on a machine without fonts. Files are
 //! written atomically.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Once;
 
 use plotters::coord::ranged1d::{AsRangedCoord, SegmentedCoord, ValueFormatter};
@@ -121,27 +121,7 @@ pub struct RunCurves {
 impl RunCurves {
     /// Reads `metrics.jsonl` of the run directory `dir`.
     pub fn open(dir: &Path) -> Result<RunCurves, Error> {
-        let path: PathBuf = dir.join("metrics.jsonl");
-        let fail = |message: String| Error::Run {
-            path: path.display().to_string(),
-            message,
-        };
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            fail(format!(
-                "cannot read the run's per-epoch metrics ({e}): expected a run directory of `zoo train` that has finished an epoch"
-            ))
-        })?;
-        let epochs = text
-            .lines()
-            .enumerate()
-            .map(|(i, line)| {
-                serde_json::from_str::<EpochMetrics>(line)
-                    .map_err(|e| fail(format!("line {}: not an epoch's metrics: {e}", i + 1)))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        if epochs.is_empty() {
-            return Err(fail("holds no epoch yet".into()));
-        }
+        let epochs = crate::train::read_epochs(dir)?;
         let name = std::fs::canonicalize(dir)
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))

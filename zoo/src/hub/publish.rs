@@ -165,11 +165,7 @@ fn stage_weights(
             images: Some(a.images),
             measured_by: None,
         }),
-        training: source
-            .is_dir()
-            .then(|| crate::plot::RunCurves::open(source).ok())
-            .flatten()
-            .and_then(|run| TrainingTime::of_epochs(&run.epochs)),
+        training: TrainingTime::of_run(source),
         source: None,
         zoo_version: env!("CARGO_PKG_VERSION").to_string(),
     };

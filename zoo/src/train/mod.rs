@@ -338,6 +338,12 @@ pub struct TrainingTime {
 }
 
 impl TrainingTime {
+    /// The training time of the run directory `dir`: `None` without readable epochs or timed
+    /// steps.
+    pub fn of_run(dir: &Path) -> Option<TrainingTime> {
+        TrainingTime::of_epochs(&read_epochs(dir).ok()?)
+    }
+
     /// The sum over `epochs` (a run's `metrics.jsonl`); `None` when no step was timed.
     pub fn of_epochs(epochs: &[EpochMetrics]) -> Option<TrainingTime> {
         let seconds: f64 = epochs.iter().map(|m| m.seconds).sum();
@@ -695,6 +701,33 @@ pub fn describe_epoch(m: &EpochMetrics) -> String {
         line += &format!(", {} undecodable image(s) skipped", m.skipped);
     }
     line
+}
+
+/// The epochs of the run directory `dir` (its `metrics.jsonl`): at least one.
+pub fn read_epochs(dir: &Path) -> Result<Vec<EpochMetrics>, Error> {
+    let path = dir.join("metrics.jsonl");
+    let fail = |message: String| Error::Run {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        fail(format!(
+            "cannot read the run's per-epoch metrics ({e}): expected a run directory of \
+             `zoo train` that has finished an epoch"
+        ))
+    })?;
+    let epochs = text
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str::<EpochMetrics>(line)
+                .map_err(|e| fail(format!("line {}: not an epoch's metrics: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if epochs.is_empty() {
+        return Err(fail("holds no epoch yet".into()));
+    }
+    Ok(epochs)
 }
 
 /// Drops lines of `metrics.jsonl` written after `step` (by a run that was interrupted after
