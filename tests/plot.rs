@@ -291,6 +291,7 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("2 input(s): sign, lab"), "{out}");
+    assert!(!err.contains("by position"), "{err}");
     let (_, texts) = svg_texts(&svg);
     // Each model in the legend with its binarizer, each layer by its map, the count of stuck
     // channels above each bar that has some (none for the layers without), and LAB's beta.
@@ -319,6 +320,22 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
         assert!(ok, "{err}");
         assert_eq!(image::open(&png).unwrap().dimensions(), (1280, height));
     }
+
+    // Models with other layers are drawn by position, with a note.
+    let short = dir.path().join("short.json");
+    fake_inspection(&short, &[("sign", 8, 0)]);
+    let (ok, _, err) = zoo(&[
+        "plot",
+        sign.to_str().unwrap(),
+        short.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("sign and short binarize different layers"),
+        "{err}"
+    );
 
     // An inspection beside a file that is not one names that file.
     let broken = dir.path().join("broken.json");

@@ -80,6 +80,16 @@ fn plot_files(
             .iter()
             .map(|file| Inspection::open(file))
             .collect::<Result<Vec<_>, _>>()?;
+        // Layers are matched by position: say so where the models' layers differ.
+        let names = |i: &Inspection| i.layers.iter().map(|l| l.layer.clone()).collect::<Vec<_>>();
+        for other in &inspections[1..] {
+            if names(other) != names(&inspections[0]) {
+                eprintln!(
+                    "note: {} and {} binarize different layers; they are drawn by position",
+                    inspections[0].name, other.name
+                );
+            }
+        }
         let output = output("binarizers.png");
         zoo::plot::binarizers(&inspections, &output)?;
         return Ok((output, inspections.into_iter().map(|i| i.name).collect()));
