@@ -13,13 +13,17 @@
 # A run is `model:seed` (a registered name or a spec file), or `model:seed:kd=NAME` to distil
 # with Hinton's loss from this campaign's seed-0 run of the teacher spec NAME (`kd=NAME@T@W`:
 # temperature T, weight W), or `model:seed:kdd=NAME` with ReActNet's distributional loss. The
-# teacher must be in RUNS (`specs/teachers/resnet_float.yaml:0`); a student waits for it.
+# teacher must be in RUNS (`specs/teachers/resnet_float.yaml:0`); a student waits for it. A
+# last field `e=N` gives a run its own budget (`quicknet-lab:0:e=64`, `quicknet:0:kd=NAME:e=64`:
+# a longer run queued behind the campaign's, from the teacher of EPOCHS).
 #
 # Environment:
 #   RUNS     the runs, in order (default: the QuickNet pair on seeds 0 and 1, its float teacher
 #            and both distilled, then one seed of every other pair, two of Bi-Real Net's, whose
-#            seed-0 gap was under 0.5 points; XNOR-Net's 224x224 pair last)
-#   EPOCHS   budget of every run (default 16); runs of another budget go to other folders
+#            seed-0 gap was under 0.5 points, the QuickNet pair at twice the budget (is EPOCHS
+#            its plateau?); XNOR-Net's 224x224 pair last)
+#   EPOCHS   budget of every run without its own `e=N` (default 16); runs of another budget go
+#            to other folders
 #   EXTRA    more `zoo train` flags; give a TAG with them (suffix of the run folders)
 #   LANES    runs at a time (default 1); a free lane takes the first run of RUNS not taken yet
 #            whose teacher has finished (a student whose teacher is still training only when no
@@ -52,7 +56,7 @@ RECIPE="--data fashion-mnist --batch-size 64 --lr 2.5e-3 --schedule linear --che
 RUNS=${RUNS:-quicknet:0 quicknet-lab:0 quicknet:1 quicknet-lab:1 specs/teachers/resnet_float.yaml:0 \
 quicknet:0:kd=resnet-float quicknet-lab:0:kd=resnet-float birealnet:0 birealnet-lab:0 birealnet:1 \
 birealnet-lab:1 labbnn:0 \
-reactnet:0 reactnet-lab:0 xnornet:0 xnornet-lab:0}
+reactnet:0 reactnet-lab:0 quicknet:0:e=64 quicknet-lab:0:e=64 xnornet:0 xnornet-lab:0}
 
 # The name of a model: a registered name, or a spec file's name with dashes.
 model_name() {
@@ -61,11 +65,27 @@ model_name() {
     echo "${name//_/-}"
 }
 
+# Sets the caller's `model`, `seed`, `kd` (empty without a teacher) and `epochs` from run $1.
+parse_run() {
+    local rest field
+    IFS=: read -r model seed rest <<<"$1"
+    kd="" epochs=$EPOCHS
+    IFS=: read -ra rest <<<"$rest"
+    for field in "${rest[@]}"; do
+        case $field in
+            e=*) epochs=${field#e=} ;;
+            *) kd=$field ;;
+        esac
+    done
+    [[ $seed =~ ^[0-9]+$ && $epochs =~ ^[0-9]+$ ]] ||
+        { echo "run \`$1\`: expected model:seed[:kd=NAME][:e=N] with whole numbers" >&2; return 1; }
+}
+
 # The folder of a run: model, budget, seed, teacher and tag.
 run_dir() {
-    local model seed kd
-    IFS=: read -r model seed kd <<<"$1"
-    echo "$OUT/$(model_name "$model")-e$EPOCHS-s$seed${kd:+-${kd//[=@]/-}}$TAG"
+    local model seed kd epochs
+    parse_run "$1" || return 1
+    echo "$OUT/$(model_name "$model")-e$epochs-s$seed${kd:+-${kd//[=@]/-}}$TAG"
 }
 
 # Whether a run of RUNS trains into the folder $1.
@@ -79,8 +99,8 @@ queued() {
 
 # Whether run $1 distils from a teacher that has not finished yet.
 waits_for_teacher() {
-    local model seed kd teacher
-    IFS=: read -r model seed kd <<<"$1"
+    local model seed kd epochs teacher
+    parse_run "$1"
     [[ -n $kd ]] || return 1
     IFS=@ read -r teacher _ <<<"${kd#*=}"
     [[ ! -f $(run_dir "$teacher:0")/summary.json ]]
@@ -105,8 +125,8 @@ take_next() {
 
 # Trains one run to its end: skipped when finished, resumed when it has a checkpoint.
 train_one() {
-    local spec=$1 dir model seed kd teacher_flags=() teacher_entry=""
-    IFS=: read -r model seed kd <<<"$spec"
+    local spec=$1 dir model seed kd epochs teacher_flags=() teacher_entry=""
+    parse_run "$spec"
     dir=$(run_dir "$spec")
     if [[ -f $dir/summary.json ]]; then
         record "$dir"
@@ -140,7 +160,7 @@ train_one() {
         echo "start:   $dir"
         rm -rf "$dir"
         # shellcheck disable=SC2086
-        "$ZOO" --threads "$THREADS" train "$model" $RECIPE --epochs "$EPOCHS" --seed "$seed" \
+        "$ZOO" --threads "$THREADS" train "$model" $RECIPE --epochs "$epochs" --seed "$seed" \
             "${teacher_flags[@]}" $EXTRA --out "$dir" >"$dir.log" 2>&1
     fi
     record "$dir"
@@ -265,6 +285,9 @@ main() {
     fi
     [[ -x $ZOO ]] || cargo build --release -p zoo
     read -ra queue <<<"$RUNS"
+    for r in "${queue[@]}"; do
+        run_dir "$r" >/dev/null # each run well formed before any starts
+    done
     start=$(date +%s)
     claims=$(mktemp -d)
     for ((lane = 0; lane < LANES; lane++)); do
