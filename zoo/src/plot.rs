@@ -1,4 +1,5 @@
-//! Pictures of runs: training curves of one or more runs side by side, as PNG or SVG.
+//! Pictures, as PNG or SVG: training curves of runs side by side, per-layer latency of engine
+//! profiles, accuracy against latency, and what the binarizers of models do layer by layer.
 //!
 //! Charts are drawn with plotters; text uses a font embedded in the binary (Ubuntu Light, from
 //! `epaint_default_fonts`), so a PNG looks the same on a machine without fonts. Files are
