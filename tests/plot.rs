@@ -275,6 +275,14 @@ fn fake_inspection(path: &Path, layers: &[(&'static str, usize, usize)]) {
     std::fs::write(path, serde_json::to_string(&layers).unwrap()).unwrap();
 }
 
+/// `zoo plot` of `inputs` into `out`: whether it succeeded, its output and its errors.
+fn plot(inputs: &[&Path], out: &Path) -> (bool, String, String) {
+    let mut args = vec!["plot"];
+    args.extend(inputs.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["-o", out.to_str().unwrap()]);
+    zoo(&args)
+}
+
 #[test]
 fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     let dir = tempfile::tempdir().unwrap();
@@ -282,13 +290,7 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     fake_inspection(&sign, &[("sign", 8, 0), ("sign", 2, 0), ("sign", 1, 3)]);
     fake_inspection(&lab, &[("lab", 8, 0), ("lab", 2, 7), ("sign", 1, 29)]);
     let svg = dir.path().join("binarizers.svg");
-    let (ok, out, err) = zoo(&[
-        "plot",
-        sign.to_str().unwrap(),
-        lab.to_str().unwrap(),
-        "-o",
-        svg.to_str().unwrap(),
-    ]);
+    let (ok, out, err) = plot(&[&sign, &lab], &svg);
     assert!(ok, "{err}");
     assert!(out.contains("2 input(s): sign, lab"), "{out}");
     assert!(!err.contains("by position"), "{err}");
@@ -315,8 +317,8 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
 
     // One file alone is drawn too, with a beta panel only for LAB.
     let png = dir.path().join("one.png");
-    for (file, height) in [(&lab, 1250), (&sign, 900)] {
-        let (ok, _, err) = zoo(&["plot", file.to_str().unwrap(), "-o", png.to_str().unwrap()]);
+    for (file, height) in [(lab.as_path(), 1250), (sign.as_path(), 900)] {
+        let (ok, _, err) = plot(&[file], &png);
         assert!(ok, "{err}");
         assert_eq!(image::open(&png).unwrap().dimensions(), (1280, height));
     }
@@ -324,13 +326,7 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     // Models with other layers are drawn by position, with a note.
     let short = dir.path().join("short.json");
     fake_inspection(&short, &[("sign", 8, 0)]);
-    let (ok, _, err) = zoo(&[
-        "plot",
-        sign.to_str().unwrap(),
-        short.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = plot(&[&sign, &short], &png);
     assert!(ok, "{err}");
     assert!(
         err.contains("sign and short binarize different layers"),
@@ -340,26 +336,14 @@ fn binarizers_of_a_sign_model_beside_its_lab_twin() {
     // An inspection beside a file that is not one names that file.
     let broken = dir.path().join("broken.json");
     std::fs::write(&broken, r#"[{"layer": "x", "binarizer": "lab"}]"#).unwrap();
-    let (ok, _, err) = zoo(&[
-        "plot",
-        sign.to_str().unwrap(),
-        broken.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = plot(&[&sign, &broken], &png);
     assert!(!ok);
     assert!(
         err.contains("broken.json") && err.contains("zoo inspect --json"),
         "{err}"
     );
     // A broken first file is named with both formats it is not.
-    let (ok, _, err) = zoo(&[
-        "plot",
-        broken.to_str().unwrap(),
-        sign.to_str().unwrap(),
-        "-o",
-        png.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = plot(&[&broken, &sign], &png);
     assert!(!ok);
     assert!(
         err.contains("broken.json")
