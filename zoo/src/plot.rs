@@ -312,10 +312,7 @@ impl Profile {
             "a `zoo bench --profile` JSON file (a list of layers with name, kind and ms)",
             "layer",
         )?;
-        let name = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let name = file_stem(path);
         Ok(Profile { name, layers })
     }
 }
@@ -461,6 +458,14 @@ pub fn open_results(path: &Path) -> Result<Vec<ResultPoint>, Error> {
     )
 }
 
+/// The name a file's series or panel carries: its name without the extension.
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
+}
+
 /// Reads a non-empty JSON list from `path`; errors name the file and say it is not `what` or
 /// lists no `item`.
 fn read_json_list<T: serde::de::DeserializeOwned>(
@@ -603,10 +608,7 @@ impl Inspection {
              channels, map, plus and constant_channels)",
             "binarized layer",
         )?;
-        let name = path.file_stem().map_or_else(
-            || path.display().to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+        let name = file_stem(path);
         Ok(Inspection { name, layers })
     }
 }
