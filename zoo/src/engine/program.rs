@@ -656,6 +656,38 @@ mod tests {
                 Maps::Floats(_) => panic!("a launch reads signs from a float buffer"),
             }
         }
+
+        /// Whether every map has the kind and shape of the buffer `declared`.
+        fn fits(&self, declared: Value) -> bool {
+            let shape_ok = |h, w, c| [h, w, c] == declared.shape;
+            match self {
+                Maps::Floats(f) => {
+                    !declared.bits && f.iter().all(|m| shape_ok(m.height, m.width, m.channels))
+                }
+                Maps::Bits(b) => {
+                    declared.bits && b.iter().all(|m| shape_ok(m.height, m.width, m.channels))
+                }
+            }
+        }
+    }
+
+    /// The first `batch` NCHW images as `shape` (HWC) float maps: the program's first launch.
+    fn transpose(images: &[f32], batch: usize, [h, w, c]: [usize; 3]) -> Maps {
+        let maps = images.chunks(h * w * c).take(batch).map(|image| {
+            let mut data = vec![0.0; h * w * c];
+            for ch in 0..c {
+                for p in 0..h * w {
+                    data[p * c + ch] = image[ch * h * w + p];
+                }
+            }
+            FloatMap {
+                height: h,
+                width: w,
+                channels: c,
+                data,
+            }
+        });
+        Maps::Floats(maps.collect())
     }
 
     /// A slot of the program's memory: the buffer it holds now, and its maps.
@@ -711,29 +743,7 @@ mod tests {
                     Maps::Floats(out)
                 };
             let result = match &launch.kind {
-                Kind::Transpose { .. } => {
-                    let [h, w, c] = declared.shape;
-                    Maps::Floats(
-                        images
-                            .chunks(h * w * c)
-                            .take(batch)
-                            .map(|image| {
-                                let mut data = vec![0.0; h * w * c];
-                                for ch in 0..c {
-                                    for p in 0..h * w {
-                                        data[p * c + ch] = image[ch * h * w + p];
-                                    }
-                                }
-                                FloatMap {
-                                    height: h,
-                                    width: w,
-                                    channels: c,
-                                    data,
-                                }
-                            })
-                            .collect(),
-                    )
-                }
+                Kind::Transpose { .. } => transpose(images, batch, declared.shape),
                 Kind::PackSigns { x, .. } => Maps::Bits(
                     floats(&buffers, *x)
                         .iter()
@@ -859,20 +869,8 @@ mod tests {
                     ..
                 } => each(*x, None, &|m, _| float::dense(m, weight, epilogue)),
             };
-            let shapes_ok = match &result {
-                Maps::Floats(f) => {
-                    !declared.bits
-                        && f.iter()
-                            .all(|m| [m.height, m.width, m.channels] == declared.shape)
-                }
-                Maps::Bits(b) => {
-                    declared.bits
-                        && b.iter()
-                            .all(|m| [m.height, m.width, m.channels] == declared.shape)
-                }
-            };
             assert!(
-                shapes_ok,
+                result.fits(declared),
                 "launch {:?} writes its buffer's shape",
                 launch.op
             );
