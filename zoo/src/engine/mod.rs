@@ -593,21 +593,6 @@ impl Run<'_> {
 
     fn step(&self, step: &Step, input: Cow<Value>, residual: Option<Cow<FloatMap>>) -> Value {
         let x: &Value = &input;
-        // A binary convolution writes its floats over an owned residual.
-        let (onto, residual) = match residual {
-            Some(Cow::Owned(m))
-                if matches!(
-                    step,
-                    Step::BinaryConv {
-                        pack_output: false,
-                        ..
-                    }
-                ) =>
-            {
-                (Some(m), None)
-            }
-            residual => (None, residual),
-        };
         let r = residual.as_ref().map(|r| r.data.as_slice());
         match step {
             Step::FloatConv {
@@ -620,27 +605,7 @@ impl Run<'_> {
                 let m = x.to_float();
                 Value::Float(float::conv(&m, weight, *window, *pad_value, epilogue, r))
             }),
-            Step::BinaryConv {
-                op,
-                signs,
-                conv,
-                epilogue,
-                pack_output,
-                ..
-            } => self.timed(*op, || {
-                // LAB reads floats: a packed map (after a binary max-pool) as ±1.
-                let floats = match (signs, x) {
-                    (Signs::Lab(_), Value::Packed(_)) => {
-                        Some(Value::Float(x.to_float().into_owned()))
-                    }
-                    _ => None,
-                };
-                let input = signs.input(floats.as_ref().unwrap_or(x));
-                match onto {
-                    Some(onto) => Value::Float(binary_conv_onto(input, conv, epilogue, onto)),
-                    None => binary_conv(input, conv, epilogue, *pack_output, r),
-                }
-            }),
+            Step::BinaryConv { .. } => self.binary_conv(step, x, residual),
             Step::Depthwise {
                 op,
                 weight,
@@ -699,20 +664,7 @@ impl Run<'_> {
                 let m = x.to_float();
                 Value::Float(float::concat(&[m.as_ref().clone(), m.into_owned()]))
             }),
-            Step::Residual { body, shortcut } if shortcut.is_empty() => match (input, &body[..]) {
-                (Cow::Owned(Value::Float(m)), [only]) if only.runs_in_place(&m) => {
-                    self.step_in_place(only, m)
-                }
-                // An identity shortcut reads the input itself, without a copy.
-                (input, _) => self.sequence(body, Cow::Borrowed(&input), Some(input.to_float())),
-            },
-            Step::Residual { body, shortcut } => {
-                let short = match self.sequence(shortcut, Cow::Borrowed(x), None) {
-                    Value::Float(m) => m,
-                    p => p.to_float().into_owned(),
-                };
-                self.sequence(body, input, Some(Cow::Owned(short)))
-            }
+            Step::Residual { body, shortcut } => self.residual(body, shortcut, input),
             Step::Concat { branches } => {
                 let outs: Vec<FloatMap> = branches
                     .iter()
@@ -724,6 +676,56 @@ impl Run<'_> {
                     .collect();
                 Value::Float(float::concat(&outs))
             }
+        }
+    }
+
+    /// A binary convolution (`step`) of `x`: LAB reads a packed map (after a binary max-pool)
+    /// as ±1 floats; a float output is written over an owned residual's buffer.
+    fn binary_conv(&self, step: &Step, x: &Value, residual: Option<Cow<FloatMap>>) -> Value {
+        let Step::BinaryConv {
+            op,
+            signs,
+            conv,
+            epilogue,
+            pack_output,
+            ..
+        } = step
+        else {
+            unreachable!("binary_conv runs binary convolutions only")
+        };
+        self.timed(*op, || {
+            let floats = match (signs, x) {
+                (Signs::Lab(_), Value::Packed(_)) => Some(Value::Float(x.to_float().into_owned())),
+                _ => None,
+            };
+            let input = signs.input(floats.as_ref().unwrap_or(x));
+            match residual {
+                Some(Cow::Owned(onto)) if !*pack_output => {
+                    Value::Float(binary_conv_onto(input, conv, epilogue, onto))
+                }
+                r => {
+                    let r = r.as_ref().map(|r| r.data.as_slice());
+                    binary_conv(input, conv, epilogue, *pack_output, r)
+                }
+            }
+        })
+    }
+
+    /// A residual block: `body` on `input` plus `shortcut` of it (the input itself when empty,
+    /// read without a copy, or updated in place by a lone body step that can).
+    fn residual(&self, body: &[Step], shortcut: &[Step], input: Cow<Value>) -> Value {
+        if !shortcut.is_empty() {
+            let short = match self.sequence(shortcut, Cow::Borrowed(&input), None) {
+                Value::Float(m) => m,
+                p => p.to_float().into_owned(),
+            };
+            return self.sequence(body, input, Some(Cow::Owned(short)));
+        }
+        match (input, body) {
+            (Cow::Owned(Value::Float(m)), [only]) if only.runs_in_place(&m) => {
+                self.step_in_place(only, m)
+            }
+            (input, _) => self.sequence(body, Cow::Borrowed(&input), Some(input.to_float())),
         }
     }
 }
