@@ -690,8 +690,76 @@ mod tests {
         Maps::Floats(maps.collect())
     }
 
-    /// A slot of the program's memory: the buffer it holds now, and its maps.
-    type Slot = Option<(usize, Maps)>;
+    /// The program's slots on the CPU as it runs: the buffer each holds now, and its maps.
+    struct Memory<'p> {
+        slots: &'p Slots,
+        held: Vec<Option<(usize, Maps)>>,
+        batch: usize,
+    }
+
+    impl Memory<'_> {
+        /// Buffer `i`, which must be the one its slot holds.
+        fn read(&self, i: usize) -> Maps {
+            match &self.held[self.slots.slot[i]] {
+                Some((held, maps)) if *held == i => maps.clone(),
+                Some((held, _)) => panic!("buffer {i} was overwritten by buffer {held}"),
+                None => panic!("buffer {i} is read before it is written"),
+            }
+        }
+
+        fn floats(&self, i: usize) -> Vec<FloatMap> {
+            self.read(i).floats().to_vec()
+        }
+
+        /// The float maps of buffer `i` where its slot holds it already (a concatenation
+        /// written part by part).
+        fn held(&self, i: usize) -> Option<Vec<FloatMap>> {
+            match &self.held[self.slots.slot[i]] {
+                Some((held, maps)) if *held == i => Some(maps.floats().to_vec()),
+                _ => None,
+            }
+        }
+
+        /// Each image's residual values (none without a residual).
+        fn residuals(&self, r: Option<usize>) -> Vec<Option<Vec<f32>>> {
+            match r {
+                Some(r) => self.floats(r).into_iter().map(|m| Some(m.data)).collect(),
+                None => vec![None; self.batch],
+            }
+        }
+
+        /// `f` on each image of the float buffer `x` with its residual.
+        fn each(
+            &self,
+            x: usize,
+            r: Option<usize>,
+            f: &dyn Fn(&FloatMap, Option<&[f32]>) -> FloatMap,
+        ) -> Maps {
+            let rs = self.residuals(r);
+            let out = self
+                .floats(x)
+                .iter()
+                .zip(&rs)
+                .map(|(m, r)| f(m, r.as_deref()))
+                .collect();
+            Maps::Floats(out)
+        }
+
+        /// Stores `result` as buffer `out` (`declared`) of launch `op`, checking that it has
+        /// the buffer's kind and shape and fits its slot.
+        fn write(&mut self, out: usize, declared: Value, result: Maps, op: usize) {
+            assert!(
+                result.fits(declared),
+                "launch {op:?} writes its buffer's shape"
+            );
+            let slot = self.slots.slot[out];
+            assert!(
+                self.slots.bits[slot] == declared.bits && self.slots.size[slot] >= declared.size(),
+                "buffer {out} fits its slot"
+            );
+            self.held[slot] = Some((out, result));
+        }
+    }
 
     /// The program run launch by launch with the CPU engine's kernels, image by image, in its
     /// slots, checking that every launch reads buffers written before it and not overwritten
@@ -699,17 +767,13 @@ mod tests {
     /// kind and size.
     fn interpret(program: &Program, images: &[f32], batch: usize) -> Vec<f32> {
         let slots = &program.slots;
-        let mut buffers: Vec<Slot> = vec![None; slots.bits.len()];
-        let read = |buffers: &[Slot], i: usize| -> Maps {
-            match &buffers[slots.slot[i]] {
-                Some((held, maps)) if *held == i => maps.clone(),
-                Some((held, _)) => panic!("buffer {i} was overwritten by buffer {held}"),
-                None => panic!("buffer {i} is read before it is written"),
-            }
+        let mut memory = Memory {
+            slots,
+            held: vec![None; slots.bits.len()],
+            batch,
         };
         for launch in &program.launches {
             let out = launch.kind.output();
-            let declared = program.buffers[out];
             // The GPU lends a launch its output slot while it reads the others.
             assert!(
                 launch
@@ -720,173 +784,153 @@ mod tests {
                 "launch {} writes a slot it reads",
                 launch.op
             );
-            let floats = |buffers: &[Slot], i| read(buffers, i).floats().to_vec();
-            // Each image's residual values (none without a residual).
-            let residuals = |r: Option<usize>| -> Vec<Option<Vec<f32>>> {
-                match r {
-                    Some(r) => floats(&buffers, r)
-                        .into_iter()
-                        .map(|m| Some(m.data))
-                        .collect(),
-                    None => vec![None; batch],
-                }
-            };
-            // `f` on each image of the float buffer `x` with its residual.
-            let each =
-                |x: usize, r: Option<usize>, f: &dyn Fn(&FloatMap, Option<&[f32]>) -> FloatMap| {
-                    let rs = residuals(r);
-                    let out = floats(&buffers, x)
-                        .iter()
-                        .zip(&rs)
-                        .map(|(m, r)| f(m, r.as_deref()))
-                        .collect();
-                    Maps::Floats(out)
-                };
-            let result = match &launch.kind {
-                Kind::Transpose { .. } => transpose(images, batch, declared.shape),
-                Kind::PackSigns { x, .. } => Maps::Bits(
-                    floats(&buffers, *x)
-                        .iter()
-                        .map(|m| PackedMap::from_signs(&m.data, m.height, m.width, m.channels))
-                        .collect(),
-                ),
-                Kind::Lab { lab, x, .. } => Maps::Bits(
-                    floats(&buffers, *x)
-                        .iter()
-                        .map(|m| packed::lab_pack(&m.data, m.height, m.width, lab))
-                        .collect(),
-                ),
-                Kind::Unpack { x, .. } => Maps::Floats(
-                    read(&buffers, *x)
-                        .bits()
-                        .iter()
-                        .map(|p| FloatMap {
-                            height: p.height,
-                            width: p.width,
-                            channels: p.channels,
-                            data: p.to_signs(),
-                        })
-                        .collect(),
-                ),
-                Kind::BinaryConv {
-                    weights,
-                    geometry,
-                    epilogue,
-                    x,
-                    residual: r,
-                    ..
-                } => {
-                    let conv = packed::BinaryConv::new(weights, *geometry);
-                    let outs: Vec<_> = read(&buffers, *x)
-                        .bits()
-                        .iter()
-                        .zip(residuals(*r))
-                        .map(|(map, r)| {
-                            let input = ConvInput::Packed(map);
-                            binary_conv(input, &conv, epilogue, declared.bits, r.as_deref())
-                        })
-                        .collect();
-                    match declared.bits {
-                        true => Maps::Bits(outs.into_iter().map(packed_of).collect()),
-                        false => Maps::Floats(outs.into_iter().map(floats_of).collect()),
-                    }
-                }
-                Kind::FloatConv {
-                    weight,
-                    window,
-                    pad_value,
-                    epilogue,
-                    x,
-                    residual: r,
-                    ..
-                } => each(*x, *r, &|m, r| {
-                    float::conv(m, weight, *window, *pad_value, epilogue, r)
-                }),
-                Kind::Depthwise {
-                    weight,
-                    multiplier,
-                    window,
-                    epilogue,
-                    x,
-                    residual: r,
-                    ..
-                } => each(*x, *r, &|m, r| {
-                    float::depthwise(m, weight, *multiplier, *window, epilogue, r)
-                }),
-                Kind::Transform {
-                    epilogue,
-                    x,
-                    residual: r,
-                    ..
-                } => each(*x, *r, &|m, r| {
-                    let mut m = m.clone();
-                    epilogue.apply_map(&mut m.data, m.channels, r);
-                    m
-                }),
-                Kind::MaxPoolBits { window, x, .. } => Maps::Bits(
-                    read(&buffers, *x)
-                        .bits()
-                        .iter()
-                        .map(|p| packed::max_pool(p, *window))
-                        .collect(),
-                ),
-                Kind::Pool {
-                    window, mode, x, ..
-                } => each(*x, None, &|m, _| match mode {
-                    PoolMode::Average => float::avg_pool(m, *window),
-                    _ => float::max_pool(m, *window, *mode == PoolMode::MaxOfRelu),
-                }),
-                Kind::GlobalAvgPool { x, .. } => each(*x, None, &|m, _| float::global_avg_pool(m)),
-                Kind::Copy { x, .. } => Maps::Floats(
-                    floats(&buffers, *x)
-                        .into_iter()
-                        .map(|m| FloatMap {
-                            height: 1,
-                            width: 1,
-                            channels: m.data.len(),
-                            data: m.data,
-                        })
-                        .collect(),
-                ),
-                Kind::Concat { x, offset, .. } => {
-                    let [h, w, c] = declared.shape;
-                    let mut outs = match &buffers[slots.slot[out]] {
-                        Some((held, maps)) if *held == out => maps.floats().to_vec(),
-                        _ => vec![FloatMap::zeros(h, w, c); batch],
-                    };
-                    for (o, part) in outs.iter_mut().zip(floats(&buffers, *x)) {
-                        for p in 0..h * w {
-                            let from = &part.data[p * part.channels..][..part.channels];
-                            o.data[p * c + offset..][..part.channels].copy_from_slice(from);
-                        }
-                    }
-                    Maps::Floats(outs)
-                }
-                Kind::Dense {
-                    weight,
-                    epilogue,
-                    x,
-                    ..
-                } => each(*x, None, &|m, _| float::dense(m, weight, epilogue)),
-            };
-            assert!(
-                result.fits(declared),
-                "launch {:?} writes its buffer's shape",
-                launch.op
-            );
-            let slot = slots.slot[out];
-            assert!(
-                slots.bits[slot] == declared.bits && slots.size[slot] >= declared.size(),
-                "buffer {out} fits its slot"
-            );
-            buffers[slot] = Some((out, result));
+            let declared = program.buffers[out];
+            let result = execute(&launch.kind, &memory, images, declared, out);
+            memory.write(out, declared, result, launch.op);
         }
-        let logits = read(&buffers, program.output.buf);
-        logits
-            .floats()
+        memory
+            .floats(program.output.buf)
             .iter()
             .flat_map(|m| m.data.clone())
             .collect()
+    }
+
+    /// One launch on the CPU: the maps of its output buffer `out` (`declared`).
+    fn execute(kind: &Kind, memory: &Memory, images: &[f32], declared: Value, out: usize) -> Maps {
+        match kind {
+            Kind::Transpose { .. } => transpose(images, memory.batch, declared.shape),
+            Kind::PackSigns { x, .. } => Maps::Bits(
+                memory
+                    .floats(*x)
+                    .iter()
+                    .map(|m| PackedMap::from_signs(&m.data, m.height, m.width, m.channels))
+                    .collect(),
+            ),
+            Kind::Lab { lab, x, .. } => Maps::Bits(
+                memory
+                    .floats(*x)
+                    .iter()
+                    .map(|m| packed::lab_pack(&m.data, m.height, m.width, lab))
+                    .collect(),
+            ),
+            Kind::Unpack { x, .. } => Maps::Floats(
+                memory
+                    .read(*x)
+                    .bits()
+                    .iter()
+                    .map(|p| FloatMap {
+                        height: p.height,
+                        width: p.width,
+                        channels: p.channels,
+                        data: p.to_signs(),
+                    })
+                    .collect(),
+            ),
+            Kind::BinaryConv {
+                weights,
+                geometry,
+                epilogue,
+                x,
+                residual: r,
+                ..
+            } => {
+                let conv = packed::BinaryConv::new(weights, *geometry);
+                let outs: Vec<_> = memory
+                    .read(*x)
+                    .bits()
+                    .iter()
+                    .zip(memory.residuals(*r))
+                    .map(|(map, r)| {
+                        let input = ConvInput::Packed(map);
+                        binary_conv(input, &conv, epilogue, declared.bits, r.as_deref())
+                    })
+                    .collect();
+                match declared.bits {
+                    true => Maps::Bits(outs.into_iter().map(packed_of).collect()),
+                    false => Maps::Floats(outs.into_iter().map(floats_of).collect()),
+                }
+            }
+            Kind::FloatConv {
+                weight,
+                window,
+                pad_value,
+                epilogue,
+                x,
+                residual: r,
+                ..
+            } => memory.each(*x, *r, &|m, r| {
+                float::conv(m, weight, *window, *pad_value, epilogue, r)
+            }),
+            Kind::Depthwise {
+                weight,
+                multiplier,
+                window,
+                epilogue,
+                x,
+                residual: r,
+                ..
+            } => memory.each(*x, *r, &|m, r| {
+                float::depthwise(m, weight, *multiplier, *window, epilogue, r)
+            }),
+            Kind::Transform {
+                epilogue,
+                x,
+                residual: r,
+                ..
+            } => memory.each(*x, *r, &|m, r| {
+                let mut m = m.clone();
+                epilogue.apply_map(&mut m.data, m.channels, r);
+                m
+            }),
+            Kind::MaxPoolBits { window, x, .. } => Maps::Bits(
+                memory
+                    .read(*x)
+                    .bits()
+                    .iter()
+                    .map(|p| packed::max_pool(p, *window))
+                    .collect(),
+            ),
+            Kind::Pool {
+                window, mode, x, ..
+            } => memory.each(*x, None, &|m, _| match mode {
+                PoolMode::Average => float::avg_pool(m, *window),
+                _ => float::max_pool(m, *window, *mode == PoolMode::MaxOfRelu),
+            }),
+            Kind::GlobalAvgPool { x, .. } => {
+                memory.each(*x, None, &|m, _| float::global_avg_pool(m))
+            }
+            Kind::Copy { x, .. } => Maps::Floats(
+                memory
+                    .floats(*x)
+                    .into_iter()
+                    .map(|m| FloatMap {
+                        height: 1,
+                        width: 1,
+                        channels: m.data.len(),
+                        data: m.data,
+                    })
+                    .collect(),
+            ),
+            Kind::Concat { x, offset, .. } => {
+                let [h, w, c] = declared.shape;
+                let mut outs = memory
+                    .held(out)
+                    .unwrap_or_else(|| vec![FloatMap::zeros(h, w, c); memory.batch]);
+                for (o, part) in outs.iter_mut().zip(memory.floats(*x)) {
+                    for p in 0..h * w {
+                        let from = &part.data[p * part.channels..][..part.channels];
+                        o.data[p * c + offset..][..part.channels].copy_from_slice(from);
+                    }
+                }
+                Maps::Floats(outs)
+            }
+            Kind::Dense {
+                weight,
+                epilogue,
+                x,
+                ..
+            } => memory.each(*x, None, &|m, _| float::dense(m, weight, epilogue)),
+        }
     }
 
     fn packed_of(value: super::super::Value) -> PackedMap {
