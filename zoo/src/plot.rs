@@ -53,6 +53,23 @@ pub trait Chart {
     fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<(), String>;
 }
 
+/// The series' legend of `chart` in its box (text of `size` points, at `at`): the same in
+/// every picture.
+pub(crate) fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    size: u32,
+    at: SeriesLabelPosition,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .label_font((FONT, size))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.4))
+        .position(at)
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 /// `chart` as an SVG document of `size` pixels.
 pub fn svg(chart: &impl Chart, size: (u32, u32)) -> Result<String, String> {
     register_font();
@@ -230,14 +247,7 @@ impl Curves<'_> {
                 .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
                 .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .position(legend_at)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, 13, legend_at)
     }
 }
 
@@ -407,14 +417,7 @@ impl Chart for LatencyBars<'_> {
                         Rectangle::new([(x, y - 5), (x + 14, y + 5)], colour.filled())
                     });
             }
-            chart
-                .configure_series_labels()
-                .label_font((FONT, 13))
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK.mix(0.4))
-                .position(SeriesLabelPosition::LowerRight)
-                .draw()
-                .map_err(|e| e.to_string())?;
+            draw_legend(&mut chart, 13, SeriesLabelPosition::LowerRight)?;
         }
         Ok(())
     }
@@ -554,14 +557,7 @@ impl Chart for Tradeoff<'_> {
                 .label(label)
                 .legend(move |(x, y)| Circle::new((x + 7, y), 5, colour.filled()));
         }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, 14, SeriesLabelPosition::LowerRight)
     }
 }
 
@@ -759,14 +755,7 @@ impl Binarizers<'_> {
                 )
                 .map_err(|e| e.to_string())?;
         }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, 14, SeriesLabelPosition::UpperLeft)
     }
 
     /// One line with markers per model through `value` of each layer that has one.

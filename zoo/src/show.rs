@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::plot::{colour, Chart, FONT};
+use crate::plot::{colour, draw_legend, Chart, FONT};
 use crate::{Error, Network};
 
 /// One image as a model sees it: normalised pixels, `[channels, height, width]`.
@@ -371,14 +371,7 @@ impl FeatureMaps<'_> {
                     PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2))
                 });
         }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 11))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.4))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()
-            .map_err(|e| e.to_string())
+        draw_legend(&mut chart, 11, SeriesLabelPosition::UpperLeft)
     }
 }
 
