@@ -74,33 +74,36 @@ fn plot_files(
             return Ok((output, points.into_iter().map(|p| p.model).collect()));
         }
     }
-    let inspection = Inspection::open(&files[0]);
-    if inspection.is_ok() {
-        let inspections = files
-            .iter()
-            .map(|file| Inspection::open(file))
-            .collect::<Result<Vec<_>, _>>()?;
-        // Layers are matched by position: say so where the models' layers differ.
-        let names = |i: &Inspection| i.layers.iter().map(|l| l.layer.clone()).collect::<Vec<_>>();
-        for other in &inspections[1..] {
-            if names(other) != names(&inspections[0]) {
-                eprintln!(
-                    "note: {} and {} binarize different layers; they are drawn by position",
-                    inspections[0].name, other.name
-                );
+    let not_inspection = match Inspection::open(&files[0]) {
+        Ok(first) => {
+            let mut inspections = vec![first];
+            for file in &files[1..] {
+                inspections.push(Inspection::open(file)?);
             }
+            // Layers are matched by position: say so where the models' layers differ.
+            let names =
+                |i: &Inspection| i.layers.iter().map(|l| l.layer.clone()).collect::<Vec<_>>();
+            for other in &inspections[1..] {
+                if names(other) != names(&inspections[0]) {
+                    eprintln!(
+                        "note: {} and {} binarize different layers; they are drawn by position",
+                        inspections[0].name, other.name
+                    );
+                }
+            }
+            let output = output("binarizers.png");
+            zoo::plot::binarizers(&inspections, &output)?;
+            return Ok((output, inspections.into_iter().map(|i| i.name).collect()));
         }
-        let output = output("binarizers.png");
-        zoo::plot::binarizers(&inspections, &output)?;
-        return Ok((output, inspections.into_iter().map(|i| i.name).collect()));
-    }
+        Err(e) => e,
+    };
     let profiles = files
         .iter()
         .map(|file| Profile::open(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| match (e, inspection) {
+        .map_err(|e| match (e, not_inspection) {
             // The first file is neither: say both what it is not.
-            (zoo::Error::Run { path, message }, Err(zoo::Error::Run { message: other, .. }))
+            (zoo::Error::Run { path, message }, zoo::Error::Run { message: other, .. })
                 if path == files[0].display().to_string() =>
             {
                 zoo::Error::Run {
