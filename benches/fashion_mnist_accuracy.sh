@@ -30,8 +30,10 @@
 #            other run is left: it then waits for the teacher)
 #   THREADS  compute threads per run (default 2)
 #   ZOO      the binary (default target/release/zoo, built if missing)
-#   OUT      run folders (default target/accuracy-runs); `<run>.log` is each run's output,
-#            `<run>.run` how to train it again
+#   OUT      run folders (default runs/accuracy, outside target/ so that `cargo clean` spares
+#            hours of training; where the checkout itself may be replaced between sessions, a
+#            folder outside it); `<run>.log` is each run's output, `<run>.run` how to train it
+#            again
 #   RECORDS  where each finished run's record is copied (`config.json`, `summary.json`, the
 #            per-epoch `metrics.jsonl`: what `zoo plot` draws and the table quotes; and
 #            `inspect/<run>.json`, its binarizers per layer), default
@@ -45,7 +47,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ZOO=${ZOO:-target/release/zoo}
-OUT=${OUT:-target/accuracy-runs}
+OUT=${OUT:-runs/accuracy}
 RECORDS=${RECORDS-benches/results/fashion-mnist}
 THREADS=${THREADS:-2}
 LANES=${LANES:-1}

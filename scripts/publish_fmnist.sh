@@ -6,7 +6,7 @@
 #
 #   scripts/publish_fmnist.sh                          # every model, the default budget
 #   BUDGET="--epochs 8" MODELS="quicknet quicknet-lab" scripts/publish_fmnist.sh
-#   FROM=target/accuracy-runs scripts/publish_fmnist.sh   # the accuracy campaign's runs
+#   FROM=runs/accuracy scripts/publish_fmnist.sh   # the accuracy campaign's runs
 #   ZOO_HUB_ORG=me HF_ENDPOINT=http://127.0.0.1:8000 scripts/publish_fmnist.sh
 #
 # Environment:

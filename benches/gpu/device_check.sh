@@ -46,7 +46,7 @@ for line in sys.stdin:
     # Trained weights for the engine's GPU test: the accuracy campaign's QuickNet pair, packed
     # by the default build (target/release/zoo) where both are here.
     mkdir -p "$stage/models"
-    for run in target/accuracy-runs/quicknet-e32-s*/ target/accuracy-runs/quicknet-lab-e32-s*/; do
+    for run in runs/accuracy/quicknet-e32-s*/ runs/accuracy/quicknet-lab-e32-s*/; do
         [[ -f $run/best.safetensors && -x target/release/zoo ]] || continue
         target/release/zoo export "$run" --output "$stage/models/$(basename "$run").zoo" || true
     done
